@@ -1,0 +1,187 @@
+"""Hybrid Ulysses x ring attention: the public functional and module.
+
+Data flow for a mesh of ``U`` (Ulysses) x ``R`` (ring), local shards ``q [b, s/P, h, d]``, ``k, v [b, s/P, h_kv, d]``
+(``P = U * R``):
+
+1. Ulysses all-to-all over the ``U`` ranks: ``[b, s/P, h, d] -> [b, s/R, h/U, d]`` (K/V likewise; K/V heads are
+   first replicated up to ``lcm(h_kv, U)`` when ``U`` does not divide ``h_kv``, their gradients summed back).
+2. Ring attention over the ``R`` ranks on ``[b, s/R, h/U, d]`` (``usp.ring``).
+3. Inverse all-to-all of the output: ``[b, s/R, h/U, d] -> [b, s/P, h, d]``.
+
+Every argument is validated before the first collective, from shapes alone, so every rank raises the same error.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .comm.all_to_all import _heads_to_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads
+from .kernels import AttentionKernel, resolve_backend
+from .layout import check_sequence_length, schedule_for
+from .mesh import SequenceParallelMesh
+from .ring import RingAttentionFunction
+
+__all__ = ["long_context_attention", "LongContextAttention", "kv_replication"]
+
+Tensor = torch.Tensor
+
+
+def kv_replication(kv_heads: int, ulysses: int) -> int:
+    """How many times each K/V head is repeated so that ``ulysses`` divides the K/V head count (1 = none)."""
+    return math.lcm(kv_heads, ulysses) // kv_heads
+
+
+def _validate(q, k, v, mesh, causal, softmax_scale, backend) -> Tuple[AttentionKernel, float]:
+    if not isinstance(mesh, SequenceParallelMesh):
+        raise TypeError(f"mesh must be a usp.SequenceParallelMesh, got {type(mesh).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(
+                f"{name} must have 4 dims [batch, seq_local, heads, head_dim], got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, s, h, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"batch mismatch: q.shape[0]={b}, k.shape[0]={k.shape[0]}")
+    if k.shape[1] != s:
+        raise ValueError(
+            f"sequence mismatch: q.shape[1]={s}, k.shape[1]={k.shape[1]} (self-attention shards must match)"
+        )
+    if k.shape[3] != d:
+        raise ValueError(f"head_dim mismatch: q.shape[3]={d}, k.shape[3]={k.shape[3]}")
+    kv_heads = k.shape[2]
+    if h == 0 or kv_heads == 0 or h % kv_heads:
+        raise ValueError(
+            f"heads (q.shape[2]={h}) must be a positive multiple of kv_heads (k.shape[2]={kv_heads}); "
+            f"valid kv_heads: {[x for x in range(1, h + 1) if h % x == 0]}"
+        )
+    if h % mesh.ulysses:
+        valid = [u for u in range(1, h + 1) if h % u == 0]
+        raise ValueError(
+            f"heads (q.shape[2]={h}) must be divisible by the Ulysses degree ulysses={mesh.ulysses}; "
+            f"Ulysses degrees valid for {h} heads: {valid}"
+        )
+    if s == 0:
+        raise ValueError("q.shape[1] (the local sequence length) must be positive")
+    check_sequence_length(
+        s * mesh.ulysses * mesh.ring, mesh.ulysses, mesh.ring, causal,
+        argument=f"sequence length (q.shape[1] * ulysses * ring = {s} * {mesh.ulysses} * {mesh.ring})",
+    )
+    if softmax_scale is None:
+        scale = d ** -0.5
+    elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool) and softmax_scale > 0:
+        scale = float(softmax_scale)
+    else:
+        raise ValueError(f"softmax_scale must be None or a positive float, got {softmax_scale!r}")
+    kernel = resolve_backend(backend, q.device, q.dtype, d)
+    if q.device.type == "cpu":
+        for axis, group, size in (("ulysses", mesh.ulysses_group, mesh.ulysses), ("ring", mesh.ring_group, mesh.ring)):
+            if size > 1 and dist.get_backend(group) == "nccl":
+                raise ValueError(
+                    f"q is on the CPU but the mesh's {axis} group uses NCCL; move q, k, v to the rank's GPU "
+                    f"or build the mesh on a gloo process group"
+                )
+    return kernel, scale
+
+
+def long_context_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mesh: SequenceParallelMesh,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Union[str, AttentionKernel] = "auto",
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Exact attention over a sequence sharded across ``mesh`` (Ulysses x ring).
+
+    Args:
+        q: ``[batch, seq_local, heads, head_dim]``, this rank's shard (``usp.shard`` produces it).
+        k, v: ``[batch, seq_local, kv_heads, head_dim]``; ``heads % kv_heads == 0`` (GQA/MQA supported).
+        mesh: the ``usp.SequenceParallelMesh``; ``heads`` must be divisible by ``mesh.ulysses``.
+        causal: causal (lower-triangular) mask over *global* positions; the shards must be in the layout that
+            ``usp.shard(..., causal=causal)`` makes (zigzag when causal and ring > 1).
+        softmax_scale: score scale, default ``head_dim ** -0.5``.
+        return_lse: also return the log-sum-exp ``[batch, heads, seq_local]`` (float32; not differentiable).
+        backend: "auto" (fastest available), "fa4", "fa2", "cudnn", "torch_flash", "reference", or a kernel.
+
+    Returns:
+        ``out [batch, seq_local, heads, head_dim]`` in the input dtype (and ``lse`` if asked), equal to slicing
+        single-device attention over the gathered sequence. Differentiable with respect to q, k, v.
+    """
+    kernel, scale = _validate(q, k, v, mesh, causal, softmax_scale, backend)
+    ulysses = mesh.ulysses
+    if ulysses > 1:
+        repeat = kv_replication(k.shape[2], ulysses)
+        if repeat > 1:
+            k = k.repeat_interleave(repeat, dim=2)
+            v = v.repeat_interleave(repeat, dim=2)
+        q = all_to_all_seq_to_heads(q, mesh.ulysses_group)
+        k = all_to_all_seq_to_heads(k, mesh.ulysses_group)
+        v = all_to_all_seq_to_heads(v, mesh.ulysses_group)
+    out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule_for(causal), scale)
+    if ulysses > 1:
+        out = all_to_all_heads_to_seq(out, mesh.ulysses_group)
+    if not return_lse:
+        return out
+    if ulysses > 1:
+        # [b, h/U, s/R] viewed as [b, s/R, h/U, 1] -> [b, s/P, h, 1] -> [b, h, s/P]
+        lse = _heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), mesh.ulysses_group, ulysses)
+        lse = lse.squeeze(-1).transpose(1, 2).contiguous()
+    return out, lse
+
+
+class LongContextAttention(nn.Module):
+    """Drop-in attention module: ``forward(q, k, v)`` on local shards in flash-attn layout.
+
+    Args:
+        mesh: the ``usp.SequenceParallelMesh`` to run on.
+        causal: causal mask over global positions (see ``long_context_attention``).
+        softmax_scale: default ``head_dim ** -0.5``.
+        backend: kernel choice, "auto" by default; ``resolved_backend(q)`` tells which kernel runs.
+    """
+
+    def __init__(
+        self,
+        mesh: SequenceParallelMesh,
+        causal: bool = True,
+        softmax_scale: Optional[float] = None,
+        backend: Union[str, AttentionKernel] = "auto",
+    ):
+        super().__init__()
+        if not isinstance(mesh, SequenceParallelMesh):
+            raise TypeError(f"mesh must be a usp.SequenceParallelMesh, got {type(mesh).__name__}")
+        self.mesh = mesh
+        self.causal = causal
+        self.softmax_scale = softmax_scale
+        self.backend = backend
+
+    def resolved_backend(self, q: Tensor) -> AttentionKernel:
+        """The kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
+        return resolve_backend(self.backend, q.device, q.dtype, q.shape[-1])
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``q [b, s_local, h, d]``, ``k, v [b, s_local, h_kv, d]`` -> ``[b, s_local, h, d]``."""
+        return long_context_attention(
+            q, k, v, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}"

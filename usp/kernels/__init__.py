@@ -1,0 +1,62 @@
+"""Attention kernels behind one interface (see ``base.py``) and the backend choice.
+
+Backends, fastest first on H100 (FACTS.md): ``"fa4"`` (flash-attn-4), ``"fa2"`` (flash-attn 2.x),
+``"cudnn"``, ``"torch_flash"``, then ``"reference"`` (pure PyTorch, any device, fp64/fp32/bf16/fp16).
+``"auto"`` takes the first one that supports the device, dtype and head_dim; ``resolve_backend`` tells which.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Union
+
+import torch
+
+from .base import AttentionKernel
+from .flash_attn import FlashAttn2Kernel, FlashAttn4Kernel
+from .reference import ReferenceKernel
+from .sdpa import CudnnKernel, TorchFlashKernel
+
+__all__ = ["AttentionKernel", "BACKENDS", "available_backends", "resolve_backend"]
+
+#: every backend by name, in "auto" preference order
+BACKENDS: Dict[str, AttentionKernel] = {
+    kernel.name: kernel
+    for kernel in (FlashAttn4Kernel(), FlashAttn2Kernel(), CudnnKernel(), TorchFlashKernel(), ReferenceKernel())
+}
+
+
+def available_backends() -> List[str]:
+    """Names of the backends usable in this process (importable, with a device they run on)."""
+    return [name for name, kernel in BACKENDS.items() if kernel.is_available()]
+
+
+def resolve_backend(
+    backend: Union[str, AttentionKernel], device: torch.device, dtype: torch.dtype, head_dim: int
+) -> AttentionKernel:
+    """Return the kernel for ``backend`` ("auto", a name of ``BACKENDS`` or an ``AttentionKernel``).
+
+    Raises ValueError naming the valid values if the name is unknown, or why the backend cannot run
+    ``(device, dtype, head_dim)``.
+    """
+    device = torch.device(device)
+    if isinstance(backend, AttentionKernel):
+        reason = backend.unsupported_reason(device, dtype, head_dim)
+        if reason:
+            raise ValueError(f"backend: {reason}")
+        return backend
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or AttentionKernel, got {type(backend).__name__}")
+    if backend == "auto":
+        reasons = []
+        for kernel in BACKENDS.values():
+            reason = kernel.unsupported_reason(device, dtype, head_dim)
+            if reason is None:
+                return kernel
+            reasons.append(reason)
+        raise ValueError("backend='auto' found no kernel for this input: " + "; ".join(reasons))
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; valid values: 'auto', " + ", ".join(map(repr, BACKENDS)))
+    kernel = BACKENDS[backend]
+    reason = kernel.unsupported_reason(device, dtype, head_dim)
+    if reason:
+        raise ValueError(f"backend={backend!r} cannot run here: {reason}; available: {available_backends()}")
+    return kernel

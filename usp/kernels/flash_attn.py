@@ -1,0 +1,87 @@
+"""The external flash-attn package, adapted once, here.
+
+* FlashAttention-4 (``flash-attn-4``, module ``flash_attn.cute``; Hopper/Blackwell): fastest on H100 (~665 TFLOP/s
+  fwd+bwd, FACTS.md). Native GQA, ``[b, s, h, d]`` layout, LSE ``[b, h, s]`` fp32.
+* FlashAttention-2 (``flash_attn``): the same contract through ``flash_attn.flash_attn_interface``.
+
+Only the private entry points' *documented* keyword arguments are used; nothing is introspected at run time.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Optional, Tuple
+
+import torch
+
+from .base import AttentionKernel, Tensor, head_dim_range_reason
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_optional(module: str):
+    """Import ``module`` once; ``None`` when it (or the CUDA stack it needs) is missing."""
+    try:
+        return importlib.import_module(module)
+    except Exception:  # ImportError, or a CUDA/driver error raised while the package initialises
+        return None
+
+
+def _capability_major() -> int:
+    return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
+
+
+class FlashAttn4Kernel(AttentionKernel):
+    name = "fa4"
+    dtypes = _HALF
+    device_types = ("cuda",)
+
+    def _interface(self):
+        return _import_optional("flash_attn.cute.interface")
+
+    def is_available(self) -> bool:
+        return torch.cuda.is_available() and _capability_major() >= 9 and self._interface() is not None
+
+    def _head_dim_reason(self, head_dim: int) -> Optional[str]:
+        high = 256 if _capability_major() == 9 else 128
+        return head_dim_range_reason(self.name, head_dim, 8, high, 8)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+        result = self._interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
+        return result[0], result[1]
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        dq, dk, dv = self._interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal)[:3]
+        return dq, dk, dv
+
+
+class FlashAttn2Kernel(AttentionKernel):
+    name = "fa2"
+    dtypes = _HALF
+    device_types = ("cuda",)
+
+    def _interface(self):
+        return _import_optional("flash_attn.flash_attn_interface")
+
+    def is_available(self) -> bool:
+        iface = self._interface()
+        return torch.cuda.is_available() and iface is not None and hasattr(iface, "_flash_attn_forward")
+
+    def _head_dim_reason(self, head_dim: int) -> Optional[str]:
+        return head_dim_range_reason(self.name, head_dim, 8, 256, 8)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+        out, lse, _, _ = self._interface()._flash_attn_forward(
+            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1,
+            window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
+        )
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self._interface()._flash_attn_backward(
+            dout, q, k, v, out, lse, dq, dk, dv, dropout_p=0.0, softmax_scale=scale, causal=causal,
+            window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False,
+        )
+        return dq, dk, dv
