@@ -19,14 +19,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
+        kwargs = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            kwargs["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, **kwargs
         )
         result = fn(rank, world_size, *args)
         queue.put((rank, True, result))
@@ -37,8 +41,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
-def run_world(world_size: int, fn: Callable, *args: Any, timeout: float = 300.0) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results ordered by rank.
+def run_world(world_size: int, fn: Callable, *args: Any, timeout: float = 300.0, backend: str = "gloo") -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo on CPU, or nccl with one GPU per rank);
+    return the results ordered by rank.
 
     ``fn`` must be importable (module level). Raises RuntimeError with the failing rank's traceback, or
     TimeoutError (after killing every process) if the world does not finish within ``timeout`` seconds.
@@ -46,7 +51,7 @@ def run_world(world_size: int, fn: Callable, *args: Any, timeout: float = 300.0)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, queue), daemon=True)
              for r in range(world_size)]
     env_backup = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"

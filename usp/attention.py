@@ -36,6 +36,22 @@ def kv_replication(kv_heads: int, ulysses: int) -> int:
     return math.lcm(kv_heads, ulysses) // kv_heads
 
 
+class _ReplicateKVHeads(torch.autograd.Function):
+    """``[b, s, h_kv, d] -> [b, s, h_kv * repeat, d]`` (each head repeated in place, GQA order kept); backward sums
+    the replicas' gradients in float32 and rounds once."""
+
+    @staticmethod
+    def forward(ctx, x, repeat):
+        ctx.repeat = repeat
+        return x.repeat_interleave(repeat, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b, s, h, d = grad.shape
+        summed = grad.reshape(b, s, h // ctx.repeat, ctx.repeat, d).sum(3, dtype=torch.promote_types(grad.dtype, torch.float32))
+        return summed.to(grad.dtype), None
+
+
 def _validate(q, k, v, mesh, causal, softmax_scale, backend) -> Tuple[AttentionKernel, float]:
     if not isinstance(mesh, SequenceParallelMesh):
         raise TypeError(f"mesh must be a usp.SequenceParallelMesh, got {type(mesh).__name__}")
@@ -131,8 +147,8 @@ def long_context_attention(
     if ulysses > 1:
         repeat = kv_replication(k.shape[2], ulysses)
         if repeat > 1:
-            k = k.repeat_interleave(repeat, dim=2)
-            v = v.repeat_interleave(repeat, dim=2)
+            k = _ReplicateKVHeads.apply(k, repeat)
+            v = _ReplicateKVHeads.apply(v, repeat)
         q = all_to_all_seq_to_heads(q, mesh.ulysses_group)
         k = all_to_all_seq_to_heads(k, mesh.ulysses_group)
         v = all_to_all_seq_to_heads(v, mesh.ulysses_group)

@@ -1,0 +1,207 @@
+"""Correctness cases for the hybrid attention, run inside a distributed world (CPU/gloo or GPU/NCCL).
+
+Every case builds the full tensors identically on every rank, runs usp on this rank's shards, gathers out, LSE and
+dq/dk/dv, and compares them with an fp64 reference computed on the same (dtype-rounded) full inputs. The pass rule:
+the distributed error (relative Frobenius norm, ||x - ref|| / ||ref||) is at most twice the error that the same
+kernel in the same dtype has on one device against that reference, plus one float32 ulp (the accumulators are
+float32). Max-abs errors are recorded too.
+Collective calls are counted for every forward and backward and compared with what the schedule implies.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+FP32_ULP = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class Case:
+    ulysses: int
+    ring: int
+    causal: bool
+    dtype: str  # "float32" | "bfloat16" | "float16" | "float64"
+    batch: int
+    seqlen: int  # global
+    heads: int
+    kv_heads: int
+    head_dim: int
+    backend: str = "auto"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def name(self) -> str:
+        return (
+            f"U{self.ulysses}xR{self.ring}-{'causal' if self.causal else 'full'}-{self.dtype}-b{self.batch}"
+            f"-s{self.seqlen}-h{self.heads}/{self.kv_heads}-d{self.head_dim}-{self.backend}"
+        )
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count calls of the collectives usp uses (patched on the torch.distributed module, restored after)."""
+    counts = {"all_to_all_single": 0, "batch_isend_irecv": 0}
+    originals = {name: getattr(dist, name) for name in counts}
+
+    def wrap(name):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return counted
+
+    for name in counts:
+        setattr(dist, name, wrap(name))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
+    u, r = case.ulysses, case.ring
+    a2a = 4 if u > 1 else 0  # q, k, v in and out back (forward); dout in and dq, dk, dv back (backward)
+    return {
+        "forward": {"all_to_all_single": a2a + (1 if u > 1 else 0), "batch_isend_irecv": r - 1},  # +1: LSE
+        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": (r - 1) + r if r > 1 else 0},
+    }
+
+
+def _max_abs(x: torch.Tensor) -> float:
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def _norm(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x.double())) if x.numel() else 0.0
+
+
+def run_case(case: Case, mesh, device: torch.device, seed: int = 0) -> dict:
+    """Run one case on every rank of ``mesh``; return errors, baselines, ratios and collective counts."""
+    import usp
+    from usp.kernels import resolve_backend
+    from usp.kernels.reference import ReferenceKernel
+
+    dtype = case.torch_dtype
+    gen = torch.Generator().manual_seed(seed)
+    shape_q = (case.batch, case.seqlen, case.heads, case.head_dim)
+    shape_kv = (case.batch, case.seqlen, case.kv_heads, case.head_dim)
+    full = {
+        name: torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        for name, shape in (("q", shape_q), ("k", shape_kv), ("v", shape_kv), ("dout", shape_q))
+    }
+    scale = case.head_dim ** -0.5
+
+    # fp64 truth on the dtype-rounded inputs
+    truth_kernel = ReferenceKernel()
+    f64 = {name: t.double() for name, t in full.items()}
+    out64, lse64 = truth_kernel.forward(f64["q"], f64["k"], f64["v"], case.causal, scale)
+    dq64, dk64, dv64 = truth_kernel.backward(f64["dout"], f64["q"], f64["k"], f64["v"], out64, lse64, case.causal, scale)
+    truth = {"out": out64, "lse": lse64, "dq": dq64, "dk": dk64, "dv": dv64}
+
+    # the same kernel, same dtype, one device, whole sequence
+    kernel = resolve_backend(case.backend, device, dtype, case.head_dim)
+    out1, lse1 = kernel.forward(full["q"], full["k"], full["v"], case.causal, scale)
+    dq1, dk1, dv1 = kernel.backward(full["dout"], full["q"], full["k"], full["v"], out1, lse1, case.causal, scale)
+    single = {"out": out1, "lse": lse1, "dq": dq1, "dk": dk1, "dv": dv1}
+
+    local = {name: usp.shard(t, mesh, dim=1, causal=case.causal) for name, t in full.items()}
+    q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    with count_collectives() as fwd_counts:
+        out, lse = usp.long_context_attention(
+            q, k, v, mesh, causal=case.causal, return_lse=True, backend=case.backend
+        )
+    fwd_counts = dict(fwd_counts)
+    with count_collectives() as bwd_counts:
+        out.backward(local["dout"])
+    bwd_counts = dict(bwd_counts)
+    gathered = {
+        "out": usp.gather(out.detach(), mesh, dim=1, causal=case.causal),
+        "lse": usp.gather(lse, mesh, dim=2, causal=case.causal),
+        "dq": usp.gather(q.grad, mesh, dim=1, causal=case.causal),
+        "dk": usp.gather(k.grad, mesh, dim=1, causal=case.causal),
+        "dv": usp.gather(v.grad, mesh, dim=1, causal=case.causal),
+    }
+    result = {"case": asdict(case), "kernel": kernel.name, "tensors": {},
+              "collectives": {"forward": fwd_counts, "backward": bwd_counts},
+              "dtypes": {"out": str(out.dtype), "dq": str(q.grad.dtype), "lse": str(lse.dtype)},
+              "shapes_ok": tuple(out.shape) == tuple(local["q"].shape) and tuple(lse.shape) == (
+                  case.batch, case.heads, local["q"].shape[1])}
+    for name, ref in truth.items():
+        # relative Frobenius error (robust to a single double-rounded element); max-abs kept for the record
+        ref_norm = _norm(ref)
+        dist_err = _norm(gathered[name].double() - ref) / ref_norm
+        base_err = _norm(single[name].double() - ref) / ref_norm
+        bound = 2 * base_err + FP32_ULP
+        result["tensors"][name] = {
+            "error": dist_err,
+            "single_device_error": base_err,
+            "bound": bound,
+            "ratio": dist_err / base_err if base_err > 0 else (0.0 if dist_err == 0 else float("inf")),
+            "max_abs_error": _max_abs(gathered[name].double() - ref),
+            "max_abs_single_device_error": _max_abs(single[name].double() - ref),
+            "finite": bool(torch.isfinite(gathered[name]).all()),
+        }
+    return result
+
+
+def check_result(result: dict) -> List[str]:
+    """Problems found in one case's result (empty list = pass)."""
+    case = Case(**result["case"])
+    problems = []
+    if not result["shapes_ok"]:
+        problems.append("output or LSE has the wrong local shape")
+    if result["dtypes"]["out"] != str(case.torch_dtype) or result["dtypes"]["dq"] != str(case.torch_dtype):
+        problems.append(f"dtype changed: {result['dtypes']}")
+    for name, t in result["tensors"].items():
+        if not t["finite"]:
+            problems.append(f"{name}: non-finite values")
+        if not t["error"] <= t["bound"]:
+            problems.append(
+                f"{name}: error {t['error']:.3e} > bound {t['bound']:.3e} "
+                f"(single-device error {t['single_device_error']:.3e}, ratio {t['ratio']:.2f})"
+            )
+    expected = expected_collectives(case)
+    for phase in ("forward", "backward"):
+        if result["collectives"][phase] != expected[phase]:
+            problems.append(f"{phase} collectives {result['collectives'][phase]} != expected {expected[phase]}")
+    return problems
+
+
+def run_cases(cases: List[Case], device: torch.device, placement: str = "ulysses_inner") -> List[dict]:
+    """Run every case (building one mesh per distinct (U, R)); every rank returns its results, rank 0's matter."""
+    import usp
+
+    meshes: Dict[tuple, object] = {}
+    results = []
+    for case in cases:
+        key = (case.ulysses, case.ring)
+        if key not in meshes:
+            meshes[key] = usp.SequenceParallelMesh(ulysses=case.ulysses, ring=case.ring, placement=placement)
+        results.append(run_case(case, meshes[key], device))
+    return results
+
+
+def standard_cases(ulysses: int, ring: int, dtypes=("float32", "bfloat16"), backend: str = "auto",
+                   head_dims=(64, 80), heads: int = 8, base_len: Optional[int] = None) -> List[Case]:
+    """The CPU matrix for one mesh: causal and not, MHA and GQA (kv_heads 1, 2 and < U), two head_dims, two
+    sequence lengths chosen so the local shard (and each zigzag chunk) has an odd length."""
+    from usp.layout import required_multiple
+
+    cases = []
+    kv_options = [heads, 2, 1]
+    for dtype in dtypes:
+        for causal in (True, False):
+            multiple = required_multiple(ulysses, ring, causal)
+            for i, kv_heads in enumerate(kv_options):
+                head_dim = head_dims[i % len(head_dims)]
+                odd = (5, 11, 17)[i] if base_len is None else base_len
+                cases.append(Case(ulysses, ring, causal, dtype, batch=1 + i % 2, seqlen=multiple * odd,
+                                  heads=heads, kv_heads=kv_heads, head_dim=head_dim, backend=backend))
+    return cases

@@ -1,0 +1,77 @@
+"""The correctness suite on 2 GPUs with NCCL: meshes 1x2 and 2x1, backends fa4, cudnn and torch_flash.
+
+Skipped without 2 CUDA devices (CI has none); run on the 2xH100 machine with ``pytest tests/test_gpu.py``.
+Set ``USP_TEST_REPORT=path.json`` to save every case's errors and ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from attention_cases import Case, check_result, run_cases
+from distributed import run_world
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on the GPU machine)"
+)
+BACKENDS = ("fa4", "cudnn", "torch_flash")
+
+
+def _gpu_cases(backend):
+    from usp.layout import required_multiple
+
+    cases = []
+    for u, r in ((1, 2), (2, 1)):
+        for causal in (True, False):
+            for i, (heads, kv_heads, head_dim) in enumerate(((16, 16, 128), (16, 4, 64), (16, 1, 128))):
+                odd = (511, 1021, 257)[i]
+                seqlen = required_multiple(u, r, causal) * odd
+                cases.append(Case(u, r, causal, "bfloat16", 1 + i % 2, seqlen, heads, kv_heads, head_dim, backend))
+        cases.append(Case(u, r, True, "float16", 1, required_multiple(u, r, True) * 333, 8, 2, 64, backend))
+    return cases
+
+
+def _gpu_world(rank, world_size, backends):
+    from usp.kernels import BACKENDS as ALL
+
+    device = torch.device("cuda", rank)
+    results = {}
+    for backend in backends:
+        if not ALL[backend].is_available():
+            results[backend] = None
+            continue
+        results[backend] = run_cases(_gpu_cases(backend), device)
+    return results
+
+
+@pytest.fixture(scope="module")
+def gpu_results():
+    per_rank = run_world(2, _gpu_world, BACKENDS, timeout=900, backend="nccl")
+    report = os.environ.get("USP_TEST_REPORT")
+    if report:
+        with open(report, "w") as f:
+            json.dump(per_rank[0], f, indent=1)
+    return per_rank
+
+
+@pytest.mark.timeout(1000)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_backend_matches_fp64_reference(gpu_results, backend):
+    if gpu_results[0][backend] is None:
+        pytest.skip(f"backend {backend} not installed on this machine")
+    failures = []
+    worst = {}
+    for rank, results in enumerate(gpu_results):
+        for result in results[backend]:
+            case = Case(**result["case"])
+            assert result["kernel"] == backend
+            failures += [f"rank {rank} {case.name()}: {p}" for p in check_result(result)]
+            for name, t in result["tensors"].items():
+                key = f"U{case.ulysses}xR{case.ring} {'causal' if case.causal else 'full'} {name}"
+                worst[key] = max(worst.get(key, 0.0), t["ratio"])
+    print(f"\n{backend}: worst error ratio (usp / single-GPU kernel, vs fp64):",
+          json.dumps({k: round(v, 3) for k, v in sorted(worst.items())}))
+    assert not failures, "\n".join(failures[:30])
