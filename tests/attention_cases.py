@@ -70,7 +70,7 @@ def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
     a2a = 4 if u > 1 else 0  # q, k, v in and out back (forward); dout in and dq, dk, dv back (backward)
     return {
         "forward": {"all_to_all_single": a2a + (1 if u > 1 else 0), "batch_isend_irecv": r - 1},  # +1: LSE
-        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": (r - 1) + r if r > 1 else 0},
+        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": 2 * (r - 1)},  # K/V and dK/dV
     }
 
 

@@ -43,7 +43,12 @@ def _gpu_world(rank, world_size, backends):
         if not ALL[backend].is_available():
             results[backend] = None
             continue
-        results[backend] = run_cases(_gpu_cases(backend), device)
+        try:
+            results[backend] = run_cases(_gpu_cases(backend), device)
+        except Exception:  # one broken backend must not hide the others' results
+            import traceback
+
+            results[backend] = traceback.format_exc()
     return results
 
 
@@ -62,6 +67,8 @@ def gpu_results():
 def test_gpu_backend_matches_fp64_reference(gpu_results, backend):
     if gpu_results[0][backend] is None:
         pytest.skip(f"backend {backend} not installed on this machine")
+    for rank, results in enumerate(gpu_results):
+        assert not isinstance(results[backend], str), f"rank {rank} crashed:\n{results[backend]}"
     failures = []
     worst = {}
     for rank, results in enumerate(gpu_results):

@@ -137,11 +137,22 @@ def _normalize_dim(dim: int, ndim: int) -> int:
 # ---------------------------------------------------------------------------------------------- ring schedules
 @dataclass(frozen=True)
 class BlockTask:
-    """One block of a ring step: local query rows ``q_rows`` against rows ``kv_rows`` of the visiting K/V."""
+    """One block of a ring step: local query rows ``q_rows`` against rows ``kv_rows`` of the visiting K/V.
+
+    ``mask`` is for kernels that need more than a causal flag: when set, the ring loop passes it to the kernel in
+    place of ``causal`` (``kernel_mask``). The varlen path (``usp.varlen``) puts a ``usp.kernels.varlen.VarlenBlock``
+    there: the per-document sequences of this block. Dense schedules leave it ``None``.
+    """
 
     q_rows: slice
     kv_rows: slice
     causal: bool
+    mask: Optional[object] = None
+
+    @property
+    def kernel_mask(self):
+        """What the kernel's ``causal`` argument receives: ``mask`` if set, else the ``causal`` flag."""
+        return self.causal if self.mask is None else self.mask
 
 
 _ALL = slice(None)

@@ -2,10 +2,10 @@
 
 The schedule (``usp.layout``) says which block each step computes; the kernel (``usp.kernels``) computes it.
 Forward: ``R - 1`` K/V rotations, each started before the current step's compute (double-buffered), partial results
-merged in float32 (``usp.merge``). Backward: the same K/V rotation plus the dK/dV accumulators of the visiting block
-travelling one step behind in float32 (``R`` rotations): step ``i`` computes the block gradient while the previous
-rank's partial dK/dV for it is still arriving. Block backward uses the *final* merged out and LSE, which is what
-makes it exact.
+merged in float32 (``usp.merge``). Backward (Note [reverse backward] below): the forward's steps in
+reverse, K/V and the float32 dK/dV partial sums travelling the other way round (``R - 1`` rotations each), every
+transfer overlapping a block's compute. Block backward uses the *final* merged out and LSE, which is what makes it
+exact.
 """
 from __future__ import annotations
 
@@ -40,20 +40,22 @@ def _lse_rows(lse: Tensor, rows: slice) -> Tensor:
     return lse if rows == slice(None) else lse[:, :, rows]
 
 
-def _rotation(mesh: SequenceParallelMesh, tag: int) -> RingRotation:
-    return RingRotation(mesh.ring_group, mesh.ring_next_global_rank, mesh.ring_prev_global_rank, tag)
+def _rotation(mesh: SequenceParallelMesh, tag: int, forward: bool = True) -> RingRotation:
+    """K/V go to the next ring rank in forward; the backward walks the ring the other way."""
+    nxt, prev = mesh.ring_next_global_rank, mesh.ring_prev_global_rank
+    return RingRotation(mesh.ring_group, nxt if forward else prev, prev if forward else nxt, tag)
 
 
 def ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float,
-    rotations: Optional[List[RingRotation]] = None,
-) -> Tuple[Tensor, Tensor]:
-    """Local ``q [b, s, h, d]``, ``k, v [b, s, h_kv, d]`` (this ring rank's sequence) -> ``(out, lse)``."""
+    q: Tensor, k: Tensor, v: Tensor, mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float
+) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """Local ``q [b, s, h, d]``, ``k, v [b, s, h_kv, d]`` (this ring rank's sequence) -> ``(out, lse, last_kv)``.
+
+    ``last_kv`` is the K/V block held at the last step (ring rank ``r + 1``'s); the backward starts from it.
+    """
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     kv = [k, v] if ring_size == 1 else [k.contiguous(), v.contiguous()]
     rotation = _rotation(mesh, _KV_TAG)
-    if rotations is not None:
-        rotations.append(rotation)
     out: Optional[Tensor] = None
     lse: Optional[Tensor] = None
     for step in range(ring_size):
@@ -62,7 +64,7 @@ def ring_forward(
         task = schedule.block(step, ring_rank, ring_size, local_len)
         if task is not None:
             block_out, block_lse = kernel.forward(
-                _rows(q, task.q_rows), _rows(kv[0], task.kv_rows), _rows(kv[1], task.kv_rows), task.causal, scale
+                _rows(q, task.q_rows), _rows(kv[0], task.kv_rows), _rows(kv[1], task.kv_rows), task.kernel_mask, scale
             )
             if out is None:
                 # step 0 always covers every row: keep the kernel's result as is (no copy when R == 1)
@@ -77,54 +79,60 @@ def ring_forward(
             if step > 0:
                 rotation.recycle(kv)  # our own receive buffer, sent and computed on: reuse it
             kv = received
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse, kv
 
 
 def ring_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mesh: SequenceParallelMesh,
-    kernel: AttentionKernel, schedule, scale: float, rotations: Optional[List[RingRotation]] = None,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, last_kv: List[Tensor],
+    mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``ring_forward``, walking the forward's steps in reverse.
+
+    Note [reverse backward]. Step ``j`` of the forward computed this rank's queries against ring rank
+    ``r - j``'s K/V. The backward visits ``j = R-1, ..., 0``: it starts on ``last_kv`` (kept by the forward, so no
+    transfer is waited for), passes K/V to the *previous* rank, and the float32 dK/dV partial sums of each block
+    follow one step behind in the same direction. At ``j = 0`` the block is our own, and the partial sum that
+    arrives carries every other rank's contribution: ``R - 1`` transfers of each kind, and the last one overlaps
+    the diagonal block's compute instead of trailing it.
+    """
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     if ring_size == 1:
         task = schedule.block(0, 0, 1, local_len)
-        return kernel.backward(dout, q, k, v, out, lse, task.causal, scale)
+        return kernel.backward(dout, q, k, v, out, lse, task.kernel_mask, scale)
     acc = _accumulator_dtype(q.dtype)
-    kv = [k.contiguous(), v.contiguous()]
-    kv_rotation, dkv_rotation = _rotation(mesh, _KV_TAG), _rotation(mesh, _DKV_TAG)
-    if rotations is not None:
-        rotations.extend([kv_rotation, dkv_rotation])
-    dq: Optional[Tensor] = None
+    kv_rotation = _rotation(mesh, _KV_TAG, forward=False)
+    dkv_rotation = _rotation(mesh, _DKV_TAG, forward=False)
+    kv = last_kv
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv: List[Tensor] = []
-    for step in range(ring_size):
-        if step + 1 < ring_size:
+    for step in range(ring_size - 1, -1, -1):
+        if step > 0:
             kv_rotation.start(kv)
+        blocks = (k, v) if step == 0 else kv  # at step 0 the block is our own K/V
         task = schedule.block(step, ring_rank, ring_size, local_len)
         if task is not None:
             block_dq, block_dk, block_dv = kernel.backward(
-                _rows(dout, task.q_rows), _rows(q, task.q_rows), _rows(kv[0], task.kv_rows),
-                _rows(kv[1], task.kv_rows), _rows(out, task.q_rows), _lse_rows(lse, task.q_rows), task.causal, scale,
+                _rows(dout, task.q_rows), _rows(q, task.q_rows), _rows(blocks[0], task.kv_rows),
+                _rows(blocks[1], task.kv_rows), _rows(out, task.q_rows), _lse_rows(lse, task.q_rows),
+                task.kernel_mask, scale,
             )
-        if step == 0:
-            assert task is not None and task.q_rows == slice(None) and task.kv_rows == slice(None)
-            dq = _contiguous_copy(block_dq, acc)
-            dkv = [_contiguous_copy(block_dk, acc), _contiguous_copy(block_dv, acc)]
+            _rows(dq, task.q_rows).add_(block_dq)
+        if step == ring_size - 1:
+            dkv = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
         else:
-            if task is not None:
-                _rows(dq, task.q_rows).add_(block_dq)
             sent = dkv
-            dkv = dkv_rotation.wait()  # the previous rank's partial dK/dV of the block we now hold
+            dkv = dkv_rotation.wait()  # partial dK/dV of the block we hold, from the ranks that saw it later
             dkv_rotation.recycle(sent)
-            if task is not None:
-                _rows(dkv[0], task.kv_rows).add_(block_dk)
-                _rows(dkv[1], task.kv_rows).add_(block_dv)
-        dkv_rotation.start(dkv)
-        if step + 1 < ring_size:
+        if task is not None:
+            _rows(dkv[0], task.kv_rows).add_(block_dk)
+            _rows(dkv[1], task.kv_rows).add_(block_dv)
+        if step > 0:
+            dkv_rotation.start(dkv)
             received = kv_rotation.wait()
-            if step > 0:
+            if step < ring_size - 1:
                 kv_rotation.recycle(kv)
             kv = received
-    dk, dv = dkv_rotation.wait()  # our own block, with every rank's contribution
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 class RingAttentionFunction(torch.autograd.Function):
@@ -132,14 +140,15 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mesh, kernel, schedule, scale):
-        out, lse = ring_forward(q, k, v, mesh, kernel, schedule, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale)
+        saved_kv = last_kv if mesh.ring > 1 else []
+        ctx.save_for_backward(q, k, v, out, lse, *saved_kv)
         ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale = mesh, kernel, schedule, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale)
+        q, k, v, out, lse, *last_kv = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, last_kv, ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale)
         return dq, dk, dv, None, None, None, None

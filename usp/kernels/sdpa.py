@@ -41,11 +41,10 @@ class CudnnKernel(AttentionKernel):
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         b, s_q, h, _ = q.shape
         s_k = k.shape[1]
-        empty = torch.empty(0, device=q.device)
         philox = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous().unsqueeze(-1),
-            philox, philox, None, empty, empty, s_q, s_k, 0.0, causal, scale=scale,
+            philox, philox, None, None, None, s_q, s_k, 0.0, causal, scale=scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
@@ -71,10 +70,10 @@ class TorchFlashKernel(AttentionKernel):
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         s_q, s_k = q.shape[1], k.shape[1]
-        empty = torch.empty(0, device=q.device, dtype=torch.int64)
-        philox = torch.zeros(2, dtype=torch.int64, device=q.device)
+        philox = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused: dropout is 0
+        # cum_seq_q/k undefined (None) selects the dense, non-varlen path
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(),
-            empty, empty, s_q, s_k, 0.0, causal, philox, philox, scale=scale,
+            None, None, s_q, s_k, 0.0, causal, philox, philox, scale=scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -1,0 +1,141 @@
+"""End-to-end cases for the transformers integration, run inside a gloo world (see test_integration_transformers.py).
+
+One tiny random-weight Llama (GQA) is built identically in the parent (the single-process references) and on every
+rank. Each rank runs one forward + backward on its shard under a Ulysses x ring mesh, sums the partial gradients
+over the sequence-parallel group and returns the loss and every gradient; the parent compares them with the
+single-process model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+FP32_ULP = torch.finfo(torch.float32).eps
+
+# hidden 64 = 4 heads x head_dim 16, 2 KV heads (GQA); initializer_range 0.15 keeps attention far from uniform
+CONFIG = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-6, attention_dropout=0.0, use_cache=False,
+    tie_word_embeddings=False, initializer_range=0.15,
+)
+# 44 = 4 * 11: local shards of 22 (2 ranks) and 11 (4 ranks), zigzag chunks of 11 (ring 2): odd lengths
+BATCH, SEQLEN = 2, 44
+
+
+def make_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", state_dict=None, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    config = LlamaConfig(**{**CONFIG, **overrides}, attn_implementation=attn_implementation)
+    model = LlamaForCausalLM(config)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model.to(dtype)
+
+
+def make_batch(seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [BATCH, SEQLEN] and labels with some ignored positions (so counts differ across ranks)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQLEN), generator=gen)
+    labels = ids.clone()
+    labels[0, :7] = -100  # a "prompt" not trained on
+    labels[1, 20:25] = -100
+    return ids, labels
+
+
+def reference(model, ids, labels) -> Dict[str, object]:
+    """Single-process loss (mean over non-ignored next tokens, in the model's dtype) and gradients."""
+    from usp.integrations.data import shift_labels
+
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, use_cache=False).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels(labels).reshape(-1), ignore_index=-100)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
+
+
+def run_sequence_parallel(mesh, state_dict, ids, labels, mode: str = "register", data_parallel_group=None) -> dict:
+    """One forward + backward of the tiny model on this rank's shard; gradients summed over SP (and averaged
+    over ``data_parallel_group`` if given)."""
+    import usp.integrations.transformers as usp_hf
+    from usp.integrations import data
+
+    model = make_model(torch.float32, "sdpa", state_dict)
+    usp_hf.enable(model, mesh, mode=mode)
+    batch = data.shard_batch({"input_ids": ids, "labels": labels}, mesh)
+    targets = batch.pop("shift_labels")
+    logits = model(**batch, use_cache=False).logits
+    partial = data.causal_lm_loss(logits, targets, mesh)
+    partial.backward()
+    data.all_reduce_gradients(model, mesh, data_parallel_group=data_parallel_group)
+    result = {
+        "loss": data.reduce_loss(partial, mesh),
+        "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+        "implementation": model.config._attn_implementation,
+    }
+    usp_hf.disable(model)
+    return result
+
+
+def portable(obj):
+    """Tensors -> numpy arrays, recursively: torch.multiprocessing would pass tensors by shared memory, which is
+    gone once the rank process exits."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(portable(v) for v in obj)
+    return obj
+
+
+def restore(obj):
+    """Inverse of ``portable`` (numpy arrays -> tensors)."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: restore(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(restore(v) for v in obj)
+    return obj
+
+
+def capture(checks: List[Tuple[str, Callable]]) -> Dict[str, Optional[Tuple[str, str]]]:
+    """Run each callable; record (exception type name, message) or None if it did not raise."""
+    out = {}
+    for name, fn in checks:
+        try:
+            fn()
+            out[name] = None
+        except Exception as error:  # noqa: BLE001 - recorded and asserted by the parent
+            out[name] = (type(error).__name__, str(error))
+    return out
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    norm = float(torch.linalg.vector_norm(ref))
+    return float(torch.linalg.vector_norm(x.double() - ref)) / norm if norm else float(torch.linalg.vector_norm(x))
+
+
+def compare(result: dict, truth: dict, single: dict) -> List[str]:
+    """Problems (empty = pass): every tensor's relative Frobenius error vs the fp64 truth must be at most twice the
+    same-dtype single-process model's error, plus one float32 ulp (the rule of the core tests)."""
+    problems = []
+    pairs = [("loss", result["loss"], truth["loss"], single["loss"])]
+    pairs += [(f"grad {n}", result["grads"][n], truth["grads"][n], single["grads"][n]) for n in truth["grads"]]
+    for name, got, ref, base in pairs:
+        error, base_error = relative_error(got, ref), relative_error(base, ref)
+        bound = 2 * base_error + FP32_ULP
+        if not error <= bound:
+            problems.append(f"{name}: error {error:.3e} > bound {bound:.3e} (single-process error {base_error:.3e})")
+    return problems
+
+
+def matches(record: Optional[Tuple[str, str]], exception: str, pattern: str) -> bool:
+    return record is not None and record[0] == exception and re.search(pattern, record[1]) is not None

@@ -1,0 +1,344 @@
+"""transformers integration, data helpers and DeviceMesh interop: end to end on CPU (gloo), 2 and 4 processes.
+
+A tiny random-weight Llama (GQA: 4 heads, 2 KV heads; fp32) runs one forward + backward under Ulysses x ring
+sequence parallelism; the loss and every parameter gradient (summed over the SP group) must match the same model in
+one process: relative error vs an fp64 run at most 2x the fp32 single-process model's, plus one fp32 ulp.
+Meshes: 1x2, 2x1 (2 ranks); 2x2 (4 ranks, both placements), DeviceMesh-built meshes and data parallel 2 x (1x2),
+2 x (2x1) (4 ranks). Each world size is started once (module-scoped fixtures) and runs every case.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from distributed import run_world  # noqa: E402
+from integration_cases import (  # noqa: E402
+    BATCH,
+    SEQLEN,
+    capture,
+    compare,
+    make_batch,
+    make_model,
+    matches,
+    portable,
+    reference,
+    restore,
+    run_sequence_parallel,
+)
+
+WORLD_TIMEOUT = 240
+
+
+# ---------------------------------------------------------------------------------------------- worlds
+def _world2(rank, world_size, state_dict, batches):
+    import torch.nn as nn
+
+    import usp
+    import usp.integrations.transformers as usp_hf
+    from usp.integrations import data
+
+    ids, labels = batches[0]
+    mesh12 = usp.SequenceParallelMesh(ulysses=1, ring=2)
+    mesh21 = usp.SequenceParallelMesh(ulysses=2, ring=1)
+    bystander = make_model(torch.float32, "sdpa", state_dict)  # never enabled: replace mode must not touch it
+    before = bystander(input_ids=ids).logits.detach()
+
+    results = {"e2e": {}}
+    for name, mesh, mode in (("1x2 register", mesh12, "register"), ("2x1 register", mesh21, "register"),
+                             ("1x2 replace", mesh12, "replace"), ("2x1 replace", mesh21, "replace")):
+        results["e2e"][name] = run_sequence_parallel(mesh, state_dict, ids, labels, mode=mode)
+    results["bystander_unchanged"] = torch.equal(before, bystander(input_ids=ids).logits.detach())
+    results["bystander_implementation"] = bystander.config._attn_implementation
+
+    # transformers' own loss with the pre-shifted labels and the global count equals causal_lm_loss
+    model = usp_hf.enable(make_model(torch.float32, "sdpa", state_dict), mesh12)
+    batch = data.shard_batch({"input_ids": ids, "labels": labels}, mesh12)
+    targets = batch.pop("shift_labels")
+    count = data.global_token_count(targets, mesh12)
+    out = model(**batch, labels=targets, shift_labels=targets, num_items_in_batch=count)
+    results["hf_loss"] = (out.loss.detach(), data.causal_lm_loss(out.logits, targets, mesh12).detach())
+
+    # every refused input, on both ranks, before any collective
+    replaced = usp_hf.enable(make_model(torch.float32, "sdpa", state_dict), mesh12, mode="replace")
+    attn = model.model.layers[0].self_attn
+    local = SEQLEN // 2
+    q = torch.randn(BATCH, 4, local, 16)
+    kv = torch.randn(BATCH, 2, local, 16)
+    padding = torch.ones(BATCH, local, dtype=torch.long)
+    padding[1, -3:] = 0
+
+    def dropout_in_training():
+        model.train()
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.1
+        try:
+            model(**batch)
+        finally:
+            model.eval()
+            for module in model.modules():
+                if hasattr(module, "attention_dropout"):
+                    module.attention_dropout = 0.0
+
+    checks = [
+        ("padding mask (register)", lambda: model(**batch, attention_mask=padding)),
+        ("padding mask (replace)", lambda: replaced(**batch, attention_mask=padding)),
+        ("all-ones mask is fine", lambda: model(**batch, attention_mask=torch.ones_like(padding))),
+        ("missing position_ids", lambda: model(input_ids=batch["input_ids"])),
+        ("local position_ids", lambda: model(input_ids=batch["input_ids"],
+                                             position_ids=torch.arange(local).expand(BATCH, -1))),
+        ("dropout in training", dropout_in_training),
+        ("short sliding window", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, sliding_window=8)),
+        ("sliding window covering the sequence",
+         lambda: usp_hf.attention_forward(attn, q, kv, kv, None, sliding_window=SEQLEN)),
+        ("softcap", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, softcap=30.0)),
+        ("attention sinks", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, s_aux=torch.zeros(4))),
+        ("4D mask", lambda: usp_hf.attention_forward(attn, q, kv, kv, torch.zeros(BATCH, 1, local, local))),
+        ("kv cache", lambda: usp_hf.attention_forward(attn, q, torch.cat([kv, kv], 2), torch.cat([kv, kv], 2), None)),
+        ("module not enabled", lambda: usp_hf.attention_forward(nn.Linear(2, 2), q, kv, kv, None)),
+        ("enable twice", lambda: usp_hf.enable(model, mesh12)),
+        ("bad mode", lambda: usp_hf.enable(make_model(), mesh12, mode="monkeypatch")),
+        ("not a model", lambda: usp_hf.enable(nn.Linear(2, 2), mesh12)),
+        ("heads not divisible by ulysses",
+         lambda: usp_hf.enable(make_model(hidden_size=48, num_attention_heads=3, num_key_value_heads=1), mesh21)),
+        ("replace from eager", lambda: usp_hf.enable(make_model(attn_implementation="eager"), mesh12, mode="replace")),
+        ("shard_batch bad length", lambda: data.shard_batch({"input_ids": ids[:, :-2]}, mesh12)),
+        ("shard_batch unknown key", lambda: data.shard_batch({"input_ids": ids, "pixel_values": ids}, mesh12)),
+        ("shard_batch padding", lambda: data.shard_batch(
+            {"input_ids": ids, "attention_mask": torch.cat([torch.ones(BATCH, SEQLEN - 1), torch.zeros(BATCH, 1)], 1)},
+            mesh12)),
+    ]
+    if not hasattr(usp, "long_context_attention_varlen"):
+        cu = torch.tensor([0, 10, local], dtype=torch.int32)
+        checks.append(("packed batch without varlen", lambda: usp_hf.attention_forward(
+            attn, q[:1], kv[:1], kv[:1], None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)))
+    results["errors"] = capture(checks)
+    # a correct call after all the refused ones: would hang if a refused call had entered a collective
+    results["after_errors"] = data.reduce_loss(
+        data.causal_lm_loss(model(**batch).logits, targets, mesh12), mesh12)
+    usp_hf.disable(model)
+    results["disabled_implementation"] = model.config._attn_implementation
+    return portable(results)
+
+
+def _world4(rank, world_size, state_dict, batches):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import usp
+    from usp.integrations import split_context_parallel
+
+    ids, labels = batches[0]
+    results = {"e2e": {}, "dp": {}}
+    e2e = results["e2e"]
+    e2e["2x2 register"] = run_sequence_parallel(usp.SequenceParallelMesh(ulysses=2, ring=2), state_dict, ids, labels)
+    e2e["2x2 ring_inner replace"] = run_sequence_parallel(
+        usp.SequenceParallelMesh(ulysses=2, ring=2, placement="ring_inner"), state_dict, ids, labels, mode="replace")
+
+    # torchtitan-style named dims, one per axis
+    named = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ulysses", "ring"))
+    mesh = usp.SequenceParallelMesh.from_device_mesh(named, ulysses_dim="ulysses", ring_dim="ring")
+    e2e["DeviceMesh (ulysses, ring)"] = run_sequence_parallel(mesh, state_dict, ids, labels)
+    # accelerate/torchtitan style: one flattened cp dim, split into 2 x 2
+    flat = init_device_mesh("cpu", (1, 4), mesh_dim_names=("dp", "cp"))
+    mesh = split_context_parallel(flat, "cp", ulysses=2, ring=2)
+    results["split_2x2"] = (mesh.ulysses, mesh.ring, mesh.ulysses_rank, mesh.ring_rank, mesh.placement.value)
+    e2e["DeviceMesh (dp=1, cp=4) split 2x2"] = run_sequence_parallel(mesh, state_dict, ids, labels)
+
+    # data parallel 2 x (sequence parallel 2): each replica its own batch, gradients averaged over dp
+    dp_cp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    replica = dp_cp.get_coordinate()[0]
+    dp_group = dp_cp.get_group("dp")
+    ids_r, labels_r = batches[replica]
+    results["replica"] = replica
+    results["dp"]["dp2 x cp2 split as 1x2"] = run_sequence_parallel(
+        split_context_parallel(dp_cp, "cp", ulysses=1, ring=2), state_dict, ids_r, labels_r,
+        data_parallel_group=dp_group)
+    results["dp"]["dp2 x cp2 from_device_mesh as 2x1"] = run_sequence_parallel(
+        usp.SequenceParallelMesh.from_device_mesh(dp_cp, ulysses_dim="cp"), state_dict, ids_r, labels_r,
+        data_parallel_group=dp_group)
+    results["errors"] = capture([
+        ("split: sizes do not multiply", lambda: split_context_parallel(dp_cp, "cp", ulysses=2, ring=2)),
+        ("split: slice, not root mesh", lambda: split_context_parallel(dp_cp["cp"], 0, ulysses=2, ring=1)),
+        ("split: unknown dim", lambda: split_context_parallel(dp_cp, "sp", ulysses=2, ring=1)),
+    ])
+    return portable(results)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def references():
+    """fp64 truth and fp32 single-process results for batches 0 and 1, plus the shared fp32 weights."""
+    torch.set_num_threads(1)
+    model32 = make_model(torch.float32)
+    state_dict = {k: v.clone() for k, v in model32.state_dict().items()}
+    model64 = make_model(torch.float64, state_dict=state_dict)
+    batches = [make_batch(0), make_batch(1)]
+    truth = [reference(model64, *b) for b in batches]
+    single = [reference(model32, *b) for b in batches]
+    return state_dict, batches, truth, single
+
+
+@pytest.fixture(scope="module")
+def world2(references):
+    state_dict, batches, _, _ = references
+    return restore(run_world(2, _world2, state_dict, batches, timeout=WORLD_TIMEOUT))
+
+
+@pytest.fixture(scope="module")
+def world4(references):
+    state_dict, batches, _, _ = references
+    return restore(run_world(4, _world4, state_dict, batches, timeout=WORLD_TIMEOUT))
+
+
+def _average(results):
+    return {"loss": sum(r["loss"] for r in results) / len(results),
+            "grads": {n: sum(r["grads"][n] for r in results) / len(results) for n in results[0]["grads"]}}
+
+
+def _check_ranks_agree(per_rank, group, names):
+    for name in names:
+        first = per_rank[0][group][name]
+        for rank, results in enumerate(per_rank[1:], start=1):
+            other = results[group][name]
+            assert torch.equal(other["loss"], first["loss"]), f"{name}: rank {rank} loss differs from rank 0"
+            for param, grad in first["grads"].items():
+                assert torch.equal(other["grads"][param], grad), f"{name}: rank {rank} grad {param} differs"
+
+
+# ---------------------------------------------------------------------------------------------- tests: 2 ranks
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_two_ranks_match_single_process(world2, references):
+    _, _, truth, single = references
+    cases = world2[0]["e2e"]
+    assert set(cases) == {"1x2 register", "2x1 register", "1x2 replace", "2x1 replace"}
+    problems = [f"{name}: {p}" for name, result in cases.items() for p in compare(result, truth[0], single[0])]
+    assert not problems, "\n".join(problems)
+    _check_ranks_agree(world2, "e2e", cases)
+    assert cases["1x2 register"]["implementation"] == "usp"
+    assert cases["1x2 replace"]["implementation"] == "sdpa"
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_replace_mode_leaves_other_models_alone(world2):
+    for results in world2:
+        assert results["bystander_unchanged"]
+        assert results["bystander_implementation"] == "sdpa"
+        assert results["disabled_implementation"] == "sdpa"
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_transformers_loss_with_shift_labels_equals_causal_lm_loss(world2):
+    for results in world2:
+        theirs, ours = results["hf_loss"]
+        torch.testing.assert_close(theirs, ours, rtol=1e-6, atol=0)
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_refused_inputs_raise_clear_errors_on_every_rank(world2, references):
+    _, _, truth, _ = references
+    expected = {
+        "padding mask (register)": ("ValueError", r"attention_mask with zeros.*varlen path"),
+        "padding mask (replace)": ("ValueError", r"attention_mask with zeros.*varlen path"),
+        "missing position_ids": ("ValueError", r"needs position_ids"),
+        "local position_ids": ("ValueError", r"not the global positions"),
+        "dropout in training": ("ValueError", r"no dropout.*attention_dropout"),
+        "short sliding window": ("NotImplementedError", r"sliding_window=8 < global sequence length 44"),
+        "softcap": ("NotImplementedError", r"softcap"),
+        "attention sinks": ("NotImplementedError", r"sinks"),
+        "4D mask": ("ValueError", r"takes no custom mask"),
+        "kv cache": ("ValueError", r"use_cache=False"),
+        "module not enabled": ("RuntimeError", r"enable\(model, mesh\)"),
+        "enable twice": ("ValueError", r"already enabled"),
+        "bad mode": ("ValueError", r"mode='monkeypatch'.*'register', 'replace'"),
+        "not a model": ("TypeError", r"PreTrainedModel"),
+        "heads not divisible by ulysses": ("ValueError", r"num_attention_heads=3.*ulysses=2.*\[1, 3\]"),
+        "replace from eager": ("ValueError", r"'eager'.*mode='register'"),
+        "shard_batch bad length": ("ValueError", r"input_ids.*multiple of 4.*pad it to 44"),
+        "shard_batch unknown key": ("ValueError", r"pixel_values"),
+        "shard_batch padding": ("ValueError", r"zeros.*varlen"),
+        "packed batch without varlen": ("NotImplementedError", r"varlen"),
+    }
+    for rank, results in enumerate(world2):
+        errors = results["errors"]
+        for name, (exception, pattern) in expected.items():
+            if name not in errors:
+                continue  # the varlen check runs only while usp has no varlen path
+            assert matches(errors[name], exception, pattern), f"rank {rank} {name}: got {errors[name]}"
+        assert errors["all-ones mask is fine"] is None
+        assert errors["sliding window covering the sequence"] is None
+        torch.testing.assert_close(results["after_errors"], truth[0]["loss"].float(), rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- tests: 4 ranks
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_four_ranks_and_device_meshes_match_single_process(world4, references):
+    _, _, truth, single = references
+    cases = world4[0]["e2e"]
+    problems = [f"{name}: {p}" for name, result in cases.items() for p in compare(result, truth[0], single[0])]
+    assert not problems, "\n".join(problems)
+    _check_ranks_agree(world4, "e2e", cases)
+    # ranks 0..3 of the flattened cp dim: Ulysses pairs (0, 1) and (2, 3) adjacent
+    assert [r["split_2x2"] for r in world4] == [
+        (2, 2, 0, 0, "ulysses_inner"), (2, 2, 1, 0, "ulysses_inner"),
+        (2, 2, 0, 1, "ulysses_inner"), (2, 2, 1, 1, "ulysses_inner")]
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_data_parallel_over_sequence_parallel(world4, references):
+    """Each dp replica trains on its own batch: its loss is that batch's loss; gradients are the replica mean."""
+    _, _, truth, single = references
+    mean_truth, mean_single = _average(truth), _average(single)
+    for rank, results in enumerate(world4):
+        replica = results["replica"]
+        assert replica == rank // 2
+        for name, result in results["dp"].items():
+            grads_only = {"loss": mean_truth["loss"], "grads": result["grads"]}
+            problems = compare(grads_only, mean_truth, mean_single)
+            loss_problems = compare({"loss": result["loss"], "grads": {}},
+                                    {"loss": truth[replica]["loss"], "grads": {}},
+                                    {"loss": single[replica]["loss"], "grads": {}})
+            assert not problems + loss_problems, f"rank {rank} {name}: " + "\n".join(problems + loss_problems)
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_split_context_parallel_errors(world4):
+    expected = {
+        "split: sizes do not multiply": ("ValueError", r"2 \* 2 must equal the size 2.*\(1, 2\), \(2, 1\)"),
+        "split: slice, not root mesh": ("ValueError", r"root DeviceMesh"),
+        "split: unknown dim": ("ValueError", r"'sp' is not a dimension.*\('dp', 'cp'\)"),
+    }
+    for rank, results in enumerate(world4):
+        for name, (exception, pattern) in expected.items():
+            assert matches(results["errors"][name], exception, pattern), f"rank {rank} {name}: {results['errors'][name]}"
+
+
+# ---------------------------------------------------------------------------------------------- tests: no spawn
+def test_mask_function_refuses_padding_and_returns_none_otherwise():
+    from usp.integrations.transformers import mask_function
+
+    padded = torch.tensor([[True, True, True], [True, True, False]])
+    with pytest.raises(ValueError, match=r"attention_mask with zeros .*varlen path"):
+        mask_function(batch_size=2, q_length=3, kv_length=3, attention_mask=padded)
+    assert mask_function(batch_size=2, q_length=3, kv_length=3, attention_mask=None) is None
+    assert mask_function(batch_size=2, q_length=3, kv_length=3, attention_mask=torch.ones(2, 3, dtype=torch.bool)) is None
+    with pytest.raises(ValueError, match=r"no custom attention mask"):
+        mask_function(attention_mask=torch.zeros(2, 1, 3, 3))
+
+
+def test_import_registers_nothing():
+    from transformers import AttentionInterface
+
+    import usp.integrations.transformers  # noqa: F401
+
+    assert "usp" not in AttentionInterface._global_mapping
+    assert not any(type(f).__name__ == "_ReplacedAttention" for f in AttentionInterface._global_mapping.values())
+
+
+def test_shift_labels_is_global_next_token():
+    from usp.integrations.data import shift_labels
+
+    labels = torch.tensor([[5, 6, 7, -100, 9]])
+    assert shift_labels(labels).tolist() == [[6, 7, -100, 9, -100]]
