@@ -66,11 +66,17 @@ def count_collectives():
 
 
 def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
+    """Per layer, G head groups (Note [head-group pipeline]): forward q, k, v in and out back, backward dout in
+    and dq, dk, dv back, per group; ring: K/V rotations in forward, K/V and dK/dV in backward, per group."""
+    from usp.attention import kv_replication
+    from usp.ulysses import head_groups
+
     u, r = case.ulysses, case.ring
-    a2a = 4 if u > 1 else 0  # q, k, v in and out back (forward); dout in and dq, dk, dv back (backward)
+    groups = head_groups(case.heads, case.kv_heads * kv_replication(case.kv_heads, u), u)
+    a2a = 4 * groups if u > 1 else 0
     return {
-        "forward": {"all_to_all_single": a2a + (1 if u > 1 else 0), "batch_isend_irecv": r - 1},  # +1: LSE
-        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": 2 * (r - 1)},  # K/V and dK/dV
+        "forward": {"all_to_all_single": a2a + (1 if u > 1 else 0), "batch_isend_irecv": groups * (r - 1)},
+        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": 2 * groups * (r - 1)},
     }
 
 

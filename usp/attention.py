@@ -7,6 +7,8 @@ Data flow for a mesh of ``U`` (Ulysses) x ``R`` (ring), local shards ``q [b, s/P
    first replicated up to ``lcm(h_kv, U)`` when ``U`` does not divide ``h_kv``, their gradients summed back).
 2. Ring attention over the ``R`` ranks on ``[b, s/R, h/U, d]`` (``usp.ring``).
 3. Inverse all-to-all of the output: ``[b, s/R, h/U, d] -> [b, s/P, h, d]``.
+Steps 1-3 run per head group so that the trades overlap the attention (``usp.ulysses``, Note [head-group
+pipeline]).
 
 Every argument is validated before the first collective, from shapes alone, so every rank raises the same error.
 """
@@ -20,11 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm.all_to_all import _heads_to_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads
+from .comm.all_to_all import _heads_to_seq
 from .kernels import AttentionKernel, resolve_backend
 from .layout import check_sequence_length, schedule_for
 from .mesh import SequenceParallelMesh
 from .ring import RingAttentionFunction
+from .ulysses import UlyssesRingFunction, head_groups
 
 __all__ = ["long_context_attention", "LongContextAttention", "kv_replication"]
 
@@ -149,12 +152,10 @@ def long_context_attention(
         if repeat > 1:
             k = _ReplicateKVHeads.apply(k, repeat)
             v = _ReplicateKVHeads.apply(v, repeat)
-        q = all_to_all_seq_to_heads(q, mesh.ulysses_group)
-        k = all_to_all_seq_to_heads(k, mesh.ulysses_group)
-        v = all_to_all_seq_to_heads(v, mesh.ulysses_group)
-    out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule_for(causal), scale)
-    if ulysses > 1:
-        out = all_to_all_heads_to_seq(out, mesh.ulysses_group)
+        groups = head_groups(q.shape[2], k.shape[2], ulysses)
+        out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule_for(causal), scale, groups)
+    else:
+        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule_for(causal), scale)
     if not return_lse:
         return out
     if ulysses > 1:

@@ -1,8 +1,13 @@
-"""The Ulysses all-to-all, autograd-aware: trade sequence shards for head shards and back.
+"""The Ulysses all-to-all: trade sequence shards for head shards and back, whole or one head group at a time.
 
 ``seq -> heads``: ``[b, s_local, h, d]`` on each of the ``U`` ranks becomes ``[b, U * s_local, h / U, d]``:
 rank ``u`` receives heads ``[u * h/U, (u+1) * h/U)`` of every rank's sequence shard, concatenated in rank order.
 ``heads -> seq`` is its inverse, and each is the other's backward.
+
+With ``groups = G > 1`` the heads each rank receives are cut into ``G`` equal groups and group ``g`` is traded
+alone (``pack_*``/``start``/``unpack_*``), so the attention of one group can run while the next is in flight.
+Each direction costs exactly one copy per tensor: the pack before ``seq -> heads``, the unpack after
+``heads -> seq`` (NCCL moves contiguous chunks; the head interleave has to happen on one side).
 """
 from __future__ import annotations
 
@@ -12,30 +17,51 @@ import torch
 import torch.distributed as dist
 
 
-def seq_to_heads_shape(shape: Tuple[int, ...], world: int) -> Tuple[int, int, int, int]:
-    b, s, h, d = shape
-    return (b, s * world, h // world, d)
+def pack_seq_to_heads(x: torch.Tensor, world: int, groups: int = 1, group_index: int = 0) -> torch.Tensor:
+    """``[b, s, h, d]`` -> send buffer ``[U, b, s, h/(U*G), d]``: chunk ``u`` = rank ``u``'s heads of group ``g``."""
+    b, s, h, d = x.shape
+    per = h // (world * groups)
+    return x.reshape(b, s, world, groups, per, d)[:, :, :, group_index].permute(2, 0, 1, 3, 4).contiguous()
+
+
+def unpack_seq_to_heads(recv: torch.Tensor) -> torch.Tensor:
+    """Receive buffer ``[U, b, s, h', d]`` (chunk ``u`` from rank ``u``) -> ``[b, U * s, h', d]``."""
+    world, b, s, h, d = recv.shape
+    return recv.transpose(0, 1).reshape(b, world * s, h, d)
+
+
+def pack_heads_to_seq(x: torch.Tensor, world: int) -> torch.Tensor:
+    """``[b, U * s, h', d]`` -> send buffer ``[U, b, s, h', d]``: chunk ``u`` = sequence piece ``u``."""
+    b, s_full, h, d = x.shape
+    return x.reshape(b, world, s_full // world, h, d).transpose(0, 1).contiguous()
+
+
+def unpack_heads_to_seq_into(recv: torch.Tensor, dest: torch.Tensor, groups: int = 1, group_index: int = 0) -> None:
+    """Write receive buffer ``[U, b, s, h', d]`` (rank ``u``'s heads of group ``g``) into ``dest [b, s, h, d]``."""
+    world, b, s, per, d = recv.shape
+    dest.view(b, s, world, groups, per, d)[:, :, :, group_index].copy_(recv.permute(1, 2, 0, 3, 4))
+
+
+def start_all_to_all(send: torch.Tensor, group: Optional[dist.ProcessGroup]) -> Tuple[torch.Tensor, object]:
+    """Post ``all_to_all_single`` asynchronously; returns ``(receive buffer, work)`` — call ``work.wait()``."""
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    return recv, work
 
 
 def _seq_to_heads(x: torch.Tensor, group: Optional[dist.ProcessGroup], world: int) -> torch.Tensor:
-    b, s, h, d = x.shape
-    # [b, s, U, h/U, d] -> [U, b, s, h/U, d]: chunk u of dim 0 goes to rank u
-    send = x.reshape(b, s, world, h // world, d).permute(2, 0, 1, 3, 4).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    # recv[u] = rank u's sequence shard of my heads: [U, b, s, h/U, d] -> [b, U * s, h/U, d]
-    return recv.permute(1, 0, 2, 3, 4).reshape(b, world * s, h // world, d)
+    recv, work = start_all_to_all(pack_seq_to_heads(x, world), group)
+    work.wait()
+    return unpack_seq_to_heads(recv)
 
 
 def _heads_to_seq(x: torch.Tensor, group: Optional[dist.ProcessGroup], world: int) -> torch.Tensor:
     b, s_full, h_local, d = x.shape
-    s = s_full // world
-    # [b, U, s, h/U, d] -> [U, b, s, h/U, d]: sequence piece u goes back to rank u
-    send = x.reshape(b, world, s, h_local, d).transpose(0, 1).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    # recv[u] = my sequence shard of rank u's heads: [U, b, s, h/U, d] -> [b, s, U * h/U, d]
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, s, world * h_local, d)
+    recv, work = start_all_to_all(pack_heads_to_seq(x, world), group)
+    dest = torch.empty(b, s_full // world, world * h_local, d, dtype=x.dtype, device=x.device)
+    work.wait()
+    unpack_heads_to_seq_into(recv, dest)
+    return dest
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -46,7 +72,7 @@ class _SeqToHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad.contiguous(), ctx.group, ctx.world), None, None
+        return _heads_to_seq(grad, ctx.group, ctx.world), None, None
 
 
 class _HeadsToSeq(torch.autograd.Function):
@@ -57,7 +83,12 @@ class _HeadsToSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_heads(grad.contiguous(), ctx.group, ctx.world), None, None
+        return _seq_to_heads(grad, ctx.group, ctx.world), None, None
+
+
+def seq_to_heads_shape(shape: Tuple[int, ...], world: int) -> Tuple[int, int, int, int]:
+    b, s, h, d = shape
+    return (b, s * world, h // world, d)
 
 
 def all_to_all_seq_to_heads(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:

@@ -1,0 +1,582 @@
+"""Packed variable-length documents (``cu_seqlens``) through Ulysses x ring, load-balanced per document.
+
+A packed batch is ``[total, heads, head_dim]`` (``flash_attn_varlen_func``'s layout) with document ``j`` at rows
+``cu_seqlens[j]:cu_seqlens[j+1]``; no token attends across a document boundary. ``cu_seqlens`` is the *global*
+boundaries of the whole packed batch, identical on every rank; everything else (padding, chunking, each rank's
+rows, the kernel calls of every ring block) is a pure function of ``(cu_seqlens, ulysses, ring, causal)``, built once
+and cached (``varlen_layout``).
+
+Note [varlen zigzag layout]. Load balance must hold per document: a batch of one long document and many short ones
+cut contiguously would leave the rank with the long document's tail doing most of the causal work. So every
+document is cut on its own, exactly like the dense zigzag (Note [zigzag layout] in ``usp.layout``):
+
+* causal, ``R > 1``: document ``j`` (length ``L_j``) is padded at its end to ``2R * c_j`` tokens,
+  ``c_j = ceil(L_j / 2R)``, and cut into ``2R`` chunks of ``c_j``. Ring rank ``r`` holds chunk ``r`` (head) and
+  chunk ``2R-1-r`` (tail) of *every* document, all heads first, then all tails::
+
+      ring rank r:  [ head_0  head_1 ... head_n | tail_0  tail_1 ... tail_n ]     (head_j, tail_j: c_j rows)
+
+  so the dense zigzag schedule's row halves still mean "the head chunks" and "the tail chunks" and every rank does
+  the same causal work for every document. A ring block is then a few varlen calls whose sequences are the chunks
+  (``cu = cumsum(c_j)`` on both sides): the diagonal block is heads x heads (causal) + tails x heads + tails x tails
+  (causal), merged; "all queries x the visiting heads" is two calls; "our tails x all visiting K/V" is two calls,
+  merged. Every call covers its rows whole, so no kernel needs ``seqused``.
+* non-causal, or ``R == 1``: ``R`` chunks per document (``c_j = ceil(L_j / R)``), rank ``r`` holds chunk ``r`` of
+  every document; one varlen call per block.
+* Ulysses: each ring rank's rows are split into ``U`` equal contiguous pieces (the all-to-all concatenates them
+  back, as in the dense path). If the ring rank's row count is not a multiple of ``U``, a padding-only document of
+  ``pad_chunk`` rows per chunk is appended.
+
+Padding is never attended. It sits at the end of its document, after every real token, so a causal mask hides it
+from every real query: in every block above, a real query only ever meets keys that are earlier in its document,
+hence real. Non-causal blocks (``R > 1``) cut each visiting chunk into its real prefix and its padding as separate
+key sequences (the padding's query sequence is empty). Padding *queries* do compute something, but their output
+is zeroed (``masked_fill``) before it leaves ``long_context_attention_varlen``, so the incoming gradient there is
+zero, and a query row with zero gradient contributes nothing to ``dq``, ``dk`` or ``dv``. The returned LSE is
+``-inf`` at padding rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import weakref
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .comm.all_to_all import _heads_to_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads
+from .kernels.varlen import (
+    VarlenBlock,
+    VarlenBlockKernel,
+    VarlenCall,
+    VarlenKernel,
+    VarlenSeqs,
+    resolve_varlen_backend,
+)
+from .layout import _all_gather_cat, _normalize_dim, schedule_for
+from .mesh import SequenceParallelMesh
+from .ring import RingAttentionFunction
+
+__all__ = [
+    "LongContextAttentionVarlen",
+    "VarlenLayout",
+    "gather_varlen",
+    "long_context_attention_varlen",
+    "padding_mask_varlen",
+    "position_ids_varlen",
+    "shard_varlen",
+    "varlen_layout",
+]
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class VarlenLayout:
+    """Where every token of a packed batch lives on a ``ulysses x ring`` mesh (Note [varlen zigzag layout]).
+
+    Built by ``varlen_layout``; pure data, identical on every rank. ``chunk_sizes`` has one entry per non-empty
+    document in order, plus a last one for the padding-only document when ``pad_chunk > 0``.
+    """
+
+    ulysses: int
+    ring: int
+    causal: bool
+    #: packed start row and length of every non-empty document (empty ones are dropped: they have no tokens)
+    doc_starts: Tuple[int, ...]
+    doc_lengths: Tuple[int, ...]
+    #: cu_seqlens[-1]: real tokens in the packed batch
+    total: int
+    #: chunks each document is cut into: 2R (zigzag) or R
+    chunks_per_doc: int
+    chunk_sizes: Tuple[int, ...]
+    #: chunk size of the padding-only document (0: none)
+    pad_chunk: int
+
+    @property
+    def zigzag(self) -> bool:
+        return self.chunks_per_doc == 2 * self.ring and self.ring > 1
+
+    @property
+    def ring_tokens(self) -> int:
+        """Rows of one ring rank's sequence (what the ring loop sees)."""
+        return (2 if self.zigzag else 1) * sum(self.chunk_sizes)
+
+    @property
+    def local_tokens(self) -> int:
+        """Rows of one rank's shard: ``q.shape[0]`` of ``long_context_attention_varlen``."""
+        return self.ring_tokens // self.ulysses
+
+    @property
+    def padded_total(self) -> int:
+        return self.chunks_per_doc * sum(self.chunk_sizes)
+
+    @property
+    def padding(self) -> int:
+        """Padding tokens over the whole mesh (``padded_total - total``)."""
+        return self.padded_total - self.total
+
+    def local_rows(self, ulysses_rank: int, ring_rank: int) -> Tuple[Tensor, Tensor]:
+        """``(packed_index, position)`` of this rank's rows, int64 CPU tensors of ``local_tokens``.
+
+        ``packed_index`` is the row in the packed batch (``-1`` for padding); ``position`` the offset inside the
+        (padded) document, i.e. the position id that restarts at every document.
+        """
+        packed, offset = _ring_rows(self, ring_rank)
+        rows = slice(ulysses_rank * self.local_tokens, (ulysses_rank + 1) * self.local_tokens)
+        return packed[rows], offset[rows]
+
+    def ring_rows(self, ring_rank: int) -> Tuple[Tensor, Tensor]:
+        """``local_rows`` for a whole ring rank's sequence (all its Ulysses pieces, in order)."""
+        return _ring_rows(self, ring_rank)
+
+
+@functools.lru_cache(maxsize=256)
+def _ring_rows(layout: VarlenLayout, ring_rank: int) -> Tuple[Tensor, Tensor]:
+    sizes = torch.tensor(layout.chunk_sizes, dtype=torch.int64)
+    n_docs = len(layout.doc_lengths)
+    lengths = torch.tensor(layout.doc_lengths + (0,) * (len(sizes) - n_docs), dtype=torch.int64)
+    starts = torch.tensor(layout.doc_starts + (layout.total,) * (len(sizes) - n_docs), dtype=torch.int64)
+    doc = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # document of every row of one half
+    within = torch.arange(doc.numel()) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    if layout.zigzag:
+        tail = 2 * layout.ring - 1 - ring_rank
+        offset = torch.cat([ring_rank * sizes[doc] + within, tail * sizes[doc] + within])
+        doc = torch.cat([doc, doc])
+    else:
+        offset = ring_rank * sizes[doc] + within
+    packed = torch.where(offset < lengths[doc], starts[doc] + offset, torch.full_like(offset, -1))
+    return packed, offset
+
+
+@functools.lru_cache(maxsize=64)
+def _build_layout(cu: Tuple[int, ...], ulysses: int, ring: int, causal: bool) -> VarlenLayout:
+    starts, lengths = [], []
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b > a:
+            starts.append(a)
+            lengths.append(b - a)
+    chunks = 2 * ring if causal and ring > 1 else ring
+    sizes = [-(-n // chunks) for n in lengths]
+    halves = 2 if chunks == 2 * ring and ring > 1 else 1
+    pad_chunk = 0
+    while (halves * (sum(sizes) + pad_chunk)) % ulysses:
+        pad_chunk += 1
+    if pad_chunk:
+        sizes.append(pad_chunk)
+    return VarlenLayout(
+        ulysses=ulysses, ring=ring, causal=causal, doc_starts=tuple(starts), doc_lengths=tuple(lengths),
+        total=cu[-1], chunks_per_doc=chunks, chunk_sizes=tuple(sizes), pad_chunk=pad_chunk,
+    )
+
+
+class _CuSeqlensMemo:
+    """Host copy of the last CUDA ``cu_seqlens`` seen, so a model passing the same tensor to every layer syncs once.
+
+    Keyed on the tensor object itself (weak reference) and its version counter (bumped by in-place writes).
+    """
+
+    def __init__(self):
+        self._ref = None
+        self._version = -1
+        self._value: Tuple[int, ...] = ()
+
+    def host_tuple(self, tensor: Tensor) -> Tuple[int, ...]:
+        if tensor.device.type == "cpu":
+            return tuple(tensor.tolist())
+        if self._ref is not None and self._ref() is tensor and self._version == tensor._version:
+            return self._value
+        value = tuple(tensor.tolist())  # one device-to-host copy
+        self._ref, self._version, self._value = weakref.ref(tensor), tensor._version, value
+        return value
+
+
+_CU_MEMO = _CuSeqlensMemo()
+
+
+def _cu_seqlens_tuple(cu_seqlens, argument: str = "cu_seqlens") -> Tuple[int, ...]:
+    """Validate ``cu_seqlens`` (1-D integer tensor or sequence of ints) and return it as a tuple of ints."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dtype == torch.bool or cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+            raise TypeError(f"{argument} must be an integer tensor (int32 like flash-attn), got {cu_seqlens.dtype}")
+        if cu_seqlens.ndim != 1:
+            raise ValueError(f"{argument} must be 1-D [num_docs + 1], got shape {tuple(cu_seqlens.shape)}")
+        values = _CU_MEMO.host_tuple(cu_seqlens.detach())
+    elif isinstance(cu_seqlens, (list, tuple)):
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in cu_seqlens):
+            raise TypeError(f"{argument} must hold ints, got {cu_seqlens!r}")
+        values = tuple(int(x) for x in cu_seqlens)
+    else:
+        raise TypeError(f"{argument} must be a 1-D integer torch.Tensor or a list of ints, got {type(cu_seqlens).__name__}")
+    if len(values) < 2:
+        raise ValueError(f"{argument} must have at least 2 entries [0, ..., total], got {list(values)}")
+    if values[0] != 0:
+        raise ValueError(f"{argument} must start at 0 (cumulative document lengths), got {values[0]}")
+    if any(b < a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"{argument} must be non-decreasing (cumulative document lengths), got {list(values)[:16]}...")
+    if values[-1] <= 0:
+        raise ValueError(f"{argument} describes no tokens (cu_seqlens[-1] = {values[-1]}); it must be positive")
+    return values
+
+
+def _check_mesh(mesh) -> None:
+    if not isinstance(mesh, SequenceParallelMesh):
+        raise TypeError(f"mesh must be a usp.SequenceParallelMesh, got {type(mesh).__name__}")
+
+
+def _check_causal(causal) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def varlen_layout(cu_seqlens, mesh: SequenceParallelMesh, causal: bool = True) -> VarlenLayout:
+    """The layout of the packed batch ``cu_seqlens`` on ``mesh`` (cached; no collectives).
+
+    ``cu_seqlens``: the global document boundaries ``[0, L_0, L_0 + L_1, ..., total]`` (int tensor or list).
+    ``layout.local_tokens`` is every rank's shard length; ``layout.padding`` the padding tokens added in total.
+    """
+    _check_mesh(mesh)
+    _check_causal(causal)
+    return _build_layout(_cu_seqlens_tuple(cu_seqlens), mesh.ulysses, mesh.ring, causal)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _local_rows(layout: VarlenLayout, mesh: SequenceParallelMesh) -> Tuple[Tensor, Tensor]:
+    return layout.local_rows(mesh.ulysses_rank, mesh.ring_rank)
+
+
+def shard_varlen(
+    x: Tensor, cu_seqlens, mesh: SequenceParallelMesh, dim: int = 0, causal: bool = True, pad_value=0
+) -> Tensor:
+    """This rank's shard of the packed tensor ``x`` along ``dim``, padded per document, in the attention's layout.
+
+    ``x`` is the whole packed batch on every rank (``x.shape[dim] == cu_seqlens[-1]``): hidden states
+    ``[total, ...]``, token ids ``[total]``, labels... Padding rows are filled with ``pad_value`` (use ``-100`` for
+    labels so the loss skips them). Differentiable (zero gradient at padding). ``causal`` must match the attention.
+    Returns ``layout.local_tokens`` rows along ``dim``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    layout = varlen_layout(cu_seqlens, mesh, causal)
+    dim = _normalize_dim(dim, x.ndim)
+    if x.shape[dim] != layout.total:
+        raise ValueError(
+            f"x.shape[{dim}]={x.shape[dim]} must equal cu_seqlens[-1]={layout.total} (the whole packed batch)"
+        )
+    packed, _ = _local_rows(layout, mesh)
+    padding = packed < 0
+    local = x.index_select(dim, packed.clamp(min=0).to(x.device))
+    if bool(padding.any()):
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        local = local.masked_fill(padding.to(x.device).reshape(shape), pad_value)
+    return local
+
+
+def gather_varlen(x_local: Tensor, cu_seqlens, mesh: SequenceParallelMesh, dim: int = 0, causal: bool = True) -> Tensor:
+    """Inverse of ``shard_varlen``: the whole packed batch (padding dropped) on every rank. A collective.
+
+    Not differentiable. Gathers over the Ulysses group, then the ring group, then restores packed order.
+    """
+    if not isinstance(x_local, torch.Tensor):
+        raise TypeError(f"x_local must be a torch.Tensor, got {type(x_local).__name__}")
+    layout = varlen_layout(cu_seqlens, mesh, causal)
+    dim = _normalize_dim(dim, x_local.ndim)
+    if x_local.shape[dim] != layout.local_tokens:
+        raise ValueError(
+            f"x_local.shape[{dim}]={x_local.shape[dim]} must be the layout's local_tokens={layout.local_tokens}"
+        )
+    x_local = x_local.contiguous()
+    ring_seq = _all_gather_cat(x_local, mesh.ulysses_group, mesh.ulysses, dim)
+    everything = _all_gather_cat(ring_seq, mesh.ring_group, mesh.ring, dim)
+    order = torch.cat([layout.ring_rows(r)[0] for r in range(mesh.ring)])  # packed row of every gathered row
+    real = torch.nonzero(order >= 0).squeeze(1)
+    inverse = torch.empty(layout.total, dtype=torch.int64)
+    inverse[order[real]] = real
+    return everything.index_select(dim, inverse.to(x_local.device))
+
+
+def position_ids_varlen(cu_seqlens, mesh: SequenceParallelMesh, causal: bool = True, device=None) -> Tensor:
+    """This rank's position ids, int64 ``[local_tokens]``: the offset of every row inside its document (restarting
+    at 0 at each document), in the order of ``shard_varlen``'s shard. Padding rows continue their document's count
+    (the padding-only document counts from 0); their value does not matter, they are never attended."""
+    layout = varlen_layout(cu_seqlens, mesh, causal)
+    _, position = _local_rows(layout, mesh)
+    return position.to(device) if device is not None else position.clone()
+
+
+def padding_mask_varlen(cu_seqlens, mesh: SequenceParallelMesh, causal: bool = True, device=None) -> Tensor:
+    """Bool ``[local_tokens]``: True at this rank's padding rows (e.g. to mask a loss)."""
+    layout = varlen_layout(cu_seqlens, mesh, causal)
+    packed, _ = _local_rows(layout, mesh)
+    mask = packed < 0
+    return mask.to(device) if device is not None else mask
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+class VarlenSchedule:
+    """The dense ring schedule (``usp.layout.schedule_for``) with each block's varlen calls attached as its
+    ``mask`` (the ring loop hands it to ``VarlenBlockKernel``). Bound to one ``VarlenLayout``; reused across calls."""
+
+    def __init__(self, layout: VarlenLayout):
+        self.layout = layout
+        self._base = schedule_for(layout.causal)
+        self._by_source: Dict[int, VarlenBlock] = {}
+        sizes = layout.chunk_sizes
+        chunks = VarlenSeqs(sizes, sizes)
+        if layout.zigzag:
+            c = sum(sizes)
+            heads, tails = slice(0, c), slice(c, 2 * c)
+            self._diagonal = VarlenBlock(
+                [VarlenCall(heads, heads, chunks, True), VarlenCall(tails, heads, chunks, False),
+                 VarlenCall(tails, tails, chunks, True)], 2 * c, 2 * c,
+            )
+            # source < rank: all our rows x the visiting heads (the ring passes only those: `c` key rows)
+            self._visiting_heads = VarlenBlock(
+                [VarlenCall(heads, heads, chunks, False), VarlenCall(tails, heads, chunks, False)], 2 * c, c,
+            )
+            # source > rank: our tails (the ring passes only those: `c` query rows) x all visiting rows
+            self._our_tails = VarlenBlock(
+                [VarlenCall(heads, heads, chunks, False), VarlenCall(heads, tails, chunks, False)], c, 2 * c,
+            )
+
+    def _contiguous_block(self, source: int) -> VarlenBlock:
+        if source not in self._by_source:
+            layout = self.layout
+            n_docs = len(layout.doc_lengths)
+            q_lengths: List[int] = []
+            k_lengths: List[int] = []
+            for j, c in enumerate(layout.chunk_sizes):
+                # real rows of this document in the visiting chunk: a prefix (padding sits at the document's end)
+                if j < n_docs:
+                    real = min(max(layout.doc_lengths[j] - source * c, 0), c)
+                else:  # the padding-only document attends itself: inert
+                    real = c
+                q_lengths.append(c)
+                k_lengths.append(real)
+                if real < c:  # the padding as its own key sequence, with no queries
+                    q_lengths.append(0)
+                    k_lengths.append(c - real)
+            seqs = VarlenSeqs(q_lengths, k_lengths)
+            total = sum(layout.chunk_sizes)
+            self._by_source[source] = VarlenBlock(
+                [VarlenCall(slice(0, total), slice(0, total), seqs, layout.causal)], total, total
+            )
+        return self._by_source[source]
+
+    def block(self, step: int, ring_rank: int, ring_size: int, local_len: int):
+        if local_len != self.layout.ring_tokens or ring_size != self.layout.ring:
+            raise RuntimeError(
+                f"varlen schedule built for ring={self.layout.ring}, {self.layout.ring_tokens} rows per ring rank; "
+                f"called with ring={ring_size}, {local_len} rows"
+            )
+        task = self._base.block(step, ring_rank, ring_size, local_len)
+        if task is None:
+            return None
+        if self.layout.zigzag:
+            if step == 0:
+                mask = self._diagonal
+            elif task.q_rows == slice(None):
+                mask = self._visiting_heads
+            else:
+                mask = self._our_tails
+        else:
+            mask = self._contiguous_block((ring_rank - step) % ring_size)
+        return dataclasses.replace(task, mask=mask)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule_for_layout(layout: VarlenLayout) -> VarlenSchedule:
+    return VarlenSchedule(layout)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def kv_replication(kv_heads: int, ulysses: int) -> int:
+    """How many times each K/V head is repeated so that ``ulysses`` divides the K/V head count (as the dense path)."""
+    return math.lcm(kv_heads, ulysses) // kv_heads
+
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend):
+    _check_mesh(mesh)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 3:
+            raise ValueError(
+                f"{name} must have 3 dims [total_local_tokens, heads, head_dim] (flash_attn_varlen_func layout), "
+                f"got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    _check_causal(causal)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    t, h, d = q.shape
+    if k.shape[0] != t:
+        raise ValueError(f"token mismatch: q.shape[0]={t}, k.shape[0]={k.shape[0]} (self-attention shards must match)")
+    if k.shape[2] != d:
+        raise ValueError(f"head_dim mismatch: q.shape[2]={d}, k.shape[2]={k.shape[2]}")
+    kv_heads = k.shape[1]
+    if h == 0 or kv_heads == 0 or h % kv_heads:
+        raise ValueError(
+            f"heads (q.shape[1]={h}) must be a positive multiple of kv_heads (k.shape[1]={kv_heads}); "
+            f"valid kv_heads: {[x for x in range(1, h + 1) if h % x == 0]}"
+        )
+    if h % mesh.ulysses:
+        raise ValueError(
+            f"heads (q.shape[1]={h}) must be divisible by the Ulysses degree ulysses={mesh.ulysses}; "
+            f"Ulysses degrees valid for {h} heads: {[u for u in range(1, h + 1) if h % u == 0]}"
+        )
+    layout = _build_layout(_cu_seqlens_tuple(cu_seqlens), mesh.ulysses, mesh.ring, causal)
+    longest = max(layout.doc_lengths)
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, torch.Tensor) and max_seqlen.numel() == 1 and not max_seqlen.is_floating_point():
+            max_seqlen = int(max_seqlen)
+        if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool):
+            raise TypeError(f"max_seqlen must be an int or None, got {type(max_seqlen).__name__}")
+        if max_seqlen < longest:
+            raise ValueError(
+                f"max_seqlen={max_seqlen} is smaller than the longest document in cu_seqlens ({longest}); "
+                f"pass max_seqlen >= {longest} or None"
+            )
+    if t != layout.local_tokens:
+        raise ValueError(
+            f"q.shape[0]={t} but cu_seqlens (total {layout.total}, {len(layout.doc_lengths)} documents) on this "
+            f"mesh (ulysses={mesh.ulysses}, ring={mesh.ring}, causal={causal}) gives {layout.local_tokens} rows per "
+            f"rank; shard the packed batch with usp.shard_varlen(x, cu_seqlens, mesh, causal={causal})"
+        )
+    if softmax_scale is None:
+        scale = d ** -0.5
+    elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool) and softmax_scale > 0:
+        scale = float(softmax_scale)
+    else:
+        raise ValueError(f"softmax_scale must be None or a positive float, got {softmax_scale!r}")
+    kernel = resolve_varlen_backend(backend, q.device, q.dtype, d)
+    if q.device.type == "cpu":
+        for axis, group, size in (("ulysses", mesh.ulysses_group, mesh.ulysses), ("ring", mesh.ring_group, mesh.ring)):
+            if size > 1 and dist.get_backend(group) == "nccl":
+                raise ValueError(
+                    f"q is on the CPU but the mesh's {axis} group uses NCCL; move q, k, v to the rank's GPU "
+                    f"or build the mesh on a gloo process group"
+                )
+    return layout, kernel, scale
+
+
+def long_context_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens,
+    max_seqlen: Optional[int],
+    mesh: SequenceParallelMesh,
+    causal: bool = True,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: Union[str, VarlenKernel] = "auto",
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Exact attention over packed documents sharded across ``mesh`` (Ulysses x ring), no attention across documents.
+
+    Args:
+        q: ``[total_local_tokens, heads, head_dim]``, this rank's shard of the packed batch as ``usp.shard_varlen``
+            makes it (``varlen_layout(cu_seqlens, mesh, causal).local_tokens`` rows, padding included).
+        k, v: ``[total_local_tokens, kv_heads, head_dim]``; ``heads % kv_heads == 0`` (GQA/MQA).
+        cu_seqlens: the *global* document boundaries of the whole packed batch, ``[0, L_0, L_0 + L_1, ..., total]``
+            (int32 tensor like flash-attn, int64 or a list of ints also accepted; empty documents allowed),
+            identical on every rank. A CPU tensor (or the same CUDA tensor for every layer) avoids a device sync.
+        max_seqlen: the longest document (checked, may be larger) or None.
+        mesh: the ``usp.SequenceParallelMesh``; ``heads`` must be divisible by ``mesh.ulysses``.
+        causal: causal mask inside each document, over positions in the document.
+        softmax_scale: score scale, default ``head_dim ** -0.5``.
+        return_lse: also return the LSE ``[heads, total_local_tokens]`` (float32, -inf at padding rows; the
+            flash-attn varlen layout; not differentiable).
+        backend: "auto" (fa4, then torch_flash, then reference), a name of ``usp.kernels.varlen.VARLEN_BACKENDS``, or
+            a ``VarlenKernel``.
+
+    Returns:
+        ``out [total_local_tokens, heads, head_dim]`` in the input dtype (zero at padding rows), and ``lse`` if asked.
+        Differentiable with respect to q, k, v (zero gradient at padding rows).
+    """
+    layout, kernel, scale = _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend)
+    ulysses = mesh.ulysses
+    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one packed row: [1, t, h, d]
+    if ulysses > 1:
+        repeat = kv_replication(k.shape[2], ulysses)
+        if repeat > 1:
+            k = k.repeat_interleave(repeat, dim=2)
+            v = v.repeat_interleave(repeat, dim=2)
+        q = all_to_all_seq_to_heads(q, mesh.ulysses_group)
+        k = all_to_all_seq_to_heads(k, mesh.ulysses_group)
+        v = all_to_all_seq_to_heads(v, mesh.ulysses_group)
+    out, lse = RingAttentionFunction.apply(
+        q, k, v, mesh, VarlenBlockKernel(kernel), _schedule_for_layout(layout), scale
+    )
+    if ulysses > 1:
+        out = all_to_all_heads_to_seq(out, mesh.ulysses_group)
+    out = out[0]
+    packed, _ = _local_rows(layout, mesh)
+    padding = packed < 0
+    has_padding = bool(padding.any())
+    if has_padding:
+        padding = padding.to(out.device)
+        # zero output at padding rows; its backward zeroes the incoming gradient there (Note [varlen zigzag layout])
+        out = out.masked_fill(padding[:, None, None], 0.0)
+    if not return_lse:
+        return out
+    if ulysses > 1:
+        # [1, h/U, s/R] viewed as [1, s/R, h/U, 1] -> [1, s/P, h, 1] -> [1, h, s/P]
+        lse = _heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), mesh.ulysses_group, ulysses)
+        lse = lse.squeeze(-1).transpose(1, 2)
+    lse = lse[0].contiguous()
+    if has_padding:
+        lse = lse.masked_fill(padding[None, :], float("-inf"))
+    return out, lse
+
+
+class LongContextAttentionVarlen(nn.Module):
+    """Module form of ``long_context_attention_varlen``: ``forward(q, k, v, cu_seqlens, max_seqlen=None)``.
+
+    Args:
+        mesh: the ``usp.SequenceParallelMesh`` to run on.
+        causal: causal mask inside each document.
+        softmax_scale: default ``head_dim ** -0.5``.
+        backend: varlen kernel choice, "auto" by default; ``resolved_backend(q)`` tells which kernel runs.
+    """
+
+    def __init__(
+        self,
+        mesh: SequenceParallelMesh,
+        causal: bool = True,
+        softmax_scale: Optional[float] = None,
+        backend: Union[str, VarlenKernel] = "auto",
+    ):
+        super().__init__()
+        _check_mesh(mesh)
+        _check_causal(causal)
+        self.mesh = mesh
+        self.causal = causal
+        self.softmax_scale = softmax_scale
+        self.backend = backend
+
+    def resolved_backend(self, q: Tensor) -> VarlenKernel:
+        """The varlen kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
+        return resolve_varlen_backend(self.backend, q.device, q.dtype, q.shape[-1])
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, max_seqlen: Optional[int] = None) -> Tensor:
+        """``q [t_local, h, d]``, ``k, v [t_local, h_kv, d]``, global ``cu_seqlens`` -> ``[t_local, h, d]``."""
+        return long_context_attention_varlen(
+            q, k, v, cu_seqlens, max_seqlen, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}"
