@@ -1,4 +1,5 @@
-"""Run a function on N gloo CPU processes once, with a hard timeout (spawned, so it works under pytest)."""
+"""Run a function on N gloo CPU processes once, with a hard timeout (spawned, so it works under pytest), and the
+functions the ranks run (module level, so the spawned processes can import them)."""
 from __future__ import annotations
 
 import os
@@ -67,3 +68,15 @@ def run_world(world_size: int, fn: Callable, *args: Any, timeout: float = 90.0) 
                 p.kill()
                 p.join(timeout=5)
     return [out[r] for r in range(world_size)]
+
+
+def probe_worker(rank: int, world: int, tmp: str, gpus_per_host) -> tuple:
+    """Two probes in one world: a full one written to ``tmp`` and a quick one without the kernel timing."""
+    import planner
+
+    out = f"{tmp}/probe-{world}.yaml"
+    topo = planner.probe(output=out, name=f"cpu-{world}", message_sizes=[4096, 65536, 262144], iters=2, warmup=1,
+                         gpus_per_host=gpus_per_host, kernel_blocks=[64, 128], heads=2, head_dim=32, progress=False)
+    second = planner.probe(name="no-kernel", message_sizes=[4096], group_sizes=[2], iters=1, warmup=0, kernel=None,
+                           gpus_per_host=gpus_per_host, progress=False)
+    return topo.to_dict(), second.to_dict(), out

@@ -3,7 +3,6 @@ import math
 
 import networkx as nx
 import pytest
-import yaml
 
 from planner.topology import (DEFAULT_PRESET, GB, Topology, TopologyError, fit_latency_bandwidth, list_presets,
                               load_topology)

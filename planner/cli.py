@@ -1,0 +1,299 @@
+"""``usp-plan``: rank every Ulysses x ring split for a shape on a topology, or probe this machine.
+
+    usp-plan --world-size 64 --seqlen 1M --heads 32 --kv-heads 8
+    usp-plan --world-size 8 --seqlen 32k --heads 32 --kv-heads 8 --topology l20-pcie --format json
+    usp-plan --world-size 16 --heads 32 --sweep                      # 8K .. 1M: where does the best split change?
+    torchrun --nproc-per-node 8 -m planner.cli probe --output my-node.yaml
+
+Bad input exits with status 2 and one line on stderr (the same text the API raises as ValueError).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, List, NoReturn, Optional, Sequence
+
+import yaml
+
+from .search import Candidate, Plan, default_sweep_lengths, plan, sweep
+from .topology import DEFAULT_PRESET, list_presets, load_topology
+from .units import PlannerError, format_bytes, format_seconds, format_tokens, parse_bytes, parse_seqlen
+
+__all__ = ["main", "build_parser"]
+
+PROG = "usp-plan"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {PROG} --help)\n")
+
+
+def _seqlen(text: str) -> int:
+    try:
+        return parse_seqlen(text)
+    except PlannerError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("seqlen=", "", 1)) from None
+
+
+def _seqlen_list(text: str) -> List[int]:
+    return [_seqlen(part) for part in text.split(",") if part.strip()]
+
+
+def _bytes_list(text: str) -> List[int]:
+    try:
+        return [parse_bytes(part, "size") for part in text.split(",") if part.strip()]
+    except PlannerError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _memory(text: str) -> int:
+    try:
+        return parse_bytes(text, "memory-limit", default_unit="GiB")
+    except PlannerError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("memory-limit=", "", 1)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The plan parser (``usp-plan ...``); ``usp-plan probe ...`` has its own (:func:`build_probe_parser`)."""
+    p = _Parser(prog=PROG, description="Rank every Ulysses x ring split of the sequence-parallel size for one "
+                "attention layer on a topology (a preset, or a YAML file written by `usp-plan probe`).",
+                epilog=f"Presets: {', '.join(list_presets())} (default {DEFAULT_PRESET}). "
+                f"Subcommand: `{PROG} probe --help` measures this machine under torchrun.")
+    p.add_argument("--world-size", type=int, help="number of ranks (GPUs)")
+    p.add_argument("--seqlen", type=_seqlen, help="global sequence length: 131072, 128k, 1M")
+    p.add_argument("--heads", type=int, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: --heads)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                   help="causal mask (default) or --no-causal")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (bf16, default), float16 (fp16), float32")
+    p.add_argument("--topology", default=None,
+                   help=f"preset name (NAME or NAME:hosts=N) or topology YAML path (default {DEFAULT_PRESET})")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="override the topology's GPUs per host")
+    p.add_argument("--memory-limit", type=_memory, default=None,
+                   help="cap on predicted attention memory per GPU: 40 (GiB), 40GiB, 512MiB (default: GPU memory)")
+    p.add_argument("--sequence-parallel-size", type=int, default=None,
+                   help="U*R (default: the world size; the rest is data parallel)")
+    p.add_argument("--kernel", default="auto", help="kernel whose rates to use (default: the fastest listed)")
+    p.add_argument("--forward-only", action="store_true", help="minimise forward time (inference/prefill)")
+    p.add_argument("--format", choices=("table", "json", "yaml"), default="table")
+    p.add_argument("--sweep", nargs="?", const="auto", default=None, type=str, metavar="LENGTHS",
+                   help="plan several sequence lengths (comma list, or powers of two from 8K up to --seqlen/1M)")
+    p.add_argument("--list-presets", action="store_true", help="print the shipped topology presets and exit")
+    return p
+
+
+def build_probe_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=f"{PROG} probe", description="Measure this machine (run on every rank under torchrun) and "
+                "write a topology YAML for later dry runs. Works on CPU/gloo too (structure right, numbers "
+                "meaningless).")
+    p.add_argument("--output", "-o", default="usp-topology.yaml", help="YAML file to write (rank 0)")
+    p.add_argument("--name", default=None, help="topology name (default: probe-<hostname>)")
+    p.add_argument("--sizes", type=_bytes_list, default=None,
+                   help="message sizes for P2P and all-to-all, e.g. 1MiB,16MiB,64MiB,256MiB")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--kernel", default="auto", help="usp kernel backend to time (auto = fastest available)")
+    p.add_argument("--no-kernel", action="store_true", help="skip the kernel timing")
+    p.add_argument("--heads", type=int, default=None, help="heads for the kernel timing")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", default=None, help="kernel dtype (default bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--blocks", type=_seqlen_list, default=None, help="kernel block sizes, e.g. 4k,8k,16k,32k")
+    p.add_argument("--gpus-per-host", type=int, default=None,
+                   help="treat every N consecutive ranks as one host (default: by hostname)")
+    p.add_argument("--backend", default=None, help="process-group backend if not initialised (nccl/gloo)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+_COLUMNS = ("", "U", "R", "placement", "compute", "merge", "all-to-all", "ring exp.", "fwd", "bwd", "total",
+            "mem/GPU", "note")
+
+
+def _row(c: Candidate, pick: bool, forward_only: bool) -> List[str]:
+    if c.forward is None:
+        cost = ["-"] * 7
+    else:
+        f, b = c.forward, c.backward
+        both = (f,) if forward_only else (f, b)
+        cost = [format_seconds(sum(x.compute for x in both)), format_seconds(sum(x.merge for x in both)),
+                format_seconds(sum(x.all_to_all for x in both)), format_seconds(sum(x.ring_exposed for x in both)),
+                format_seconds(f.total), "-" if forward_only else format_seconds(b.total),
+                format_seconds(f.total if forward_only else c.total)]
+    memory = "-" if c.memory is None else format_bytes(c.memory.peak)
+    note = c.reason if not c.feasible else "; ".join(c.notes)
+    mark = "*" if pick else ("x" if not c.feasible else "")
+    return [mark, str(c.ulysses), str(c.ring), c.placement] + cost + [memory, note or ""]
+
+
+def _plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths).rstrip())
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str, out, rich_ok: bool) -> None:
+    if rich_ok:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for h in header:
+            table.add_column(h, justify="right" if h in ("U", "R") or h in _TIME_COLUMNS else "left")
+        for r in rows:
+            style = "bold green" if r[0] == "*" else ("dim" if r[0] == "x" else None)
+            table.add_row(*r, style=style)
+        Console(file=out).print(table)
+    else:
+        print(title, file=out)
+        print(_plain_table(header, rows), file=out)
+
+
+_TIME_COLUMNS = {"compute", "merge", "all-to-all", "ring exp.", "fwd", "bwd", "total", "mem/GPU"}
+
+
+def _shape_line(p: Plan) -> str:
+    s = p.shape
+    mode = "forward only" if p.forward_only else "forward+backward"
+    return (f"world {p.world_size} (sequence-parallel {p.sequence_parallel_size}, data-parallel {p.data_parallel}),"
+            f" seqlen {format_tokens(s.seqlen)}, heads {s.heads}/{s.kv_heads}, head_dim {s.head_dim}, batch "
+            f"{s.batch}, {s.dtype}, {'causal' if s.causal else 'non-causal'}, {mode}, kernel {p.kernel}")
+
+
+def _render_plan(p: Plan, topology_line: str, out, rich_ok: bool) -> None:
+    rows = [_row(c, i == 0, p.forward_only) for i, c in enumerate(p.candidates)]
+    title = f"{topology_line}\n{_shape_line(p)}"
+    _print_table(_COLUMNS, rows, title, out, rich_ok)
+    print(f"\npick (*): {p.summary()}", file=out)
+    for note in p.notes:
+        print(f"note: {note}", file=out)
+    print("\n" + p.snippet(), file=out)
+
+
+def _render_sweep(results, topology_line: str, out, rich_ok: bool, forward_only: bool) -> None:
+    header = ("seqlen", "best", "placement", "fwd", "bwd", "total", "mem/GPU", "runner-up", "change")
+    rows, previous = [], None
+    for tokens, result in results:
+        if isinstance(result, PlannerError):
+            rows.append([format_tokens(tokens), "none", "-", "-", "-", "-", "-", str(result), ""])
+            previous = None
+            continue
+        p = result
+        feasible = [c for c in p.candidates if c.feasible]
+        runner = ""
+        if len(feasible) > 1:
+            second = feasible[1]
+            t1 = p.objective
+            t2 = second.forward.total if forward_only else second.total
+            runner = f"{second.label} {second.placement} {100 * (t2 / t1 - 1):+.1f}%"
+        key = (p.ulysses, p.ring, p.placement)
+        change = "<- changes" if previous is not None and key != previous else ""
+        previous = key
+        rows.append([format_tokens(tokens), p.label, p.placement, format_seconds(p.forward.total),
+                     "-" if forward_only else format_seconds(p.backward.total), format_seconds(p.objective),
+                     format_bytes(p.memory_bytes), runner, change])
+    _print_table(header, rows, topology_line, out, rich_ok)
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_plan(args: argparse.Namespace, out) -> int:
+    if args.list_presets:
+        for name in list_presets():
+            print(load_topology(name).describe(), file=out)
+        return 0
+    missing = [flag for flag, value in (("--world-size", args.world_size), ("--heads", args.heads)) if value is None]
+    if args.seqlen is None and args.sweep is None:
+        missing.append("--seqlen")
+    if missing:
+        return _fail(f"the following arguments are required: {', '.join(missing)} (see {PROG} --help)")
+    common = dict(kv_heads=args.kv_heads, head_dim=args.head_dim, batch=args.batch, dtype=args.dtype,
+                  causal=args.causal, topology=args.topology, memory_limit=args.memory_limit,
+                  sequence_parallel_size=args.sequence_parallel_size, kernel=args.kernel,
+                  gpus_per_node=args.gpus_per_node, forward_only=args.forward_only)
+    rich_ok = args.format == "table" and out.isatty()
+    if args.sweep is not None:
+        if args.sweep == "auto":
+            sp = args.sequence_parallel_size or args.world_size or 1
+            lengths = default_sweep_lengths(args.seqlen, max(1, 2 * sp))
+        else:
+            try:
+                lengths = [parse_seqlen(part, "sweep") for part in args.sweep.split(",") if part.strip()]
+            except PlannerError as exc:
+                return _fail(str(exc))
+        results = sweep(lengths, args.world_size, args.heads, **common)
+        topo_line = _topology_line(args)
+        if args.format == "table":
+            _render_sweep(results, topo_line, out, rich_ok, args.forward_only)
+        else:
+            data = [{"seqlen": n, **({"error": str(r)} if isinstance(r, PlannerError) else {"plan": r.to_dict()})}
+                    for n, r in results]
+            _dump({"sweep": data}, args.format, out)
+        return 0
+    p = plan(args.world_size, args.seqlen, args.heads, **common)
+    if args.format == "table":
+        _render_plan(p, _topology_line(args), out, rich_ok)
+    else:
+        _dump(p.to_dict(), args.format, out)
+    return 0
+
+
+def _topology_line(args: argparse.Namespace) -> str:
+    topo = load_topology(args.topology)
+    if args.gpus_per_node is not None:
+        topo = topo.with_gpus_per_host(args.gpus_per_node)
+    return f"topology {topo.describe()}"
+
+
+def _dump(data: Any, fmt: str, out) -> None:
+    if fmt == "json":
+        print(json.dumps(data, indent=2), file=out)
+    else:
+        print(yaml.safe_dump(data, sort_keys=False, width=120), file=out, end="")
+
+
+def _run_probe(args: argparse.Namespace, out) -> int:
+    from .probing import probe  # lazy: torch
+
+    topo = probe(output=args.output, name=args.name, message_sizes=args.sizes, iters=args.iters,
+                 warmup=args.warmup, kernel=None if args.no_kernel else args.kernel, heads=args.heads,
+                 head_dim=args.head_dim, dtype=args.dtype, kernel_blocks=args.blocks,
+                 gpus_per_host=args.gpus_per_host, backend=args.backend, progress=not args.quiet)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"wrote {args.output}: {topo.describe()}", file=out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``usp-plan``; returns the exit status (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout
+    try:
+        if argv and argv[0] == "probe":
+            return _run_probe(build_probe_parser().parse_args(argv[1:]), out)
+        return _run_plan(build_parser().parse_args(argv), out)
+    except PlannerError as exc:
+        return _fail(str(exc))
+    except SystemExit as exc:  # argparse: --help (0) or a bad command line (2, message already printed)
+        return int(exc.code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m planner.cli`
+    sys.exit(main())

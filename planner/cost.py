@@ -1,0 +1,376 @@
+"""Cost model: time and memory of one attention layer, forward and backward, for one (U, R, placement).
+
+Notation: ``b`` batch, ``s`` global sequence, ``H`` query heads, ``Hkv`` KV heads, ``d`` head_dim, ``B`` bytes per
+element of the input dtype, ``U`` Ulysses degree, ``R`` ring degree, ``P = U * R``. Sources in brackets:
+[FACTS] ``shared/FACTS.md``; [CORE] the core's layout contract (``usp/``); [TE] TransformerEngine
+``context_parallel.py``; [DS] DeepSpeed-Ulysses paper; [RFA] ring-flash-attention.
+
+KV replication [CORE]: when ``Hkv % U != 0`` the KV heads are replicated up to ``Hkv' = lcm(Hkv, U)`` before the
+all-to-all (``Hkv'`` divides ``H``); otherwise ``Hkv' = Hkv``.
+
+Layout [CORE]: after the Ulysses all-to-all each rank holds ``H/U`` query heads, ``Hkv'/U`` KV heads and
+``s/R`` tokens. Causal with ``R > 1`` uses zigzag: ``2R`` chunks, ring rank ``r`` holds chunks ``r`` and
+``2R-1-r``.
+
+Compute [FACTS convention]
+  forward FLOPs of a ``q x k`` block: ``4 * b * (H/U) * q * k * d``, halved for a causal (square) block;
+  backward FLOPs = 2.5 x forward (fwd+bwd = 3.5 x forward).
+  Blocks per rank [CORE]:
+    * ``R == 1``: one block ``s x s`` (causal or not).
+    * ``R > 1``, non-causal: ``R`` blocks ``(s/R) x (s/R)``.
+    * ``R > 1``, causal zigzag: step 0 is the causal diagonal block ``(s/R) x (s/R)`` (half the FLOPs of a
+      square); steps ``1..R-1`` are half squares ``(s/R) x (s/2R)`` (or ``(s/2R) x (s/R)``), non-causal.
+  Every rank does ``1/P`` of the total (``4·b·H·s²·d``, halved if causal) — zigzag balances the causal mask.
+  A block takes ``FLOPs / rate(kind, side)`` where ``rate`` is the topology's kernel rate (forward or backward,
+  causal or not) at the block's equivalent square side ``sqrt(q * k)`` (interpolated in log2; see
+  ``planner.topology``). Kernel rates come from [FACTS] (cuDNN ~580, FA4 ~665 TFLOP/s fwd+bwd on H100) or the
+  probe.
+
+Ulysses all-to-all [DS], per rank, not overlapped with anything [CORE]:
+  forward: 4 calls — Q, K, V in (``b·(s/P)·H·d·B`` for Q, ``b·(s/P)·Hkv'·d·B`` for K and V) and O out (as Q);
+  backward: 4 calls — dO in, dQ, dK, dV out (same sizes; gradients keep the input dtype).
+  Each call of an ``M``-byte buffer sends ``(U-1)/U · M`` bytes, ``M/U`` to each peer, all Ulysses groups at once.
+  Its time is ``max(floor_a2a, latency_a2a + path_latency + (M/U) · spb)`` where ``spb`` (seconds per byte of
+  one flow) is the bottleneck-link load of the pattern (``planner.topology``: flows sharing a link share its
+  bandwidth — PCIe switches, CPU-to-CPU links, NICs). When the topology holds a probe fit for this group size and
+  the groups are contiguous ranks (``ulysses_inner`` or ``R == 1``) spanning as many hosts as in the probe, that
+  fit replaces the graph estimate: ``max(floor, latency + M / bandwidth)`` (bandwidth in buffer bytes per second,
+  "algbw"; [FACTS] 2x H100: ``max(57 µs, 25 µs + M / 552 GB/s)``).
+
+GPU-memory traffic (not FLOPs, but time on the compute stream), at the topology's ``memory_bandwidth``
+(HBM; skipped when the topology does not give it):
+  * all-to-all staging [CORE ``usp/comm/all_to_all.py``]: a permute+contiguous copy before and a permute+reshape
+    copy after each call, ``4 · M`` bytes read+written per call, added to the all-to-all time;
+  * ring merges [CORE ``usp/ring.py``, ``usp/merge.py``], the "merge" part of a breakdown, over the rows (keys)
+    each block touched. Forward step ``i >= 1``: the block output cast to fp32 (``B + 4``) and ``lerp_`` into the
+    fp32 accumulator (``12``): ``(16 + B) · q_h``; plus ``(B + 4) · q_h`` to promote step 0's output and
+    ``(4 + B) · q_h`` for the final cast. Backward: step 0 copies dq, dK, dV into fp32 (``(B + 4)`` per element),
+    steps ``>= 1`` ``add_`` the block gradients (``8 + B``) into dq and the travelling dKV, and the final casts
+    cost ``(4 + B)``; all over ``q_h + 2 · kv_h`` elements. Causal zigzag steps ``>= 1`` touch 3/4 of the rows
+    (keys) on average: half the steps take every row against half the keys, half take half the rows against
+    every key. Counts ``q_h``, ``kv_h`` are defined under memory below.
+
+Ring P2P [CORE], [TE]; each step is double-buffered (the next transfer is issued before the current block's
+compute):
+  bytes per rank per transfer: KV ``n_kv = 2·b·(s/R)·(Hkv'/U)·d·B``;
+  dKV (fp32) ``n_dkv = 2·b·(s/R)·(Hkv'/U)·d·4``.
+  An isolated transfer of ``n`` bytes takes ``t(n) = max(floor_p2p, α + n · spb)``, ``α = latency_p2p +
+  path_latency``; [FACTS] measured ``max(0.168 ms, 0.047 ms + n / 313 GB/s)`` on 2x H100 NVLink, which fits all
+  four sizes. A step with ``k`` rotations in flight (each one batched isend/irecv; the core runs KV and dKV as two
+  rotations) carrying ``n`` bytes in all, overlapped with compute ``c`` (kernel + merge), costs
+  ``k · α + max(c, max(floor_p2p - α, n · spb))``: the latency part (launch + handshake) is exposed, the rest hides
+  under compute (the issue's "max(compute, transfer) plus the latency floor"); for ``k = 1`` that is
+  ``α + max(c, t(n) - α)``.
+  forward: steps ``0..R-2`` carry the next KV (``R-1`` transfers); the last step is compute only.
+  backward: step ``i`` carries KV for ``i+1`` (if ``i < R-1``) and the dKV accumulated at step ``i-1`` (if
+  ``i >= 1``); after the last step the final dKV goes home, exposed: ``R-1`` KV and ``R`` dKV transfers.
+  "Exposed ring" in a breakdown = ring time - (compute + merge) time.
+
+Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)·(H/U)·d`` (= ``b·(s/P)·H·d``),
+``kv_h = b·(s/R)·(Hkv'/U)·d``, ``l = b·(H/U)·(s/R)`` (LSE):
+  saved for backward: ``B·(2·q_h + 2·kv_h) + 4·l``  (head-sharded q, k, v, out; fp32 LSE)
+  forward transient: replicated KV before the all-to-all ``2·kv_h·B`` (only when replicating); a2a staging
+    ``q_h·B``; the output after the a2a back ``q_h·B``; with ``R > 1``: ring KV buffers ``min(R-1, 2)·2·kv_h·B``
+    (double-buffered), fp32 out accumulator ``4·q_h``, block out ``q_h·B``, LSE accumulator + block LSE ``8·l``.
+  backward transient: dO after the a2a ``q_h·B``; a2a staging ``q_h·B``; block grads ``(q_h + 2·kv_h)·B``;
+    grads after the a2a back ``(q_h + 2·kv_h)·B``; kernel workspace (fp32 dq accumulation, as FlashAttention
+    allocates) ``4·q_h``; with ``R > 1``: fp32 dq accumulator ``4·q_h``, travelling fp32 dKV, double-buffered
+    ``2·2·kv_h·4``, ring KV buffers ``min(R-1, 2)·2·kv_h·B``.
+  peak = saved + max(forward transient, backward transient). Not modelled: weights, other layers, allocator
+  fragmentation, communicator buffers (NCCL's are ~hundreds of MiB per communicator).
+
+Not modelled (candidates for the accuracy work of issue 3 item 9): SMs and memory bandwidth that NCCL kernels take
+from the overlapped compute; CPU launch overhead and per-step synchronisation jitter across many ring ranks; kernel
+efficiency vs heads per rank; NCCL PXN routing; whether the P2P floor (0.168 ms on 2x H100) is hidden under
+compute (assumed: yes, only ``α`` is exposed). Blocks smaller than a profile's smallest point get its rate
+(optimistic for very small blocks).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from .topology import Fabric, Fit, KernelProfile, Topology
+from .units import PlannerError, canonical_dtype, dtype_bytes
+
+__all__ = ["Shape", "PassCost", "MemoryCost", "CostModel", "replicated_kv_heads", "PLACEMENTS"]
+
+PLACEMENTS = ("ulysses_inner", "ring_inner")
+FP32 = 4
+BACKWARD_FLOPS_FACTOR = 2.5
+
+
+def replicated_kv_heads(kv_heads: int, ulysses: int) -> int:
+    """``Hkv'``: KV heads after replication for a Ulysses degree (lcm when not divisible) [CORE]."""
+    if kv_heads % ulysses == 0:
+        return kv_heads
+    return kv_heads * ulysses // math.gcd(kv_heads, ulysses)
+
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The attention problem: global sequence ``seqlen``, heads, KV heads, head_dim, batch, dtype, causal."""
+
+    seqlen: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 128
+    batch: int = 1
+    dtype: str = "bfloat16"
+    causal: bool = True
+
+    @property
+    def element_bytes(self) -> int:
+        return dtype_bytes(self.dtype)
+
+    def total_forward_flops(self) -> float:
+        """``4·b·H·s²·d``, halved when causal [FACTS convention]."""
+        flops = 4.0 * self.batch * self.heads * self.seqlen**2 * self.head_dim
+        return flops / 2 if self.causal else flops
+
+    def to_dict(self) -> dict:
+        return {"seqlen": self.seqlen, "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "batch": self.batch, "dtype": self.dtype, "causal": self.causal}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Shape":
+        return cls(seqlen=int(data["seqlen"]), heads=int(data["heads"]), kv_heads=int(data["kv_heads"]),
+                   head_dim=int(data.get("head_dim", 128)), batch=int(data.get("batch", 1)),
+                   dtype=canonical_dtype(data.get("dtype", "bfloat16")), causal=bool(data.get("causal", True)))
+
+
+@dataclass
+class PassCost:
+    """Predicted time of one pass (forward or backward) of one layer, seconds, with its parts.
+
+    ``total = all_to_all + compute + merge + ring_exposed``. Counts are per rank: ``a2a_calls``/``a2a_bytes`` (bytes
+    sent), ``ring_transfers``/``ring_bytes`` (bytes sent to the ring neighbour).
+    """
+
+    compute: float = 0.0
+    merge: float = 0.0
+    all_to_all: float = 0.0
+    ring_exposed: float = 0.0
+    a2a_calls: int = 0
+    a2a_bytes: float = 0.0
+    ring_transfers: int = 0
+    ring_bytes: float = 0.0
+    kernel_calls: int = 0
+    flops: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.merge + self.all_to_all + self.ring_exposed
+
+    def to_dict(self) -> dict:
+        return {"total_s": self.total, "compute_s": self.compute, "merge_s": self.merge,
+                "all_to_all_s": self.all_to_all,
+                "ring_exposed_s": self.ring_exposed, "flops": self.flops, "kernel_calls": self.kernel_calls,
+                "a2a_calls": self.a2a_calls, "a2a_bytes": self.a2a_bytes, "ring_transfers": self.ring_transfers,
+                "ring_bytes": self.ring_bytes}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PassCost":
+        return cls(compute=data["compute_s"], merge=data.get("merge_s", 0.0), all_to_all=data["all_to_all_s"],
+                   ring_exposed=data["ring_exposed_s"],
+                   a2a_calls=data.get("a2a_calls", 0), a2a_bytes=data.get("a2a_bytes", 0.0),
+                   ring_transfers=data.get("ring_transfers", 0), ring_bytes=data.get("ring_bytes", 0.0),
+                   kernel_calls=data.get("kernel_calls", 0), flops=data.get("flops", 0.0))
+
+
+@dataclass
+class MemoryCost:
+    """Peak bytes per GPU for one attention layer (see the module docstring)."""
+
+    saved: float = 0.0
+    forward_transient: float = 0.0
+    backward_transient: float = 0.0
+
+    @property
+    def peak(self) -> float:
+        return self.saved + max(self.forward_transient, self.backward_transient)
+
+    def to_dict(self) -> dict:
+        return {"peak_bytes": self.peak, "saved_bytes": self.saved, "forward_transient_bytes": self.forward_transient,
+                "backward_transient_bytes": self.backward_transient}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemoryCost":
+        return cls(saved=data["saved_bytes"], forward_transient=data["forward_transient_bytes"],
+                   backward_transient=data["backward_transient_bytes"])
+
+
+@dataclass
+class _Block:
+    q: float          # query tokens
+    k: float          # key tokens
+    causal: bool
+    rows: float = 1.0  # fraction of the local queries the block updates (zigzag half blocks: 3/4 on average)
+
+    def flops(self, shape: Shape, heads_per_rank: float) -> float:
+        f = 4.0 * shape.batch * heads_per_rank * self.q * self.k * shape.head_dim
+        return f / 2 if self.causal else f
+
+    @property
+    def side(self) -> float:
+        return math.sqrt(self.q * self.k)
+
+
+class CostModel:
+    """Evaluates candidates on one topology for one world size; caches link-pattern costs across shapes."""
+
+    def __init__(self, topology: Topology, world_size: int, sequence_parallel_size: Optional[int] = None):
+        self.topology = topology
+        self.world_size = world_size
+        self.sp_size = sequence_parallel_size or world_size
+        self.fabric: Fabric = topology.fabric(world_size)
+
+    # ------------------------------------------------------------------ groups (rank layout from usp.mesh)
+    def rank_grid(self, ulysses: int, ring: int, placement: str) -> List[List[List[int]]]:
+        """``grid[block][ring_rank][ulysses_rank]`` global ranks over the whole world (every data-parallel
+        replica runs the same pattern at the same time, so all of them load the links)."""
+        from usp.mesh import Placement, sequence_parallel_rank_grid  # lazy: usp imports planner
+
+        return sequence_parallel_rank_grid(self.world_size, ulysses, ring, Placement.parse(placement))
+
+    def ulysses_groups(self, ulysses: int, ring: int, placement: str) -> List[List[int]]:
+        return [row for block in self.rank_grid(ulysses, ring, placement) for row in block]
+
+    def ring_groups(self, ulysses: int, ring: int, placement: str) -> List[List[int]]:
+        grid = self.rank_grid(ulysses, ring, placement)
+        return [[block[r][u] for r in range(ring)] for block in grid for u in range(ulysses)]
+
+    def hosts_spanned(self, group: List[int]) -> int:
+        return len({self.fabric.host_of(r) for r in group})
+
+    # ------------------------------------------------------------------ communication
+    def a2a_time(self, ulysses: int, ring: int, placement: str, buffer_bytes: float) -> float:
+        """One all_to_all_single of a ``buffer_bytes`` buffer per rank in every Ulysses group at once."""
+        if ulysses == 1:
+            return 0.0
+        groups = self.ulysses_groups(ulysses, ring, placement)
+        contiguous = all(g == list(range(g[0], g[0] + len(g))) for g in groups)
+        if contiguous:
+            measured = self.topology.measured_a2a(ulysses, self.hosts_spanned(groups[0]))
+            if measured is not None:
+                return measured.time(buffer_bytes)
+        spb, path_latency = self.fabric.pattern(
+            ("a2a", ulysses, ring, placement),
+            ((a, b) for g in groups for a in g for b in g if a != b))
+        coll = self.topology.collectives
+        return max(coll.a2a_floor, coll.a2a_latency + path_latency + buffer_bytes / ulysses * spb)
+
+    def p2p_fit(self, ulysses: int, ring: int, placement: str) -> Fit:
+        """Isolated ring-step time as a Fit: ``max(floor, α + n / bandwidth)`` for ``n`` bytes per rank."""
+        groups = self.ring_groups(ulysses, ring, placement)
+        spb, path_latency = self.fabric.pattern(
+            ("p2p", ulysses, ring, placement),
+            ((g[i], g[(i + 1) % len(g)]) for g in groups for i in range(len(g))))
+        coll = self.topology.collectives
+        return Fit(latency=coll.p2p_latency + path_latency, bandwidth=1.0 / spb if spb > 0 else math.inf,
+                   floor=coll.p2p_floor)
+
+    # ------------------------------------------------------------------ compute
+    @staticmethod
+    def blocks(shape: Shape, ring: int) -> List[_Block]:
+        s = shape.seqlen
+        if ring == 1:
+            return [_Block(s, s, shape.causal)]
+        local = s / ring
+        if not shape.causal:
+            return [_Block(local, local, False) for _ in range(ring)]
+        return [_Block(local, local, True)] + [_Block(local, local / 2, False, 0.75) for _ in range(ring - 1)]
+
+    # ------------------------------------------------------------------ the model
+    def evaluate(self, shape: Shape, ulysses: int, ring: int, placement: str,
+                 kernel: KernelProfile) -> Tuple[PassCost, PassCost, MemoryCost]:
+        """Forward cost, backward cost and peak memory of one layer (formulas in the module docstring)."""
+        if placement not in PLACEMENTS:
+            raise PlannerError(f"placement={placement!r} is not valid; valid values: {', '.join(PLACEMENTS)}")
+        B = shape.element_bytes
+        b, s, H, d = shape.batch, shape.seqlen, shape.heads, shape.head_dim
+        P = ulysses * ring
+        kv = replicated_kv_heads(shape.kv_heads, ulysses)
+        heads_per_rank = H / ulysses
+
+        hbm = self.topology.memory_bandwidth
+        fwd, bwd = PassCost(), PassCost()
+        # --- Ulysses all-to-all: Q, K, V in and O out (forward); dO in, dQ, dK, dV out (backward)
+        if ulysses > 1:
+            q_buf = b * (s / P) * H * d * B
+            kv_buf = b * (s / P) * kv * d * B
+            for pc in (fwd, bwd):
+                for buf in (q_buf, kv_buf, kv_buf, q_buf):
+                    pc.all_to_all += self.a2a_time(ulysses, ring, placement, buf)
+                    if hbm:
+                        pc.all_to_all += 4 * buf / hbm  # staging copies before and after
+                    pc.a2a_calls += 1
+                    pc.a2a_bytes += (ulysses - 1) / ulysses * buf
+
+        # --- compute per ring step
+        blocks = self.blocks(shape, ring)
+        c_fwd = [blk.flops(shape, heads_per_rank) / kernel.rate(False, blk.causal, blk.side) for blk in blocks]
+        c_bwd = [BACKWARD_FLOPS_FACTOR * blk.flops(shape, heads_per_rank) / kernel.rate(True, blk.causal, blk.side)
+                 for blk in blocks]
+        fwd.compute, bwd.compute = sum(c_fwd), sum(c_bwd)
+        fwd.flops = sum(blk.flops(shape, heads_per_rank) for blk in blocks)
+        bwd.flops = BACKWARD_FLOPS_FACTOR * fwd.flops
+        fwd.kernel_calls = bwd.kernel_calls = len(blocks)
+        # --- fp32 merges of the ring (GPU-memory traffic on the compute stream; usp/ring.py, usp/merge.py)
+        if ring > 1 and hbm:
+            q_h = b * (s / ring) * heads_per_rank * d
+            g_h = q_h + 2 * b * (s / ring) * (kv / ulysses) * d  # dq + dK + dV elements
+            m_fwd = [0.0] + [(16 + B) * q_h * blk.rows / hbm for blk in blocks[1:]]
+            m_fwd[1] += (B + 4) * q_h / hbm       # step 0's output promoted to the fp32 accumulator
+            m_fwd[-1] += (4 + B) * q_h / hbm      # final cast
+            m_bwd = [(B + 4) * g_h / hbm] + [(8 + B) * g_h * blk.rows / hbm for blk in blocks[1:]]
+            m_bwd[-1] += (4 + B) * g_h / hbm      # final casts of dq and (at the owner) dK, dV
+            fwd.merge, bwd.merge = sum(m_fwd), sum(m_bwd)
+            c_fwd = [c + m for c, m in zip(c_fwd, m_fwd)]
+            c_bwd = [c + m for c, m in zip(c_bwd, m_bwd)]
+
+        # --- ring with double-buffered overlap
+        if ring > 1:
+            n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B
+            n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * FP32
+            fit = self.p2p_fit(ulysses, ring, placement)
+
+            def step(compute: float, nbytes: float, rotations: int) -> float:
+                if rotations == 0:
+                    return compute
+                return rotations * fit.latency + max(compute, fit.floor - fit.latency, nbytes / fit.bandwidth)
+
+            t = sum(step(c, n_kv, 1) if i < ring - 1 else c for i, c in enumerate(c_fwd))
+            fwd.ring_exposed = t - fwd.compute - fwd.merge
+            fwd.ring_transfers, fwd.ring_bytes = ring - 1, (ring - 1) * n_kv
+            t = 0.0
+            for i, c in enumerate(c_bwd):
+                kv_next, dkv_prev = i < ring - 1, i >= 1
+                t += step(c, n_kv * kv_next + n_dkv * dkv_prev, kv_next + dkv_prev)
+            t += fit.time(n_dkv)  # the last dKV goes home after the last block: nothing to hide it under
+            bwd.ring_exposed = t - bwd.compute - bwd.merge
+            bwd.ring_transfers = 2 * ring - 1
+            bwd.ring_bytes = (ring - 1) * n_kv + ring * n_dkv
+
+        memory = self.memory(shape, ulysses, ring)
+        return fwd, bwd, memory
+
+    @staticmethod
+    def memory(shape: Shape, ulysses: int, ring: int) -> MemoryCost:
+        B = shape.element_bytes
+        b, s, H, d = shape.batch, shape.seqlen, shape.heads, shape.head_dim
+        kv = replicated_kv_heads(shape.kv_heads, ulysses)
+        q_h = b * (s / ring) * (H / ulysses) * d
+        kv_h = b * (s / ring) * (kv / ulysses) * d
+        lse = b * (H / ulysses) * (s / ring)
+        saved = B * (2 * q_h + 2 * kv_h) + FP32 * lse
+        replicate = 2 * kv_h * B if kv != shape.kv_heads else 0.0
+        ring_kv = min(ring - 1, 2) * 2 * kv_h * B
+        fwd = replicate + 2 * q_h * B
+        bwd = q_h * B + q_h * B + 2 * (q_h + 2 * kv_h) * B + FP32 * q_h
+        if ring > 1:
+            fwd += ring_kv + FP32 * q_h + q_h * B + 2 * FP32 * lse
+            bwd += FP32 * q_h + 2 * 2 * kv_h * FP32 + ring_kv
+        return MemoryCost(saved=saved, forward_transient=fwd, backward_transient=bwd)

@@ -1,0 +1,495 @@
+"""Search: every Ulysses x ring factorization of the sequence-parallel size, both placements, under the
+constraints; the fastest feasible one is the :class:`Plan`.
+
+Constraints (the core's layout contract):
+  * ``U`` divides ``heads``. KV heads that ``U`` does not divide are replicated up to ``lcm(kv_heads, U)`` (noted
+    on the candidate; costs more all-to-all bytes and memory).
+  * The sequence splits evenly: ``seqlen % (U*R) == 0``; causal with ``R > 1`` (zigzag, ``2R`` chunks each split
+    across ``U`` ranks) needs ``seqlen % lcm(2R, R*U) == 0``.
+  * Peak memory per GPU (``planner.cost``) is at most ``memory_limit`` (default: the topology's GPU memory).
+With ``U == 1`` or ``R == 1`` both placements give the same rank layout, so only ``ulysses_inner`` is listed.
+Ranking: predicted forward + backward time (forward only with ``forward_only=True``, for inference). Candidates
+within ``TIE_TOLERANCE`` (1%) of the fastest are a tie the model cannot resolve: the pick among them is the one whose
+Ulysses groups stay inside one host, then ``ulysses_inner``, then the faster (a note on the plan says so).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, List, Optional, Tuple, Union
+
+import yaml
+
+from .cost import PLACEMENTS, CostModel, MemoryCost, PassCost, Shape, replicated_kv_heads
+from .topology import DEFAULT_PRESET, Topology, load_topology
+from .units import PlannerError, canonical_dtype, format_bytes, format_seconds, parse_memory_limit, parse_seqlen
+
+__all__ = ["Candidate", "Plan", "plan", "predict", "sweep", "required_seqlen_multiple", "default_sweep_lengths"]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlannerError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def required_seqlen_multiple(ulysses: int, ring: int, causal: bool) -> int:
+    """What ``seqlen`` must be a multiple of for this split [CORE layout contract]."""
+    if causal and ring > 1:
+        return math.lcm(2 * ring, ring * ulysses)
+    return ulysses * ring
+
+
+@dataclass
+class Candidate:
+    """One (U, R, placement) with its predicted cost, or why it was rejected (``reason``)."""
+
+    ulysses: int
+    ring: int
+    placement: str
+    feasible: bool
+    reason: Optional[str] = None
+    forward: Optional[PassCost] = None
+    backward: Optional[PassCost] = None
+    memory: Optional[MemoryCost] = None
+    kv_heads_used: Optional[int] = None
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"U{self.ulysses}xR{self.ring}"
+
+    @property
+    def total(self) -> Optional[float]:
+        if self.forward is None or self.backward is None:
+            return None
+        return self.forward.total + self.backward.total
+
+    @property
+    def memory_bytes(self) -> Optional[float]:
+        return None if self.memory is None else self.memory.peak
+
+    def to_dict(self) -> dict:
+        return {"ulysses": self.ulysses, "ring": self.ring, "placement": self.placement, "feasible": self.feasible,
+                "reason": self.reason, "total_s": self.total,
+                "forward": None if self.forward is None else self.forward.to_dict(),
+                "backward": None if self.backward is None else self.backward.to_dict(),
+                "memory": None if self.memory is None else self.memory.to_dict(),
+                "kv_heads_used": self.kv_heads_used, "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Candidate":
+        return cls(ulysses=int(data["ulysses"]), ring=int(data["ring"]), placement=str(data["placement"]),
+                   feasible=bool(data["feasible"]), reason=data.get("reason"),
+                   forward=None if data.get("forward") is None else PassCost.from_dict(data["forward"]),
+                   backward=None if data.get("backward") is None else PassCost.from_dict(data["backward"]),
+                   memory=None if data.get("memory") is None else MemoryCost.from_dict(data["memory"]),
+                   kv_heads_used=data.get("kv_heads_used"), notes=list(data.get("notes") or []))
+
+
+@dataclass
+class Plan:
+    """The chosen split and everything that led to it.
+
+    ``ulysses``, ``ring`` and ``placement`` are what ``usp.SequenceParallelMesh.from_plan(plan)`` reads.
+    ``forward``/``backward`` are the predicted per-layer pass costs with their breakdown, ``memory`` the peak
+    per GPU, ``candidates`` every candidate ranked (feasible first, fastest first), ``rejected`` those with a
+    reason. Serialises with ``to_dict``/``to_json``/``to_yaml`` and back with the ``from_*`` class methods.
+    """
+
+    ulysses: int
+    ring: int
+    placement: str
+    world_size: int
+    sequence_parallel_size: int
+    shape: Shape
+    forward: PassCost
+    backward: PassCost
+    memory: MemoryCost
+    topology: str
+    topology_source: Optional[str] = None
+    kernel: str = ""
+    memory_limit: Optional[float] = None
+    forward_only: bool = False
+    candidates: List[Candidate] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def objective(self) -> float:
+        """What the search minimised: forward time when ``forward_only`` (inference), else forward + backward."""
+        return self.forward.total if self.forward_only else self.total
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.sequence_parallel_size
+
+    @property
+    def total(self) -> float:
+        return self.forward.total + self.backward.total
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.memory.peak
+
+    @property
+    def rejected(self) -> List[Candidate]:
+        return [c for c in self.candidates if not c.feasible]
+
+    @property
+    def label(self) -> str:
+        return f"U{self.ulysses}xR{self.ring}"
+
+    def summary(self) -> str:
+        """One line: the pick and its predicted cost."""
+        if self.forward_only:
+            time = f"fwd {format_seconds(self.forward.total)} per layer (forward only)"
+        else:
+            time = (f"fwd {format_seconds(self.forward.total)} + bwd {format_seconds(self.backward.total)} = "
+                    f"{format_seconds(self.total)} per layer")
+        return (f"Ulysses {self.ulysses} x ring {self.ring} ({self.placement}): {time}, "
+                f"{format_bytes(self.memory_bytes)} per GPU")
+
+    def snippet(self) -> str:
+        """Ready-to-paste code that builds this plan's mesh and attention module."""
+        s = self.shape
+        call = (f"plan = usp.plan(world_size={self.world_size}, seqlen={s.seqlen}, heads={s.heads}, "
+                f"kv_heads={s.kv_heads}, head_dim={s.head_dim},\n                batch={s.batch}, "
+                f"dtype=torch.{s.dtype}, causal={s.causal}")
+        if self.sequence_parallel_size != self.world_size:
+            call += f", sequence_parallel_size={self.sequence_parallel_size}"
+        if self.topology_source:
+            call += f", topology={self.topology_source!r}"
+        if self.memory_limit is not None:
+            call += f", memory_limit={int(self.memory_limit)}"
+        if self.forward_only:
+            call += ", forward_only=True"
+        call += ")"
+        lines = ["import torch", "import usp", "", "# after torch.distributed.init_process_group(...) on every rank"]
+        if self.topology_source is not None:
+            lines += [call, f"# -> Ulysses {self.ulysses} x ring {self.ring}, placement {self.placement!r}"]
+            mesh = "mesh = usp.SequenceParallelMesh.from_plan(plan)"
+        else:
+            mesh = (f"mesh = usp.SequenceParallelMesh(ulysses={self.ulysses}, ring={self.ring}, "
+                    f"placement={self.placement!r})")
+        lines += [mesh, f"attn = usp.LongContextAttention(mesh, causal={s.causal})"]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        return {
+            "ulysses": self.ulysses, "ring": self.ring, "placement": self.placement,
+            "world_size": self.world_size, "sequence_parallel_size": self.sequence_parallel_size,
+            "data_parallel": self.data_parallel, "shape": self.shape.to_dict(),
+            "topology": self.topology, "topology_source": self.topology_source, "kernel": self.kernel,
+            "total_s": self.total, "forward": self.forward.to_dict(), "backward": self.backward.to_dict(),
+            "memory": self.memory.to_dict(), "memory_limit_bytes": self.memory_limit,
+            "forward_only": self.forward_only, "notes": list(self.notes),
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        if not isinstance(data, dict):
+            raise PlannerError(f"a plan must be a mapping, got {type(data).__name__}")
+        try:
+            placement = str(data["placement"])
+            if placement not in PLACEMENTS:
+                raise PlannerError(f"plan key 'placement': {placement!r} is not one of {', '.join(PLACEMENTS)}")
+            return cls(
+                ulysses=int(data["ulysses"]), ring=int(data["ring"]), placement=placement,
+                world_size=int(data["world_size"]), sequence_parallel_size=int(data["sequence_parallel_size"]),
+                shape=Shape.from_dict(data["shape"]), forward=PassCost.from_dict(data["forward"]),
+                backward=PassCost.from_dict(data["backward"]), memory=MemoryCost.from_dict(data["memory"]),
+                topology=str(data["topology"]), topology_source=data.get("topology_source"),
+                kernel=str(data.get("kernel", "")), memory_limit=data.get("memory_limit_bytes"),
+                forward_only=bool(data.get("forward_only", False)),
+                candidates=[Candidate.from_dict(c) for c in data.get("candidates") or []],
+                notes=list(data.get("notes") or []),
+            )
+        except KeyError as exc:
+            raise PlannerError(f"plan is missing key {exc.args[0]!r}") from None
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlannerError(f"plan JSON is malformed: {exc}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=120)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Plan":
+        try:
+            return cls.from_dict(yaml.safe_load(text))
+        except yaml.YAMLError as exc:
+            raise PlannerError(f"plan YAML is malformed: {str(exc).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+@dataclass
+class _Request:
+    world_size: int
+    sp_size: int
+    shape: Shape
+    topology: Topology
+    topology_source: Optional[str]
+    memory_limit: Optional[int]
+    kernel: str
+    forward_only: bool
+
+
+def _shape(seqlen: Any, heads: Any, kv_heads: Any, head_dim: Any, batch: Any, dtype: Any, causal: Any) -> Shape:
+    tokens = parse_seqlen(seqlen)
+    heads = _positive_int("heads", heads)
+    kv_heads = heads if kv_heads is None else _positive_int("kv_heads", kv_heads)
+    if heads % kv_heads:
+        raise PlannerError(f"heads={heads} is not divisible by kv_heads={kv_heads} (each KV head must serve a whole "
+                           "number of query heads)")
+    head_dim = _positive_int("head_dim", head_dim)
+    batch = _positive_int("batch", batch)
+    if not isinstance(causal, bool):
+        raise PlannerError(f"causal must be True or False, got {causal!r}")
+    return Shape(seqlen=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
+                 dtype=canonical_dtype(dtype), causal=causal)
+
+
+def _request(world_size: Any, shape: Shape, topology: Any, memory_limit: Any, sequence_parallel_size: Any,
+             kernel: Any, gpus_per_node: Any, forward_only: Any) -> _Request:
+    world_size = _positive_int("world_size", world_size)
+    sp = world_size if sequence_parallel_size is None else _positive_int("sequence_parallel_size",
+                                                                          sequence_parallel_size)
+    if world_size % sp:
+        raise PlannerError(f"world_size={world_size} is not divisible by sequence_parallel_size={sp}; the "
+                           "data-parallel degree world_size / sequence_parallel_size must be a whole number")
+    if not isinstance(kernel, str):
+        raise PlannerError(f"kernel must be a string ('auto' or a kernel name), got {kernel!r}")
+    if not isinstance(forward_only, bool):
+        raise PlannerError(f"forward_only must be True or False, got {forward_only!r}")
+    source: Optional[str] = None
+    if topology is None:
+        source = DEFAULT_PRESET
+    elif isinstance(topology, (str, os.PathLike)):
+        source = os.fspath(topology)
+    topo = load_topology(topology)
+    if gpus_per_node is not None:
+        topo = topo.with_gpus_per_host(gpus_per_node)
+        source = None if source is None else _with_param(source, "gpus_per_host", gpus_per_node)
+    limit = parse_memory_limit(memory_limit)
+    topo.fabric(world_size)  # validates that the world fits the topology
+    topo.kernel(kernel, shape.dtype, shape.head_dim)  # validates the kernel name
+    return _Request(world_size, sp, shape, topo, source, limit, kernel, forward_only)
+
+
+def _with_param(source: str, key: str, value: int) -> Optional[str]:
+    if source.endswith((".yaml", ".yml")) or os.sep in source:
+        return None  # a file with an override is not reproducible by name
+    return f"{source}{',' if ':' in source else ':'}{key}={value}"
+
+
+def _evaluate(model: CostModel, req: _Request, ulysses: int, ring: int, placement: str, kernel_profile,
+              cap: float) -> Candidate:
+    shape = req.shape
+    cand = Candidate(ulysses=ulysses, ring=ring, placement=placement, feasible=True)
+    if shape.heads % ulysses:
+        cand.feasible = False
+        cand.reason = f"heads={shape.heads} is not divisible by ulysses={ulysses}"
+        return cand
+    kv = replicated_kv_heads(shape.kv_heads, ulysses)
+    cand.kv_heads_used = kv
+    if kv != shape.kv_heads:
+        cand.notes.append(f"KV heads replicated {shape.kv_heads} -> {kv} for ulysses={ulysses}")
+    cand.forward, cand.backward, cand.memory = model.evaluate(shape, ulysses, ring, placement, kernel_profile)
+    multiple = required_seqlen_multiple(ulysses, ring, shape.causal)
+    if shape.seqlen % multiple:
+        why = "causal zigzag needs lcm(2R, R*U)" if shape.causal and ring > 1 else "needs U*R"
+        cand.feasible = False
+        cand.reason = f"seqlen={shape.seqlen} is not a multiple of {multiple} ({why})"
+    elif cand.memory.peak > cap:
+        cand.feasible = False
+        cand.reason = f"needs {format_bytes(cand.memory.peak)} per GPU > limit {format_bytes(cap)}"
+    return cand
+
+
+def _placements(ulysses: int, ring: int) -> Tuple[str, ...]:
+    return PLACEMENTS if ulysses > 1 and ring > 1 else PLACEMENTS[:1]
+
+
+#: Predictions closer than this (relative) are a tie: the model cannot tell them apart (its inputs are measured or
+#: published numbers good to a few percent). Ties go to the split whose all-to-all stays inside one host, then to
+#: ulysses_inner ("head-first": FACTS.md, LoongTrain, yunchang use_ulysses_low, Megatron hierarchical CP).
+TIE_TOLERANCE = 0.01
+
+
+def _time(c: Candidate, forward_only: bool) -> float:
+    return c.forward.total if forward_only else c.total
+
+
+def _rank_key(c: Candidate, forward_only: bool) -> tuple:
+    return (round(_time(c, forward_only), 12), PLACEMENTS.index(c.placement), -c.ulysses)
+
+
+def _break_ties(ranked: List[Candidate], model: CostModel, forward_only: bool) -> Tuple[List[Candidate], List[str]]:
+    """Move the preferred candidate among those within TIE_TOLERANCE of the fastest to the front."""
+    if len(ranked) < 2:
+        return ranked, []
+    fastest = _time(ranked[0], forward_only)
+    tied = [c for c in ranked if _time(c, forward_only) <= fastest * (1 + TIE_TOLERANCE)]
+
+    def preference(c: Candidate) -> tuple:
+        groups = model.ulysses_groups(c.ulysses, c.ring, c.placement)
+        crosses_hosts = any(model.hosts_spanned(g) > 1 for g in groups)
+        return (crosses_hosts, PLACEMENTS.index(c.placement), _time(c, forward_only))
+
+    pick = min(tied, key=preference)
+    if pick is ranked[0]:
+        return ranked, []
+    note = (f"{pick.label} {pick.placement} is within {TIE_TOLERANCE:.0%} of the fastest ({ranked[0].label} "
+            f"{ranked[0].placement}, {100 * (_time(pick, forward_only) / fastest - 1):.2f}% faster): a tie for this "
+            "model, given to the split whose all-to-all stays inside a host / head-first placement")
+    return [pick] + [c for c in ranked if c is not pick], [note]
+
+
+def _search(req: _Request, model: Optional[CostModel] = None) -> Plan:
+    model = model or CostModel(req.topology, req.world_size, req.sp_size)
+    profile, notes = req.topology.kernel(req.kernel, req.shape.dtype, req.shape.head_dim)
+    cap = req.memory_limit if req.memory_limit is not None else req.topology.gpu_memory
+    cands = [_evaluate(model, req, u, req.sp_size // u, pl, profile, cap)
+             for u in _divisors(req.sp_size) for pl in _placements(u, req.sp_size // u)]
+    feasible = sorted((c for c in cands if c.feasible), key=lambda c: _rank_key(c, req.forward_only))
+    feasible, tie_notes = _break_ties(feasible, model, req.forward_only)
+    notes = notes + tie_notes
+    rejected = [c for c in cands if not c.feasible]
+    if not feasible:
+        memory_only = [c for c in rejected if c.reason and c.reason.startswith("needs ")]
+        if memory_only:
+            smallest = min(memory_only, key=lambda c: c.memory.peak)
+            what = "memory_limit" if req.memory_limit is not None else "the GPU memory"
+            raise PlannerError(f"{what} of {format_bytes(cap)} is too small: the smallest candidate "
+                               f"({smallest.label} {smallest.placement}) needs {format_bytes(smallest.memory.peak)} "
+                               "per GPU")
+        reasons = "; ".join(f"{c.label}: {c.reason}" for c in rejected)
+        raise PlannerError(f"no Ulysses x ring split of {req.sp_size} GPUs works for this shape: {reasons}")
+    best = feasible[0]
+    return Plan(ulysses=best.ulysses, ring=best.ring, placement=best.placement, world_size=req.world_size,
+                sequence_parallel_size=req.sp_size, shape=req.shape, forward=best.forward, backward=best.backward,
+                memory=best.memory, topology=req.topology.name, topology_source=req.topology_source,
+                kernel=profile.name, memory_limit=req.memory_limit, forward_only=req.forward_only,
+                candidates=feasible + rejected,
+                notes=notes + best.notes)
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def plan(world_size: int, seqlen: Union[int, str], heads: int, kv_heads: Optional[int] = None, head_dim: int = 128,
+         batch: int = 1, dtype: Any = "bfloat16", causal: bool = True,
+         topology: Union[None, str, os.PathLike, Topology] = None,
+         memory_limit: Union[None, int, str] = None, *, sequence_parallel_size: Optional[int] = None,
+         kernel: str = "auto", gpus_per_node: Optional[int] = None, forward_only: bool = False) -> Plan:
+    """Choose the Ulysses x ring split for one attention layer.
+
+    Args:
+        world_size: ranks in the job.
+        seqlen: global sequence length in tokens (int, or "128k", "1M").
+        heads, kv_heads: query and KV heads (``kv_heads`` defaults to ``heads``; must divide it).
+        head_dim, batch: per-head dimension and micro-batch size.
+        dtype: input dtype, a ``torch.dtype`` (e.g. ``torch.bfloat16``, the default) or its name.
+        causal: causal mask (zigzag layout when the ring degree is > 1).
+        topology: ``None`` (the default preset, ``dgx-h100-cluster``: as many DGX-H100-like nodes as needed),
+            a preset name (``planner.list_presets()``, optionally ``NAME:hosts=N``), a YAML path (e.g. written by
+            ``usp-plan probe``) or a :class:`Topology`.
+        memory_limit: cap on the predicted peak attention memory per GPU: bytes (int) or a string ("40GiB");
+            default the topology's GPU memory.
+        sequence_parallel_size: ``U * R``; default ``world_size`` (the rest is data parallel).
+        kernel: which kernel's rates to use ("auto" = the fastest the topology lists).
+        gpus_per_node: override the topology's GPUs per host (compact topologies only).
+        forward_only: minimise the forward time (inference / prefill) instead of forward + backward.
+
+    Returns the fastest feasible :class:`Plan`. Raises ``ValueError`` (:class:`PlannerError`) with one line naming
+    the bad argument, or saying why nothing fits.
+    """
+    shape = _shape(seqlen, heads, kv_heads, head_dim, batch, dtype, causal)
+    req = _request(world_size, shape, topology, memory_limit, sequence_parallel_size, kernel, gpus_per_node,
+                   forward_only)
+    return _search(req)
+
+
+def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_heads: Optional[int] = None,
+            head_dim: int = 128, batch: int = 1, dtype: Any = "bfloat16", causal: bool = True,
+            placement: str = "ulysses_inner", topology: Union[None, str, os.PathLike, Topology] = None,
+            world_size: Optional[int] = None, memory_limit: Union[None, int, str] = None, *,
+            kernel: str = "auto", gpus_per_node: Optional[int] = None) -> Candidate:
+    """Predict one fixed split (for comparing measured against predicted). ``world_size`` defaults to ``U*R``.
+
+    Returns a :class:`Candidate` (``forward``, ``backward``, ``memory``, ``total``); ``feasible`` is False with a
+    ``reason`` when the split breaks a constraint (its costs are still filled in unless the heads do not divide).
+    """
+    ulysses = _positive_int("ulysses", ulysses)
+    ring = _positive_int("ring", ring)
+    placement = _placement(placement)
+    sp = ulysses * ring
+    world_size = sp if world_size is None else world_size
+    shape = _shape(seqlen, heads, kv_heads, head_dim, batch, dtype, causal)
+    req = _request(world_size, shape, topology, memory_limit, sp, kernel, gpus_per_node, False)
+    profile, notes = req.topology.kernel(req.kernel, req.shape.dtype, req.shape.head_dim)
+    cap = req.memory_limit if req.memory_limit is not None else req.topology.gpu_memory
+    cand = _evaluate(CostModel(req.topology, req.world_size, sp), req, ulysses, ring, placement, profile, cap)
+    cand.notes = notes + cand.notes
+    return cand
+
+
+def _placement(value: Any) -> str:
+    """A placement name from a string, an alias ("head_first") or a ``usp.mesh.Placement``."""
+    text = getattr(value, "value", value)
+    if isinstance(text, str) and text in PLACEMENTS:
+        return text
+    from usp.mesh import Placement  # lazy: usp imports planner
+
+    try:
+        return Placement.parse(value).value
+    except ValueError as exc:
+        raise PlannerError(str(exc)) from None
+
+
+def sweep(seqlens: Iterable[Union[int, str]], world_size: int, heads: int, kv_heads: Optional[int] = None,
+          head_dim: int = 128, batch: int = 1, dtype: Any = "bfloat16", causal: bool = True,
+          topology: Union[None, str, os.PathLike, Topology] = None, memory_limit: Union[None, int, str] = None, *,
+          sequence_parallel_size: Optional[int] = None, kernel: str = "auto", gpus_per_node: Optional[int] = None,
+          forward_only: bool = False) -> List[Tuple[int, Union[Plan, PlannerError]]]:
+    """``plan`` for each sequence length: ``[(seqlen, Plan or PlannerError)]``. A length with no feasible split
+    gives its error in place (the sweep goes on); bad arguments other than the lengths raise."""
+    lengths = [parse_seqlen(v, "sweep") for v in seqlens]
+    if not lengths:
+        raise PlannerError("sweep needs at least one sequence length")
+    req = _request(world_size, _shape(lengths[0], heads, kv_heads, head_dim, batch, dtype, causal), topology,
+                   memory_limit, sequence_parallel_size, kernel, gpus_per_node, forward_only)
+    model = CostModel(req.topology, req.world_size, req.sp_size)
+    out: List[Tuple[int, Union[Plan, PlannerError]]] = []
+    for tokens in lengths:
+        req.shape = replace(req.shape, seqlen=tokens)
+        try:
+            out.append((tokens, _search(req, model)))
+        except PlannerError as exc:
+            out.append((tokens, exc))
+    return out
+
+
+def default_sweep_lengths(seqlen: Optional[int], multiple: int = 1) -> List[int]:
+    """Powers of two from 8K up to ``seqlen`` (default 1M), plus ``seqlen`` itself, rounded down to ``multiple``."""
+    top = seqlen or 1024**2
+    lengths, n = [], 8 * 1024
+    while n < top:
+        lengths.append(n)
+        n *= 2
+    lengths.append(top)
+    return sorted({max(multiple, (x // multiple) * multiple) for x in lengths})
