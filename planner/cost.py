@@ -26,9 +26,23 @@ Compute [FACTS convention]
   ``planner.topology``). Kernel rates come from [FACTS] (cuDNN ~580, FA4 ~665 TFLOP/s fwd+bwd on H100) or the
   probe.
 
-Ulysses all-to-all [DS], per rank, not overlapped with anything [CORE]:
-  forward: 4 calls — Q, K, V in (``b·(s/P)·H·d·B`` for Q, ``b·(s/P)·Hkv'·d·B`` for K and V) and O out (as Q);
-  backward: 4 calls — dO in, dQ, dK, dV out (same sizes; gradients keep the input dtype).
+Head-group pipeline [CORE ``usp/ulysses.py``, Note [head-group pipeline], ``head_groups()``]: the heads of each
+Ulysses rank are cut into ``G`` groups, ``G = 2`` when ``U > 1`` and both ``H/U`` and ``Hkv'/U`` are even, else
+``G = 1``. Each group runs its own ring (forward and backward) on ``H/(U·G)`` query and ``Hkv'/(U·G)`` KV heads:
+per-group compute, merge traffic and ring bytes are ``1/G`` of the whole, and every ring step's latency ``α`` is
+paid once per group (``G·(R-1)`` forward and ``2·G·(R-1)`` backward P2P batches). Kernel rates depend on the block
+side only, so the per-group compute is exactly ``1/G`` of the ungrouped one.
+
+Ulysses all-to-all [DS], per rank, ``4G`` calls per pass, each on ``1/G`` of the buffer:
+  forward: Q, K, V in (``b·(s/P)·H·d·B / G`` for Q, ``b·(s/P)·Hkv'·d·B / G`` for K and V) and O out (as Q),
+    per group; backward: dO in, dQ, dK, dV out (same sizes; gradients keep the input dtype), per group.
+  Overlap [CORE]: NCCL runs the trades in order on its own stream; group ``g+1``'s input trades run under group
+  ``g``'s ring, group ``g``'s output trades under group ``g+1``'s ring. With ``I = a(Q/G) + 2·a(KV/G)``,
+  ``O = a(Q/G)`` (forward; backward ``I = a(Q/G)`` for dO and ``O = a(Q/G) + 2·a(KV/G)`` for dQ, dK, dV) and
+  ``T`` the ring time of one group (compute + merge + exposed ring), the pass takes
+  ``I + G·T + O + (G-1)·(max(0, I - T) + max(0, O - T))`` (``G ≤ 2``): only the first group's inputs and the last
+  group's outputs are exposed, plus whatever part of the overlapped trades outlasts the other group's compute.
+  "All-to-all" in a breakdown is that exposed time plus the staging copies below.
   Each call of an ``M``-byte buffer sends ``(U-1)/U · M`` bytes, ``M/U`` to each peer, all Ulysses groups at once.
   Its time is ``max(floor_a2a, latency_a2a + path_latency + (M/U) · spb)`` where ``spb`` (seconds per byte of
   one flow) is the bottleneck-link load of the pattern (``planner.topology``: flows sharing a link share its
@@ -40,20 +54,22 @@ Ulysses all-to-all [DS], per rank, not overlapped with anything [CORE]:
 GPU-memory traffic (not FLOPs, but time on the compute stream), at the topology's ``memory_bandwidth``
 (HBM; skipped when the topology does not give it):
   * all-to-all staging [CORE ``usp/comm/all_to_all.py``]: a permute+contiguous copy before and a permute+reshape
-    copy after each call, ``4 · M`` bytes read+written per call, added to the all-to-all time;
+    copy after each call, ``4 · M`` bytes read+written per call (on the compute stream, never hidden), added to
+    the all-to-all time;
   * ring merges [CORE ``usp/ring.py``, ``usp/merge.py``], the "merge" part of a breakdown, over the rows (keys)
     each block touched. Forward step ``i >= 1``: the block output cast to fp32 (``B + 4``) and ``lerp_`` into the
     fp32 accumulator (``12``): ``(16 + B) · q_h``; plus ``(B + 4) · q_h`` to promote step 0's output and
-    ``(4 + B) · q_h`` for the final cast. Backward: step 0 copies dq, dK, dV into fp32 (``(B + 4)`` per element),
-    steps ``>= 1`` ``add_`` the block gradients (``8 + B``) into dq and the travelling dKV, and the final casts
-    cost ``(4 + B)``; all over ``q_h + 2 · kv_h`` elements. Causal zigzag steps ``>= 1`` touch 3/4 of the rows
+    ``(4 + B) · q_h`` for the final cast. Backward (walked ``R-1 .. 0``): the fp32 dq and dKV accumulators are
+    zero-filled (``4`` per element), every step ``add_``s its block gradients (``8 + B``) into dq and the
+    travelling dKV, and the final casts cost ``(4 + B)``; all over ``q_h + 2 · kv_h`` elements. Causal zigzag steps ``>= 1`` touch 3/4 of the rows
     (keys) on average: half the steps take every row against half the keys, half take half the rows against
     every key. Counts ``q_h``, ``kv_h`` are defined under memory below.
 
 Ring P2P [CORE], [TE]; each step is double-buffered (the next transfer is issued before the current block's
 compute):
   bytes per rank per transfer: KV ``n_kv = 2·b·(s/R)·(Hkv'/U)·d·B``;
-  dKV (fp32) ``n_dkv = 2·b·(s/R)·(Hkv'/U)·d·4``.
+  dKV (fp32) ``n_dkv = 2·b·(s/R)·(Hkv'/U)·d·4``. Each head group moves ``1/G`` of these (``n_kv/G``, ``n_dkv/G``) in its own
+  rotations; the ring time of the pass is ``G`` times one group's.
   An isolated transfer of ``n`` bytes takes ``t(n) = max(floor_p2p, α + n · spb)``, ``α = latency_p2p +
   path_latency``; [FACTS] measured ``max(0.168 ms, 0.047 ms + n / 313 GB/s)`` on 2x H100 NVLink, which fits all
   four sizes. A step with ``k`` rotations in flight (each one batched isend/irecv; the core runs KV and dKV as two
@@ -62,13 +78,16 @@ compute):
   under compute (the issue's "max(compute, transfer) plus the latency floor"); for ``k = 1`` that is
   ``α + max(c, t(n) - α)``.
   forward: steps ``0..R-2`` carry the next KV (``R-1`` transfers); the last step is compute only.
-  backward: step ``i`` carries KV for ``i+1`` (if ``i < R-1``) and the dKV accumulated at step ``i-1`` (if
-  ``i >= 1``); after the last step the final dKV goes home, exposed: ``R-1`` KV and ``R`` dKV transfers.
+  backward [CORE ``usp/ring.py``, Note [reverse backward]]: the forward's steps in reverse, ``j = R-1 .. 0``,
+  starting on the K/V block kept from the forward (no wait). Step ``j`` carries K/V to the previous rank for step
+  ``j-1`` (if ``j >= 1``) and the fp32 dKV partial sum of step ``j+1`` (if ``j <= R-2``): ``R-1`` KV and ``R-1``
+  dKV transfers; the last dKV transfer overlaps the diagonal block's (step 0) compute, nothing trails it.
   "Exposed ring" in a breakdown = ring time - (compute + merge) time.
 
 Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)·(H/U)·d`` (= ``b·(s/P)·H·d``),
 ``kv_h = b·(s/R)·(Hkv'/U)·d``, ``l = b·(H/U)·(s/R)`` (LSE):
-  saved for backward: ``B·(2·q_h + 2·kv_h) + 4·l``  (head-sharded q, k, v, out; fp32 LSE)
+  saved for backward: ``B·(2·q_h + 2·kv_h) + 4·l``  (head-sharded q, k, v, out; fp32 LSE), plus with ``R > 1``
+    the K/V block held at the forward's last step, one per head group: ``G · 2·(kv_h/G)·B = 2·kv_h·B``
   forward transient: replicated KV before the all-to-all ``2·kv_h·B`` (only when replicating); a2a staging
     ``q_h·B``; the output after the a2a back ``q_h·B``; with ``R > 1``: ring KV buffers ``min(R-1, 2)·2·kv_h·B``
     (double-buffered), fp32 out accumulator ``4·q_h``, block out ``q_h·B``, LSE accumulator + block LSE ``8·l``.
@@ -94,7 +113,7 @@ from typing import List, Optional, Tuple
 from .topology import Fabric, Fit, KernelProfile, Topology
 from .units import PlannerError, canonical_dtype, dtype_bytes
 
-__all__ = ["Shape", "PassCost", "MemoryCost", "CostModel", "replicated_kv_heads", "PLACEMENTS"]
+__all__ = ["Shape", "PassCost", "MemoryCost", "CostModel", "replicated_kv_heads", "head_groups", "PLACEMENTS"]
 
 PLACEMENTS = ("ulysses_inner", "ring_inner")
 FP32 = 4
@@ -107,6 +126,12 @@ def replicated_kv_heads(kv_heads: int, ulysses: int) -> int:
         return kv_heads
     return kv_heads * ulysses // math.gcd(kv_heads, ulysses)
 
+
+def head_groups(heads: int, kv_heads: int, ulysses: int) -> int:
+    """``G``, the head-group pipeline depth (``usp.ulysses.head_groups``; ``kv_heads`` already replicated)."""
+    if ulysses == 1:
+        return 1
+    return 2 if (heads // ulysses) % 2 == 0 and (kv_heads // ulysses) % 2 == 0 else 1
 
 
 @dataclass(frozen=True)
@@ -296,18 +321,18 @@ class CostModel:
         heads_per_rank = H / ulysses
 
         hbm = self.topology.memory_bandwidth
+        G = head_groups(H, kv, ulysses)
         fwd, bwd = PassCost(), PassCost()
-        # --- Ulysses all-to-all: Q, K, V in and O out (forward); dO in, dQ, dK, dV out (backward)
+        # --- Ulysses all-to-all staging and counts: 4 calls per pass and head group, each on 1/G of the buffer
         if ulysses > 1:
-            q_buf = b * (s / P) * H * d * B
-            kv_buf = b * (s / P) * kv * d * B
+            q_buf = b * (s / P) * H * d * B / G
+            kv_buf = b * (s / P) * kv * d * B / G
             for pc in (fwd, bwd):
                 for buf in (q_buf, kv_buf, kv_buf, q_buf):
-                    pc.all_to_all += self.a2a_time(ulysses, ring, placement, buf)
                     if hbm:
-                        pc.all_to_all += 4 * buf / hbm  # staging copies before and after
-                    pc.a2a_calls += 1
-                    pc.a2a_bytes += (ulysses - 1) / ulysses * buf
+                        pc.all_to_all += G * 4 * buf / hbm  # staging copies before and after (compute stream)
+                    pc.a2a_calls += G
+                    pc.a2a_bytes += G * (ulysses - 1) / ulysses * buf
 
         # --- compute per ring step
         blocks = self.blocks(shape, ring)
@@ -317,7 +342,7 @@ class CostModel:
         fwd.compute, bwd.compute = sum(c_fwd), sum(c_bwd)
         fwd.flops = sum(blk.flops(shape, heads_per_rank) for blk in blocks)
         bwd.flops = BACKWARD_FLOPS_FACTOR * fwd.flops
-        fwd.kernel_calls = bwd.kernel_calls = len(blocks)
+        fwd.kernel_calls = bwd.kernel_calls = G * len(blocks)
         # --- fp32 merges of the ring (GPU-memory traffic on the compute stream; usp/ring.py, usp/merge.py)
         if ring > 1 and hbm:
             q_h = b * (s / ring) * heads_per_rank * d
@@ -325,16 +350,18 @@ class CostModel:
             m_fwd = [0.0] + [(16 + B) * q_h * blk.rows / hbm for blk in blocks[1:]]
             m_fwd[1] += (B + 4) * q_h / hbm       # step 0's output promoted to the fp32 accumulator
             m_fwd[-1] += (4 + B) * q_h / hbm      # final cast
-            m_bwd = [(B + 4) * g_h / hbm] + [(8 + B) * g_h * blk.rows / hbm for blk in blocks[1:]]
-            m_bwd[-1] += (4 + B) * g_h / hbm      # final casts of dq and (at the owner) dK, dV
+            m_bwd = [(8 + B) * g_h * blk.rows / hbm for blk in blocks]  # add_ into dq and the travelling dKV
+            m_bwd[-1] += FP32 * g_h / hbm         # zero-fill of the fp32 dq and dKV (first walked step)
+            m_bwd[0] += (4 + B) * g_h / hbm       # final casts of dq and (at the owner) dK, dV after step 0
             fwd.merge, bwd.merge = sum(m_fwd), sum(m_bwd)
             c_fwd = [c + m for c, m in zip(c_fwd, m_fwd)]
             c_bwd = [c + m for c, m in zip(c_bwd, m_bwd)]
 
-        # --- ring with double-buffered overlap
+        # --- ring with double-buffered overlap, once per head group (each on 1/G of the heads)
+        t_fwd, t_bwd = sum(c_fwd) / G, sum(c_bwd) / G  # one group's ring time (R == 1: compute + merge)
         if ring > 1:
-            n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B
-            n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * FP32
+            n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B / G
+            n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * FP32 / G
             fit = self.p2p_fit(ulysses, ring, placement)
 
             def step(compute: float, nbytes: float, rotations: int) -> float:
@@ -342,17 +369,23 @@ class CostModel:
                     return compute
                 return rotations * fit.latency + max(compute, fit.floor - fit.latency, nbytes / fit.bandwidth)
 
-            t = sum(step(c, n_kv, 1) if i < ring - 1 else c for i, c in enumerate(c_fwd))
-            fwd.ring_exposed = t - fwd.compute - fwd.merge
-            fwd.ring_transfers, fwd.ring_bytes = ring - 1, (ring - 1) * n_kv
-            t = 0.0
-            for i, c in enumerate(c_bwd):
-                kv_next, dkv_prev = i < ring - 1, i >= 1
-                t += step(c, n_kv * kv_next + n_dkv * dkv_prev, kv_next + dkv_prev)
-            t += fit.time(n_dkv)  # the last dKV goes home after the last block: nothing to hide it under
-            bwd.ring_exposed = t - bwd.compute - bwd.merge
-            bwd.ring_transfers = 2 * ring - 1
-            bwd.ring_bytes = (ring - 1) * n_kv + ring * n_dkv
+            t_fwd = sum(step(c / G, n_kv, 1) if i < ring - 1 else c / G for i, c in enumerate(c_fwd))
+            fwd.ring_exposed = G * t_fwd - fwd.compute - fwd.merge
+            fwd.ring_transfers, fwd.ring_bytes = G * (ring - 1), G * (ring - 1) * n_kv
+            t_bwd = 0.0
+            for j, c in enumerate(c_bwd):  # order does not change the sum; step j as in the docstring
+                kv_out, dkv_in = j >= 1, j <= ring - 2
+                t_bwd += step(c / G, n_kv * kv_out + n_dkv * dkv_in, kv_out + dkv_in)
+            bwd.ring_exposed = G * t_bwd - bwd.compute - bwd.merge
+            bwd.ring_transfers = 2 * G * (ring - 1)
+            bwd.ring_bytes = G * (ring - 1) * (n_kv + n_dkv)
+
+        # --- exposed Ulysses all-to-all time of the head-group pipeline
+        if ulysses > 1:
+            a_q = self.a2a_time(ulysses, ring, placement, q_buf)
+            a_kv = self.a2a_time(ulysses, ring, placement, kv_buf)
+            for pc, t_group, first, last in ((fwd, t_fwd, a_q + 2 * a_kv, a_q), (bwd, t_bwd, a_q, a_q + 2 * a_kv)):
+                pc.all_to_all += first + last + (G - 1) * (max(0.0, first - t_group) + max(0.0, last - t_group))
 
         memory = self.memory(shape, ulysses, ring)
         return fwd, bwd, memory
@@ -366,6 +399,8 @@ class CostModel:
         kv_h = b * (s / ring) * (kv / ulysses) * d
         lse = b * (H / ulysses) * (s / ring)
         saved = B * (2 * q_h + 2 * kv_h) + FP32 * lse
+        if ring > 1:
+            saved += 2 * kv_h * B  # the forward's last K/V block, one per head group (each 1/G of the heads)
         replicate = 2 * kv_h * B if kv != shape.kv_heads else 0.0
         ring_kv = min(ring - 1, 2) * 2 * kv_h * B
         fwd = replicate + 2 * q_h * B

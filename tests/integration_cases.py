@@ -57,20 +57,32 @@ def reference(model, ids, labels) -> Dict[str, object]:
     return {"loss": loss.detach(), "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
 
 
-def run_sequence_parallel(mesh, state_dict, ids, labels, mode: str = "register", data_parallel_group=None) -> dict:
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing per decoder layer (renamed in transformers 5.2x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
+def run_sequence_parallel(mesh, state_dict, ids, labels, mode: str = "register", data_parallel_group=None,
+                          checkpointing: bool = False, bucket_bytes: int = 256 * 2 ** 20) -> dict:
     """One forward + backward of the tiny model on this rank's shard; gradients summed over SP (and averaged
     over ``data_parallel_group`` if given)."""
     import usp.integrations.transformers as usp_hf
     from usp.integrations import data
 
     model = make_model(torch.float32, "sdpa", state_dict)
+    if checkpointing:
+        enable_checkpointing(model)
     usp_hf.enable(model, mesh, mode=mode)
     batch = data.shard_batch({"input_ids": ids, "labels": labels}, mesh)
     targets = batch.pop("shift_labels")
     logits = model(**batch, use_cache=False).logits
     partial = data.causal_lm_loss(logits, targets, mesh)
     partial.backward()
-    data.all_reduce_gradients(model, mesh, data_parallel_group=data_parallel_group)
+    data.all_reduce_gradients(model, mesh, data_parallel_group=data_parallel_group, bucket_bytes=bucket_bytes)
     result = {
         "loss": data.reduce_loss(partial, mesh),
         "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
@@ -78,6 +90,54 @@ def run_sequence_parallel(mesh, state_dict, ids, labels, mode: str = "register",
     }
     usp_hf.disable(model)
     return result
+
+
+# a packed row of 4 documents (44 tokens): shorter and longer than the 2R zigzag chunks, none a multiple of them
+DOCUMENTS = (13, 5, 20, 6)
+
+
+def make_packed(seed: int = 2):
+    """Packed ``input_ids [44]``, ``labels [44]`` (a few ignored) and the global ``cu_seqlens``."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(DOCUMENTS)
+    ids = torch.randint(0, CONFIG["vocab_size"], (total,), generator=gen)
+    labels = ids.clone()
+    labels[14:16] = -100
+    cu = [0]
+    for length in DOCUMENTS:
+        cu.append(cu[-1] + length)
+    return ids, labels, cu
+
+
+def packed_reference(model, ids, labels, cu) -> Dict[str, object]:
+    """Each document on its own through the single-process model: sum of token losses / count, and gradients."""
+    from usp.integrations.data import shift_labels
+
+    model.zero_grad(set_to_none=True)
+    total, count = 0.0, 0
+    for start, end in zip(cu[:-1], cu[1:]):
+        logits = model(input_ids=ids[None, start:end], use_cache=False).logits[0]
+        targets = shift_labels(labels[start:end])
+        total = total + F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        count += int((targets != -100).sum())
+    loss = total / count
+    loss.backward()
+    return {"loss": loss.detach(), "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
+
+
+def run_packed(mesh, state_dict, ids, labels, cu) -> dict:
+    """The packed row through the varlen path (cu_seq_lens_* passed to the model), gradients summed over SP."""
+    import usp.integrations.transformers as usp_hf
+    from usp.integrations import data
+
+    model = usp_hf.enable(make_model(torch.float32, "sdpa", state_dict), mesh)
+    batch = data.shard_packed_batch(ids, cu, mesh, labels=labels)
+    targets = batch.pop("shift_labels")
+    partial = data.causal_lm_loss(model(**batch, use_cache=False).logits, targets, mesh)
+    partial.backward()
+    data.all_reduce_gradients(model, mesh)
+    return {"loss": data.reduce_loss(partial, mesh),
+            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
 
 
 def portable(obj):
@@ -103,6 +163,16 @@ def restore(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(restore(v) for v in obj)
     return obj
+
+
+def guarded(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or ``{"error": traceback}`` so one failing case does not hide the others."""
+    import traceback
+
+    try:
+        return fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - reported by the test that owns the case
+        return {"error": traceback.format_exc()}
 
 
 def capture(checks: List[Tuple[str, Callable]]) -> Dict[str, Optional[Tuple[str, str]]]:

@@ -2,9 +2,13 @@
 
 A tiny random-weight Llama (GQA: 4 heads, 2 KV heads; fp32) runs one forward + backward under Ulysses x ring
 sequence parallelism; the loss and every parameter gradient (summed over the SP group) must match the same model in
-one process: relative error vs an fp64 run at most 2x the fp32 single-process model's, plus one fp32 ulp.
-Meshes: 1x2, 2x1 (2 ranks); 2x2 (4 ranks, both placements), DeviceMesh-built meshes and data parallel 2 x (1x2),
-2 x (2x1) (4 ranks). Each world size is started once (module-scoped fixtures) and runs every case.
+one process: relative Frobenius error vs an fp64 run at most 2x the fp32 single-process model's, plus one fp32 ulp
+(the rule of the core tests). Meshes: 1x2, 2x1 (2 ranks, register and replace modes, with and without activation
+checkpointing); 2x2 (4 ranks, both placements); meshes built from DeviceMeshes (named ulysses/ring dims, a flattened
+cp dim split 2x2) and data parallel 2 x (2x1), 2 x (1x2) with a different batch per replica; a packed row of
+documents through the varlen path (1x2, 2x1, 2x2) against the model run on each document alone. Each world size is
+started once (module-scoped fixtures) and runs every case; refused inputs are checked on every rank, followed by a
+correct call that would hang if a refused one had entered a collective.
 """
 from __future__ import annotations
 
@@ -20,12 +24,16 @@ from integration_cases import (  # noqa: E402
     SEQLEN,
     capture,
     compare,
+    guarded,
     make_batch,
     make_model,
+    make_packed,
+    packed_reference,
     matches,
     portable,
     reference,
     restore,
+    run_packed,
     run_sequence_parallel,
 )
 
@@ -33,7 +41,7 @@ WORLD_TIMEOUT = 240
 
 
 # ---------------------------------------------------------------------------------------------- worlds
-def _world2(rank, world_size, state_dict, batches):
+def _world2(rank, world_size, state_dict, batches, packed):
     import torch.nn as nn
 
     import usp
@@ -49,8 +57,18 @@ def _world2(rank, world_size, state_dict, batches):
     results = {"e2e": {}}
     for name, mesh, mode in (("1x2 register", mesh12, "register"), ("2x1 register", mesh21, "register"),
                              ("1x2 replace", mesh12, "replace"), ("2x1 replace", mesh21, "replace")):
-        results["e2e"][name] = run_sequence_parallel(mesh, state_dict, ids, labels, mode=mode)
+        # small gradient buckets on one mesh: many buckets, some reduced in place (a single contiguous gradient)
+        buckets = 16 * 2 ** 10 if name == "2x1 replace" else 256 * 2 ** 20
+        results["e2e"][name] = run_sequence_parallel(mesh, state_dict, ids, labels, mode=mode, bucket_bytes=buckets)
     results["bystander_unchanged"] = torch.equal(before, bystander(input_ids=ids).logits.detach())
+    # long-context training runs with activation checkpointing: the recomputed forward repeats the collectives
+    results["checkpointing"] = {
+        name: guarded(run_sequence_parallel, mesh, state_dict, ids, labels, checkpointing=True)
+        for name, mesh in (("1x2", mesh12), ("2x1", mesh21))}
+    # packed documents: cu_seq_lens_* reach the attention function, which runs usp's varlen path
+    has_varlen = usp_hf._varlen_function() is not None
+    results["packed"] = {name: guarded(run_packed, mesh, state_dict, *packed)
+                         for name, mesh in (("1x2", mesh12), ("2x1", mesh21))} if has_varlen else None
     results["bystander_implementation"] = bystander.config._attn_implementation
 
     # transformers' own loss with the pre-shifted labels and the global count equals causal_lm_loss
@@ -111,7 +129,7 @@ def _world2(rank, world_size, state_dict, batches):
             {"input_ids": ids, "attention_mask": torch.cat([torch.ones(BATCH, SEQLEN - 1), torch.zeros(BATCH, 1)], 1)},
             mesh12)),
     ]
-    if not hasattr(usp, "long_context_attention_varlen"):
+    if not has_varlen:
         cu = torch.tensor([0, 10, local], dtype=torch.int32)
         checks.append(("packed batch without varlen", lambda: usp_hf.attention_forward(
             attn, q[:1], kv[:1], kv[:1], None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)))
@@ -124,18 +142,23 @@ def _world2(rank, world_size, state_dict, batches):
     return portable(results)
 
 
-def _world4(rank, world_size, state_dict, batches):
+def _world4(rank, world_size, state_dict, batches, packed):
     from torch.distributed.device_mesh import init_device_mesh
 
     import usp
     from usp.integrations import split_context_parallel
 
     ids, labels = batches[0]
-    results = {"e2e": {}, "dp": {}}
+    results = {"e2e": {}, "dp": {}, "packed": None}
     e2e = results["e2e"]
     e2e["2x2 register"] = run_sequence_parallel(usp.SequenceParallelMesh(ulysses=2, ring=2), state_dict, ids, labels)
     e2e["2x2 ring_inner replace"] = run_sequence_parallel(
         usp.SequenceParallelMesh(ulysses=2, ring=2, placement="ring_inner"), state_dict, ids, labels, mode="replace")
+    import usp.integrations.transformers as usp_hf
+
+    if usp_hf._varlen_function() is not None:
+        mesh = usp.SequenceParallelMesh(ulysses=2, ring=2)
+        results["packed"] = {"2x2": guarded(run_packed, mesh, state_dict, *packed)}
 
     # torchtitan-style named dims, one per axis
     named = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ulysses", "ring"))
@@ -153,11 +176,11 @@ def _world4(rank, world_size, state_dict, batches):
     dp_group = dp_cp.get_group("dp")
     ids_r, labels_r = batches[replica]
     results["replica"] = replica
-    results["dp"]["dp2 x cp2 split as 1x2"] = run_sequence_parallel(
-        split_context_parallel(dp_cp, "cp", ulysses=1, ring=2), state_dict, ids_r, labels_r,
+    results["dp"]["dp2 x cp2 split as 2x1"] = run_sequence_parallel(
+        split_context_parallel(dp_cp, "cp", ulysses=2, ring=1), state_dict, ids_r, labels_r,
         data_parallel_group=dp_group)
-    results["dp"]["dp2 x cp2 from_device_mesh as 2x1"] = run_sequence_parallel(
-        usp.SequenceParallelMesh.from_device_mesh(dp_cp, ulysses_dim="cp"), state_dict, ids_r, labels_r,
+    results["dp"]["dp2 x cp2 from_device_mesh(ring_dim='cp') as 1x2"] = run_sequence_parallel(
+        usp.SequenceParallelMesh.from_device_mesh(dp_cp, ring_dim="cp"), state_dict, ids_r, labels_r,
         data_parallel_group=dp_group)
     results["errors"] = capture([
         ("split: sizes do not multiply", lambda: split_context_parallel(dp_cp, "cp", ulysses=2, ring=2)),
@@ -178,22 +201,26 @@ def references():
     batches = [make_batch(0), make_batch(1)]
     truth = [reference(model64, *b) for b in batches]
     single = [reference(model32, *b) for b in batches]
-    return state_dict, batches, truth, single
+    packed = make_packed()
+    truth.append(packed_reference(model64, *packed))
+    single.append(packed_reference(model32, *packed))
+    return state_dict, batches, truth, single, packed
 
 
 @pytest.fixture(scope="module")
 def world2(references):
-    state_dict, batches, _, _ = references
-    return restore(run_world(2, _world2, state_dict, batches, timeout=WORLD_TIMEOUT))
+    state_dict, batches, _, _, packed = references
+    return restore(run_world(2, _world2, state_dict, batches, packed, timeout=WORLD_TIMEOUT))
 
 
 @pytest.fixture(scope="module")
 def world4(references):
-    state_dict, batches, _, _ = references
-    return restore(run_world(4, _world4, state_dict, batches, timeout=WORLD_TIMEOUT))
+    state_dict, batches, _, _, packed = references
+    return restore(run_world(4, _world4, state_dict, batches, packed, timeout=WORLD_TIMEOUT))
 
 
 def _average(results):
+    results = results[:2]  # the two dense batches (the third reference is the packed row)
     return {"loss": sum(r["loss"] for r in results) / len(results),
             "grads": {n: sum(r["grads"][n] for r in results) / len(results) for n in results[0]["grads"]}}
 
@@ -211,7 +238,7 @@ def _check_ranks_agree(per_rank, group, names):
 # ---------------------------------------------------------------------------------------------- tests: 2 ranks
 @pytest.mark.timeout(WORLD_TIMEOUT + 60)
 def test_two_ranks_match_single_process(world2, references):
-    _, _, truth, single = references
+    _, _, truth, single, _ = references
     cases = world2[0]["e2e"]
     assert set(cases) == {"1x2 register", "2x1 register", "1x2 replace", "2x1 replace"}
     problems = [f"{name}: {p}" for name, result in cases.items() for p in compare(result, truth[0], single[0])]
@@ -219,6 +246,43 @@ def test_two_ranks_match_single_process(world2, references):
     _check_ranks_agree(world2, "e2e", cases)
     assert cases["1x2 register"]["implementation"] == "usp"
     assert cases["1x2 replace"]["implementation"] == "sdpa"
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_activation_checkpointing_matches_single_process(world2, references):
+    """Non-reentrant activation checkpointing (how long contexts are trained): the recompute repeats the
+    collectives, and usp's autograd functions must read their saved tensors once per backward."""
+    _, _, truth, single, _ = references
+    problems = []
+    for rank, results in enumerate(world2):
+        for name, result in results["checkpointing"].items():
+            if "error" in result:
+                problems.append(f"rank {rank} {name}: raised\n{result['error'][-1500:]}")
+            else:
+                problems += [f"rank {rank} {name}: {p}" for p in compare(result, truth[0], single[0])]
+    assert not problems, "\n".join(problems)
+
+
+def _check_packed(per_rank, references):
+    _, _, truth, single, _ = references
+    if per_rank[0]["packed"] is None:
+        pytest.skip("this usp has no varlen path (usp.long_context_attention_varlen)")
+    problems = []
+    for rank, results in enumerate(per_rank):
+        for name, result in results["packed"].items():
+            if "error" in result:
+                problems.append(f"rank {rank} {name}: raised\n{result['error'][-1500:]}")
+            else:
+                problems += [f"rank {rank} {name}: {p}" for p in compare(result, truth[2], single[2])]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_packed_documents_through_varlen_match_per_document_model(world2, world4, references):
+    """cu_seq_lens_* passed to the model reach usp's varlen path: loss and gradients equal the single-process
+    model run on each document separately (1x2, 2x1, 2x2)."""
+    _check_packed(world2, references)
+    _check_packed(world4, references)
 
 
 @pytest.mark.timeout(WORLD_TIMEOUT + 60)
@@ -238,7 +302,7 @@ def test_transformers_loss_with_shift_labels_equals_causal_lm_loss(world2):
 
 @pytest.mark.timeout(WORLD_TIMEOUT + 60)
 def test_refused_inputs_raise_clear_errors_on_every_rank(world2, references):
-    _, _, truth, _ = references
+    _, _, truth, _, _ = references
     expected = {
         "padding mask (register)": ("ValueError", r"attention_mask with zeros.*varlen path"),
         "padding mask (replace)": ("ValueError", r"attention_mask with zeros.*varlen path"),
@@ -275,7 +339,7 @@ def test_refused_inputs_raise_clear_errors_on_every_rank(world2, references):
 # ---------------------------------------------------------------------------------------------- tests: 4 ranks
 @pytest.mark.timeout(WORLD_TIMEOUT + 60)
 def test_four_ranks_and_device_meshes_match_single_process(world4, references):
-    _, _, truth, single = references
+    _, _, truth, single, _ = references
     cases = world4[0]["e2e"]
     problems = [f"{name}: {p}" for name, result in cases.items() for p in compare(result, truth[0], single[0])]
     assert not problems, "\n".join(problems)
@@ -289,7 +353,7 @@ def test_four_ranks_and_device_meshes_match_single_process(world4, references):
 @pytest.mark.timeout(WORLD_TIMEOUT + 60)
 def test_data_parallel_over_sequence_parallel(world4, references):
     """Each dp replica trains on its own batch: its loss is that batch's loss; gradients are the replica mean."""
-    _, _, truth, single = references
+    _, _, truth, single, _ = references
     mean_truth, mean_single = _average(truth), _average(single)
     for rank, results in enumerate(world4):
         replica = results["replica"]
@@ -312,7 +376,8 @@ def test_split_context_parallel_errors(world4):
     }
     for rank, results in enumerate(world4):
         for name, (exception, pattern) in expected.items():
-            assert matches(results["errors"][name], exception, pattern), f"rank {rank} {name}: {results['errors'][name]}"
+            record = results["errors"][name]
+            assert matches(record, exception, pattern), f"rank {rank} {name}: {record}"
 
 
 # ---------------------------------------------------------------------------------------------- tests: no spawn
@@ -323,7 +388,8 @@ def test_mask_function_refuses_padding_and_returns_none_otherwise():
     with pytest.raises(ValueError, match=r"attention_mask with zeros .*varlen path"):
         mask_function(batch_size=2, q_length=3, kv_length=3, attention_mask=padded)
     assert mask_function(batch_size=2, q_length=3, kv_length=3, attention_mask=None) is None
-    assert mask_function(batch_size=2, q_length=3, kv_length=3, attention_mask=torch.ones(2, 3, dtype=torch.bool)) is None
+    all_ones = torch.ones(2, 3, dtype=torch.bool)
+    assert mask_function(batch_size=2, q_length=3, kv_length=3, attention_mask=all_ones) is None
     with pytest.raises(ValueError, match=r"no custom attention mask"):
         mask_function(attention_mask=torch.zeros(2, 1, 3, 3))
 
@@ -333,8 +399,9 @@ def test_import_registers_nothing():
 
     import usp.integrations.transformers  # noqa: F401
 
-    assert "usp" not in AttentionInterface._global_mapping
-    assert not any(type(f).__name__ == "_ReplacedAttention" for f in AttentionInterface._global_mapping.values())
+    entries = AttentionInterface()  # a fresh instance reads the library-wide registry
+    assert "usp" not in entries
+    assert not any(type(entries[name]).__name__ == "_ReplacedAttention" for name in entries)
 
 
 def test_shift_labels_is_global_next_token():
@@ -342,3 +409,12 @@ def test_shift_labels_is_global_next_token():
 
     labels = torch.tensor([[5, 6, 7, -100, 9]])
     assert shift_labels(labels).tolist() == [[6, 7, -100, 9, -100]]
+
+
+def test_gradient_buckets_group_by_kind_and_respect_the_size():
+    from usp.integrations.data import _buckets
+
+    f32 = [torch.zeros(n) for n in (100, 300, 50, 2000)]
+    f64 = torch.zeros(10, dtype=torch.float64)
+    buckets = _buckets([f32[0], f64, f32[1], f32[2], f32[3]], bucket_bytes=1600)
+    assert [[t.numel() for t in b] for b in buckets] == [[100, 300], [50], [2000], [10]]

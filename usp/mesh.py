@@ -248,11 +248,11 @@ def _divisors(n: int) -> list:
 
 
 def _new_subgroup(rank_lists: Sequence[Sequence[int]]) -> dist.ProcessGroup:
-    """Create one group per list (collectively, on every rank) and return the one holding this rank."""
-    mine = None
-    for ranks in rank_lists:
-        group = dist.new_group(ranks=list(ranks))
-        if dist.get_rank() in ranks:
-            mine = group
-    assert mine is not None, "every rank belongs to exactly one subgroup"
-    return mine
+    """Create this rank's group among ``rank_lists`` (one list per group, together a partition of the ranks).
+
+    Only the members take part (``use_local_synchronization``), so meshes built at the same time on different
+    parent groups (``group=`` per data-parallel replica) never cross their ``new_group`` calls.
+    """
+    mine = [ranks for ranks in rank_lists if dist.get_rank() in ranks]
+    assert len(mine) == 1, "every rank belongs to exactly one subgroup"
+    return dist.new_group(ranks=list(mine[0]), use_local_synchronization=True)

@@ -60,8 +60,8 @@ class UlyssesRingFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         mesh, groups = ctx.mesh, ctx.groups
         world, comm = mesh.ulysses, mesh.ulysses_group
-        per_group = len(ctx.saved_tensors) // groups
-        saved = ctx.saved_tensors
+        saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing allows one unpack per backward
+        per_group = len(saved) // groups
         incoming = [start_all_to_all(pack_seq_to_heads(dout, world, groups, g), comm) for g in range(groups)]
         q_shape, kv_shape = ctx.shapes
         device, dtype = dout.device, saved[0].dtype

@@ -2,7 +2,8 @@
 
 * ``usp.integrations.transformers`` -- ``enable(model, mesh)``: a Hugging Face transformers model runs usp attention
   (needs ``transformers``, the ``[test]`` extra; imported only when you import that submodule).
-* ``usp.integrations.data`` -- shard a causal-LM batch for the mesh (``shard_batch``), the exact loss over the
+* ``usp.integrations.data`` -- shard a causal-LM batch for the mesh (``shard_batch``; packed documents:
+  ``shard_packed_batch``, for the varlen path), the exact loss over the
   sequence-parallel group (``causal_lm_loss``), ``reduce_loss`` and ``all_reduce_gradients``.
 * ``usp.integrations.device_mesh`` -- ``split_context_parallel``: a torchtitan/accelerate style DeviceMesh whose
   context-parallel dim is one flattened ``cp`` dim becomes a Ulysses x ring ``SequenceParallelMesh``.
@@ -16,6 +17,7 @@ from .data import (
     global_token_count,
     reduce_loss,
     shard_batch,
+    shard_packed_batch,
     shift_labels,
 )
 from .device_mesh import split_context_parallel
@@ -27,6 +29,7 @@ __all__ = [
     "global_token_count",
     "reduce_loss",
     "shard_batch",
+    "shard_packed_batch",
     "shift_labels",
     "split_context_parallel",
 ]

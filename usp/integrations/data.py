@@ -45,6 +45,7 @@ __all__ = [
     "IGNORE_INDEX",
     "shift_labels",
     "shard_batch",
+    "shard_packed_batch",
     "global_token_count",
     "causal_lm_loss",
     "reduce_loss",
@@ -142,6 +143,65 @@ def shard_batch(
     return out
 
 
+def shard_packed_batch(
+    input_ids: Tensor,
+    cu_seqlens,
+    mesh: SequenceParallelMesh,
+    *,
+    labels: Optional[Tensor] = None,
+    causal: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+) -> Dict[str, object]:
+    """This rank's part of a *packed* batch (documents concatenated, no padding) for the varlen path.
+
+    Args:
+        input_ids: ``[total]`` or ``[1, total]``, the whole packed batch on every rank.
+        cu_seqlens: global document boundaries ``[0, L_0, L_0 + L_1, ..., total]`` (list or int tensor).
+        mesh: the ``usp.SequenceParallelMesh``.
+        labels: like ``input_ids``, unshifted; shifted *within* each document (a document's last token has no
+            target), then sharded. Padding rows the layout adds get ``ignore_index``.
+        causal: must match the attention.
+
+    Returns:
+        ``{"input_ids": [1, t_local], "position_ids": [1, t_local] (restarting per document), "cu_seq_lens_q",
+        "cu_seq_lens_k" (the global boundaries, an int32 CPU tensor), "max_length_q", "max_length_k",
+        "shift_labels": [1, t_local] (if labels)}``: pass everything but ``shift_labels`` to the model (transformers
+        forwards the ``cu_seq_lens_*`` kwargs to the attention function, which runs
+        ``usp.long_context_attention_varlen``) and ``shift_labels`` to ``causal_lm_loss``. Needs usp's varlen
+        module (``usp.varlen``).
+    """
+    from ..varlen import position_ids_varlen, shard_varlen  # the varlen path (issue 6)
+
+    _check_mesh(mesh)
+    squeeze = isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 and input_ids.shape[0] == 1
+    if not isinstance(input_ids, torch.Tensor) or not (input_ids.ndim == 1 or squeeze):
+        shape = getattr(input_ids, "shape", input_ids)
+        raise ValueError(f"input_ids must be a packed [total] or [1, total] tensor, got {shape}")
+    ids = input_ids[0] if squeeze else input_ids
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.int32).cpu()
+    if cu.ndim != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != ids.shape[0] or bool((cu.diff() < 0).any()):
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to total={ids.shape[0]} (the packed length), got {cu.tolist()}"
+        )
+    out: Dict[str, object] = {
+        "input_ids": shard_varlen(ids, cu, mesh, dim=0, causal=causal).unsqueeze(0),
+        "position_ids": position_ids_varlen(cu, mesh, causal=causal, device=ids.device).unsqueeze(0),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": int(cu.diff().max()),
+        "max_length_k": int(cu.diff().max()),
+    }
+    if labels is not None:
+        labels = labels[0] if labels.ndim == 2 else labels
+        if tuple(labels.shape) != tuple(ids.shape):
+            raise ValueError(f"labels must have the shape of input_ids {tuple(ids.shape)}, got {tuple(labels.shape)}")
+        targets = shift_labels(labels, ignore_index)
+        ends = cu[1:].long() - 1  # each document's last token predicts nothing (the next token is another document)
+        targets[ends[ends >= 0].to(targets.device)] = ignore_index
+        out["shift_labels"] = shard_varlen(targets, cu, mesh, dim=0, causal=causal, pad_value=ignore_index).unsqueeze(0)
+    return out
+
+
 def _sequence_parallel_all_reduce(x: Tensor, mesh: SequenceParallelMesh) -> Tensor:
     """Sum ``x`` in place over the whole U x R block: over the Ulysses group, then over the ring group."""
     if mesh.ulysses > 1:
@@ -232,11 +292,14 @@ def all_reduce_gradients(
     if mesh.sequence_parallel_size == 1 and dp_size == 1:
         return
     for bucket in _buckets(grads, bucket_bytes):
-        flat = torch.cat([g.reshape(-1) for g in bucket]) if len(bucket) > 1 else bucket[0].reshape(-1).clone()
+        in_place = len(bucket) == 1 and bucket[0].is_contiguous()
+        flat = bucket[0].view(-1) if in_place else torch.cat([g.reshape(-1) for g in bucket])
         _sequence_parallel_all_reduce(flat, mesh)
         if dp_size > 1:
             dist.all_reduce(flat, group=data_parallel_group)
             flat.div_(dp_size)
+        if in_place:
+            continue
         offset = 0
         for g in bucket:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -180,20 +180,37 @@ def attention_forward(
     return out, None
 
 
-def _varlen(binding: _Binding, query, key, value, is_causal, scaling, kwargs) -> Tensor:
-    """Packed batches (``cu_seq_lens_q``): ``usp.long_context_attention_varlen`` when it exists (issue 6)."""
+def _varlen_function():
+    """``long_context_attention_varlen`` (issue 6), or None while this usp has no varlen path."""
     import usp
 
-    varlen = getattr(usp, "long_context_attention_varlen", None)
+    function = getattr(usp, "long_context_attention_varlen", None)
+    if function is None:
+        try:
+            from ..varlen import long_context_attention_varlen as function
+        except ImportError:
+            return None
+    return function
+
+
+def _varlen(binding: _Binding, query, key, value, is_causal, scaling, kwargs) -> Tensor:
+    """Packed batches (``cu_seq_lens_q``): one packed row through ``long_context_attention_varlen``.
+
+    ``cu_seq_lens_q`` are the *global* document boundaries (``shard_packed_batch`` returns them), the local rows are
+    ``usp.varlen.shard_varlen``'s shard, padding included.
+    """
+    varlen = _varlen_function()
     if varlen is None:
         raise NotImplementedError(
             "packed batches (cu_seq_lens_q/cu_seq_lens_k) need usp's varlen path "
             "(usp.long_context_attention_varlen), which this usp version does not have yet"
         )
     cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
-    if query.shape[0] != 1 or (cu_k is not None and not torch.equal(cu_q, cu_k)):
-        raise ValueError("the varlen path takes one packed row (batch 1) with cu_seq_lens_k == cu_seq_lens_q")
-    # [1, h, total, d] -> [total, h, d] (flash_attn_varlen_func layout)
+    if query.shape[0] != 1:
+        raise ValueError(f"the varlen path takes one packed row (batch 1), got batch {query.shape[0]}")
+    if cu_k is not None and cu_k is not cu_q and not torch.equal(torch.as_tensor(cu_q), torch.as_tensor(cu_k)):
+        raise ValueError("usp's varlen path is self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
+    # [1, h, t_local, d] -> [t_local, h, d] (flash_attn_varlen_func layout), views
     out = varlen(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
@@ -282,14 +299,15 @@ def _install(mode: str) -> None:
         if mask_interface is not None:
             mask_interface.register(ATTN_IMPLEMENTATION, mask_function)
         return
-    for name in REPLACEABLE:
-        current = attention_interface._global_mapping.get(name)
-        if current is not None and not isinstance(current, _ReplacedAttention):
-            attention_interface.register(name, _ReplacedAttention(name, current))
-        if mask_interface is not None:
-            current = mask_interface._global_mapping.get(name)
-            if current is not None and not isinstance(current, _ReplacedMask):
-                mask_interface.register(name, _ReplacedMask(name, current))
+    # a fresh interface instance has no local overrides: indexing it reads the library-wide entry
+    for interface, wrapper in ((attention_interface, _ReplacedAttention), (mask_interface, _ReplacedMask)):
+        if interface is None:
+            continue
+        entries = interface()
+        for name in REPLACEABLE:
+            current = entries.get(name)
+            if current is not None and not isinstance(current, wrapper):
+                interface.register(name, wrapper(name, current))
 
 
 def _configs(model: nn.Module):

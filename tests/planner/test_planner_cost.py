@@ -37,9 +37,14 @@ def test_pure_ulysses_by_hand():
     assert bwd.compute == pytest.approx(2.5 * flops / 50e12)
     buf = 1 * (4096 / 4) * 8 * 64 * 2                       # b·(s/P)·H·d·B = 1 MiB for Q (and K, V, O: MHA)
     assert buf == MiB
-    one_call = 5e-6 + (buf / 4) * 3 / 100e9                 # latency + (M/U) x 3 flows per GPU link / 100 GB/s
+    # H/U = Hkv/U = 2 are even: G = 2 head groups, every call moves buf/2 = 0.5 MiB
+    one_call = 5e-6 + (buf / 2 / 4) * 3 / 100e9             # latency + (M/U) x 3 flows per GPU link / 100 GB/s
+    t_fwd, t_bwd = flops / 2 / 100e12, 2.5 * flops / 2 / 50e12  # one group's compute: 42.9 us, 214.7 us
+    # forward: group 0's Q, K, V in (3 calls) and group 1's O out (1 call) exposed; group 1's inputs (26.8 us) and
+    # group 0's output (8.9 us) hide under the other group's compute. Backward: 1 dO in + 3 grads out exposed.
+    assert 3 * one_call < t_fwd and 3 * one_call < t_bwd
     assert fwd.all_to_all == pytest.approx(4 * one_call) and bwd.all_to_all == pytest.approx(4 * one_call)
-    assert fwd.a2a_calls == bwd.a2a_calls == 4
+    assert fwd.a2a_calls == bwd.a2a_calls == 8
     assert fwd.a2a_bytes == pytest.approx(4 * 0.75 * MiB)  # (U-1)/U of each buffer leaves the rank
     assert fwd.ring_exposed == bwd.ring_exposed == 0 and fwd.ring_transfers == 0
     assert fwd.total == pytest.approx(fwd.compute + fwd.all_to_all)
@@ -56,12 +61,12 @@ def test_pure_ring_by_hand():
     assert fwd.compute + fwd.ring_exposed == pytest.approx(3 * (alpha + max(c, n_kv / bw)) + c)
     assert fwd.ring_transfers == 3 and fwd.ring_bytes == 3 * n_kv
     cb = 2.5 * 4 * 8 * 1024 * 1024 * 64 / 50e12
-    expected = ((alpha + max(cb, n_kv / bw))                 # step 0: KV for step 1
-                + 2 * (2 * alpha + max(cb, (n_kv + n_dkv) / bw))  # steps 1, 2: KV and the previous dKV
-                + (alpha + max(cb, n_dkv / bw))              # step 3: the previous dKV
-                + (alpha + n_dkv / bw))                      # the last dKV goes home, exposed
+    # reverse walk j = 3, 2, 1, 0, starting on the K/V kept from the forward
+    expected = ((alpha + max(cb, n_kv / bw))                 # j = 3: K/V to the previous rank
+                + 2 * (2 * alpha + max(cb, (n_kv + n_dkv) / bw))  # j = 2, 1: K/V and the dKV of step j+1
+                + (alpha + max(cb, n_dkv / bw)))             # j = 0: the last dKV, under the diagonal block
     assert bwd.compute + bwd.ring_exposed == pytest.approx(expected)
-    assert bwd.ring_transfers == 7 and bwd.ring_bytes == 3 * n_kv + 4 * n_dkv
+    assert bwd.ring_transfers == 6 and bwd.ring_bytes == 3 * n_kv + 3 * n_dkv
     assert fwd.a2a_calls == 0 and fwd.all_to_all == 0
 
 
@@ -78,7 +83,7 @@ def test_causal_zigzag_flops_and_blocks():
     fwd, bwd, _ = evaluate(toy(), shape, 2, 2)
     total = 4 * 8 * 8192**2 * 64 / 2                        # causal: half of 4·b·H·s²·d
     assert fwd.flops == pytest.approx(total / 4)            # zigzag balances: every rank does 1/P
-    assert fwd.kernel_calls == 2                            # R blocks: the causal diagonal + one half block
+    assert fwd.kernel_calls == 2 * 2                        # G = 2 head groups x R blocks (diagonal + half)
     blocks = CostModel.blocks(shape, 4)
     assert [b.causal for b in blocks] == [True, False, False, False]
     assert blocks[1].q * blocks[1].k == pytest.approx(0.5 * blocks[0].q * blocks[0].k)
@@ -90,7 +95,7 @@ def test_merge_traffic_by_hand():
     g_h = q_h + 2 * q_h                                     # dq + dK + dV (MHA)
     B = 2
     fwd_bytes = 3 * (16 + B) * q_h + (B + 4) * q_h + (4 + B) * q_h
-    bwd_bytes = (B + 4) * g_h + 3 * (8 + B) * g_h + (4 + B) * g_h
+    bwd_bytes = 4 * g_h + 4 * (8 + B) * g_h + (4 + B) * g_h  # zero-fill, 4 add_ steps, final casts
     assert fwd.merge == pytest.approx(fwd_bytes / 1e12)
     assert bwd.merge == pytest.approx(bwd_bytes / 1e12)
     f_u, _, _ = evaluate(toy(memory_bandwidth=1000), SHAPE, 4, 1)
@@ -103,11 +108,11 @@ def test_memory_by_hand():
     q_h = kv_h = 2048 * 4 * 64                              # b·(s/R)·(H/U)·d, MHA
     lse = 4 * 2048
     B = 2
-    saved = B * (2 * q_h + 2 * kv_h) + 4 * lse
+    saved = B * (2 * q_h + 2 * kv_h) + 4 * lse + 2 * kv_h * B  # + the forward's last K/V (G = 2 halves)
     fwd = 2 * q_h * B + (1 * 2 * kv_h * B) + 4 * q_h + q_h * B + 8 * lse
     bwd = 2 * q_h * B + 2 * (q_h + 2 * kv_h) * B + 4 * q_h + 4 * q_h + 16 * kv_h + 2 * kv_h * B
     assert (mem.saved, mem.forward_transient, mem.backward_transient) == (saved, fwd, bwd)
-    assert mem.peak == saved + max(fwd, bwd) == 27_295_744
+    assert mem.peak == saved + max(fwd, bwd) == 29_392_896
 
 
 def test_kv_replication():
@@ -125,9 +130,12 @@ def test_measured_all_to_all_replaces_the_graph_estimate():
     topo = Topology.preset("h100-nvlink-2x")
     shape = Shape(seqlen=16384, heads=32, kv_heads=32, head_dim=128)
     fwd, _, _ = CostModel(topo, 2).evaluate(shape, 2, 1, "ulysses_inner", topo.kernel()[0])
-    buf = 8192 * 32 * 128 * 2
+    buf = 8192 * 32 * 128 * 2 / 2                           # H/U = 16 is even: G = 2, each call moves half
     fit = topo.measured_a2a(2, 1)
-    assert fwd.all_to_all == pytest.approx(4 * (fit.time(buf) + 4 * buf / topo.memory_bandwidth))
+    # exposed: group 0's Q, K, V in and group 1's O out (the other four hide under ~0.9 ms of group compute);
+    # staging copies of all 8 calls
+    assert 3 * fit.time(buf) < fwd.compute / 2
+    assert fwd.all_to_all == pytest.approx(4 * fit.time(buf) + 8 * 4 * buf / topo.memory_bandwidth)
 
 
 def test_seqlen_multiple_matches_the_core():
