@@ -2,7 +2,7 @@
 
 Each world size is started once (module-scoped fixture) and runs every case of every mesh of that size; the tests
 below then assert per mesh. Meshes: 1x2, 2x1 (2 ranks); 2x2, 1x4, 4x1 and data-parallel 2 x (1x2), 2 x (2x1)
-(4 ranks); 2x4, 4x2 (8 ranks), plus the ring-inner placement.
+(4 ranks); 2x4, 4x2, 8x1, 1x8 (8 ranks), plus the ring-inner placement.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from attention_cases import Case, check_result, run_cases, standard_cases
 from distributed import run_world
 
-MESHES = {2: [(1, 2), (2, 1)], 4: [(2, 2), (1, 4), (4, 1)], 8: [(2, 4), (4, 2)]}
+MESHES = {2: [(1, 2), (2, 1)], 4: [(2, 2), (1, 4), (4, 1)], 8: [(2, 4), (4, 2), (8, 1), (1, 8)]}
 
 
 def _cases_for_world(world_size):
