@@ -8,6 +8,8 @@ from .attention import LongContextAttention, long_context_attention
 from .kernels import AttentionKernel, available_backends, resolve_backend
 from .layout import gather, position_ids, shard
 from .mesh import Placement, SequenceParallelMesh
+from .varlen import (LongContextAttentionVarlen, VarlenLayout, gather_varlen, long_context_attention_varlen,
+                     padding_mask_varlen, position_ids_varlen, shard_varlen, varlen_layout)
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,14 @@ __all__ = [
     "position_ids",
     "resolve_backend",
     "shard",
+    "LongContextAttentionVarlen",
+    "VarlenLayout",
+    "gather_varlen",
+    "long_context_attention_varlen",
+    "padding_mask_varlen",
+    "position_ids_varlen",
+    "shard_varlen",
+    "varlen_layout",
 ]
 
 

@@ -194,8 +194,19 @@ class LongContextAttention(nn.Module):
         """The kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
         return resolve_backend(self.backend, q.device, q.dtype, q.shape[-1])
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """``q [b, s_local, h, d]``, ``k, v [b, s_local, h_kv, d]`` -> ``[b, s_local, h, d]``."""
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, max_seqlen: Optional[int] = None) -> Tensor:
+        """Dense: ``q [b, s_local, h, d]``, ``k, v [b, s_local, h_kv, d]`` -> ``[b, s_local, h, d]``.
+
+        Packed documents: ``q [t_local, h, d]``, ``k, v [t_local, h_kv, d]`` with the *global* ``cu_seqlens``
+        (see ``usp.long_context_attention_varlen``) -> ``[t_local, h, d]``.
+        """
+        if cu_seqlens is not None:
+            from .varlen import long_context_attention_varlen  # lazy: varlen imports this module
+
+            return long_context_attention_varlen(q, k, v, cu_seqlens, max_seqlen, self.mesh, causal=self.causal,
+                                                 softmax_scale=self.softmax_scale, backend=self.backend)
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is only for packed batches: pass cu_seqlens too (or neither)")
         return long_context_attention(
             q, k, v, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend
         )

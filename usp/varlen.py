@@ -43,7 +43,7 @@ import math
 import numbers
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -98,6 +98,13 @@ class VarlenLayout:
     chunk_sizes: Tuple[int, ...]
     #: chunk size of the padding-only document (0: none)
     pad_chunk: int
+
+    def __post_init__(self):
+        # hashed on every attention call (caches keyed on the layout): compute it once
+        object.__setattr__(self, "_hash", hash(dataclasses.astuple(self)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def zigzag(self) -> bool:
@@ -213,7 +220,9 @@ def _cu_seqlens_tuple(cu_seqlens, argument: str = "cu_seqlens") -> Tuple[int, ..
             raise TypeError(f"{argument} must hold ints, got {cu_seqlens!r}")
         values = tuple(int(x) for x in cu_seqlens)
     else:
-        raise TypeError(f"{argument} must be a 1-D integer torch.Tensor or a list of ints, got {type(cu_seqlens).__name__}")
+        raise TypeError(
+            f"{argument} must be a 1-D integer torch.Tensor or a list of ints, got {type(cu_seqlens).__name__}"
+        )
     if len(values) < 2:
         raise ValueError(f"{argument} must have at least 2 entries [0, ..., total], got {list(values)}")
     if values[0] != 0:
@@ -319,6 +328,14 @@ def padding_mask_varlen(cu_seqlens, mesh: SequenceParallelMesh, causal: bool = T
     return mask.to(device) if device is not None else mask
 
 
+@functools.lru_cache(maxsize=64)
+def _device_padding(layout: VarlenLayout, ulysses_rank: int, ring_rank: int, device: torch.device) -> Optional[Tensor]:
+    """This rank's padding mask on ``device`` (built once), ``None`` when the shard has no padding."""
+    packed, _ = layout.local_rows(ulysses_rank, ring_rank)
+    padding = packed < 0
+    return padding.to(device) if bool(padding.any()) else None
+
+
 # ---------------------------------------------------------------------------------------------- schedule
 class VarlenSchedule:
     """The dense ring schedule (``usp.layout.schedule_for``) with each block's varlen calls attached as its
@@ -397,8 +414,9 @@ def _schedule_for_layout(layout: VarlenLayout) -> VarlenSchedule:
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def kv_replication(kv_heads: int, ulysses: int) -> int:
-    """How many times each K/V head is repeated so that ``ulysses`` divides the K/V head count (as the dense path)."""
+def _kv_replication(kv_heads: int, ulysses: int) -> int:
+    """``usp.attention.kv_replication``'s rule (repeat each K/V head so that ``ulysses`` divides their count), kept
+    here so that ``usp.attention`` can import this module without a cycle."""
     return math.lcm(kv_heads, ulysses) // kv_heads
 
 
@@ -510,7 +528,7 @@ def long_context_attention_varlen(
     ulysses = mesh.ulysses
     q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one packed row: [1, t, h, d]
     if ulysses > 1:
-        repeat = kv_replication(k.shape[2], ulysses)
+        repeat = _kv_replication(k.shape[2], ulysses)
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=2)
             v = v.repeat_interleave(repeat, dim=2)
@@ -523,11 +541,8 @@ def long_context_attention_varlen(
     if ulysses > 1:
         out = all_to_all_heads_to_seq(out, mesh.ulysses_group)
     out = out[0]
-    packed, _ = _local_rows(layout, mesh)
-    padding = packed < 0
-    has_padding = bool(padding.any())
-    if has_padding:
-        padding = padding.to(out.device)
+    padding = _device_padding(layout, mesh.ulysses_rank, mesh.ring_rank, out.device)
+    if padding is not None:
         # zero output at padding rows; its backward zeroes the incoming gradient there (Note [varlen zigzag layout])
         out = out.masked_fill(padding[:, None, None], 0.0)
     if not return_lse:
@@ -537,7 +552,7 @@ def long_context_attention_varlen(
         lse = _heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), mesh.ulysses_group, ulysses)
         lse = lse.squeeze(-1).transpose(1, 2)
     lse = lse[0].contiguous()
-    if has_padding:
+    if padding is not None:
         lse = lse.masked_fill(padding[None, :], float("-inf"))
     return out, lse
 

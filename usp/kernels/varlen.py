@@ -244,10 +244,16 @@ class TorchFlashVarlenKernel(VarlenKernel):
     def _head_dim_reason(self, head_dim: int) -> Optional[str]:
         return head_dim_range_reason(self.name, head_dim, 8, 256, 8)
 
+    @staticmethod
+    def _max_q(seqs: VarlenSeqs) -> int:
+        # max_seqlen_q is an upper bound (grid size). At exactly 1, FA2's forward takes its decoding shortcut for
+        # GQA (one query per sequence, reshaped per KV head), which is wrong when some query sequences are empty.
+        return max(seqs.max_q, 2)
+
     def forward(self, q, k, v, seqs, causal, scale):
         cu_q, cu_k = seqs.cu_tensors(q.device)
         result = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, seqs.max_q, seqs.max_k, 0.0, causal, False, scale=scale
+            q, k, v, cu_q, cu_k, self._max_q(seqs), seqs.max_k, 0.0, causal, False, scale=scale
         )
         return result[0], result[1]
 
@@ -255,7 +261,7 @@ class TorchFlashVarlenKernel(VarlenKernel):
         cu_q, cu_k = seqs.cu_tensors(q.device)
         philox = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused: dropout is 0
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse.contiguous(), cu_q, cu_k, seqs.max_q, seqs.max_k, 0.0, causal,
+            dout, q, k, v, out, lse.contiguous(), cu_q, cu_k, self._max_q(seqs), seqs.max_k, 0.0, causal,
             philox, philox, scale=scale,
         )
         return dq, dk, dv
@@ -419,8 +425,9 @@ class VarlenBlockKernel(AttentionKernel):
     """The ring loop's kernel for packed documents: runs the ``VarlenBlock`` it gets as ``causal`` with ``kernel``.
 
     Takes the ring's ``[1, s, h, d]`` tensors and ``[1, h, s]`` LSE (batch 1: the packed rows). A block of one call
-    returns the kernel's results as they are (input dtype); a block of several returns float32 accumulators (the
-    ring loop merges and casts them), so no partial result is rounded to the input dtype twice.
+    returns the kernel's results as they are (input dtype). Otherwise the output is float32 where calls are merged
+    and the gradients are float32 sums (the ring loop accumulates and casts them at the end), so no partial result
+    is rounded to the input dtype twice. ``R == 1`` blocks are always one call, so there the input dtype comes back.
     """
 
     def __init__(self, kernel: VarlenKernel):

@@ -1,0 +1,234 @@
+"""Packed variable-length documents (``usp.varlen``): layout, kernels, and the distributed path against a per-document
+fp64 reference, on CPU with gloo.
+
+Each world size (2, 4, 8 ranks) is started once (module fixture) and runs every case of every mesh of that size plus
+the validation checks; the cases and the pass rule are in ``varlen_cases.py``.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from distributed import run_world
+from usp.kernels.varlen import (
+    ReferenceVarlenKernel,
+    VarlenBlock,
+    VarlenBlockKernel,
+    VarlenCall,
+    VarlenSeqs,
+    resolve_varlen_backend,
+)
+from usp.varlen import VarlenSchedule, _build_layout
+from varlen_cases import (
+    EXPECTED_ERRORS,
+    VarlenCase,
+    cases_for,
+    check_varlen_result,
+    module_check,
+    per_document_reference,
+    run_varlen_case,
+    scenario_lengths,
+    validation_checks,
+)
+
+MESHES = {2: [(1, 2), (2, 1)], 4: [(2, 2), (1, 4), (4, 1)], 8: [(2, 4), (4, 2)]}
+
+
+def _world_main(rank, world_size, meshes, full):
+    import usp
+
+    torch.manual_seed(1234)  # every rank draws the same inputs in validation_checks
+    device = torch.device("cpu")
+    out = {"cases": [], "validation": {}, "module": {}}
+    for u, r in meshes:
+        mesh = usp.SequenceParallelMesh(ulysses=u, ring=r)
+        for case in cases_for(u, r, full=full):
+            out["cases"].append(run_varlen_case(case, mesh, device))
+        out["validation"][f"{u}x{r}"] = validation_checks(mesh)
+        out["module"][f"{u}x{r}"] = module_check(mesh, device)
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(MESHES))
+def world_results(request):
+    world_size = request.param
+    # 8 ranks on the CPU machine's 2 cores: the reduced case list
+    return world_size, run_world(world_size, _world_main, MESHES[world_size], world_size < 8, timeout=240)
+
+
+@pytest.mark.timeout(300)
+def test_varlen_matches_per_document_reference(world_results):
+    world_size, per_rank = world_results
+    failures = []
+    for rank, results in enumerate(per_rank):
+        for result in results["cases"]:
+            for problem in check_varlen_result(result):
+                failures.append(f"rank {rank} {VarlenCase(**result['case']).name()}: {problem}")
+    assert not failures, "\n".join(failures[:40])
+    # every mesh ran every case on every rank
+    assert len({len(r["cases"]) for r in per_rank}) == 1
+
+
+@pytest.mark.timeout(300)
+def test_varlen_bad_inputs_raise_on_every_rank(world_results):
+    _, per_rank = world_results
+    failures = []
+    for rank, results in enumerate(per_rank):
+        for mesh_name, checks in results["validation"].items():
+            for check, (kind, message) in checks.items():
+                want_kind, pattern = EXPECTED_ERRORS[check]
+                if kind != want_kind or not re.search(pattern, message):
+                    failures.append(f"rank {rank} mesh {mesh_name} {check}: got {kind}: {message!r}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.timeout(300)
+def test_varlen_module_equals_functional(world_results):
+    _, per_rank = world_results
+    failures = [f"rank {rank} mesh {mesh}: {check}" for rank, results in enumerate(per_rank)
+                for mesh, checks in results["module"].items() for check, ok in checks.items() if not ok]
+    assert not failures, "\n".join(failures)
+
+
+# ---------------------------------------------------------------------------------------------- single process
+@pytest.mark.parametrize("ulysses,ring,causal", [(1, 2, True), (2, 2, True), (4, 2, False), (2, 4, True),
+                                                 (3, 1, True), (1, 3, False), (2, 3, True)])
+@pytest.mark.parametrize("scenario", ["short", "one_doc", "tiny_many", "exact", "mixed"])
+def test_layout_places_every_token_once(ulysses, ring, causal, scenario):
+    lengths = scenario_lengths(scenario, ulysses, ring)
+    cu = tuple(torch.tensor((0,) + lengths).cumsum(0).tolist())
+    layout = _build_layout(cu, ulysses, ring, causal)
+    seen, padding = [], 0
+    for r in range(ring):
+        for u in range(ulysses):
+            packed, position = layout.local_rows(u, r)
+            assert packed.numel() == layout.local_tokens
+            real = packed >= 0
+            seen.append(packed[real])
+            padding += int((~real).sum())
+            # positions restart at every document
+            doc_start = torch.tensor(cu[:-1])[torch.searchsorted(torch.tensor(cu[1:]), packed[real], right=True)]
+            assert torch.equal(position[real], packed[real] - doc_start)
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(cu[-1]))
+    assert padding == layout.padding == layout.padded_total - cu[-1]
+    assert layout.ring_tokens % ulysses == 0
+    if scenario == "exact":
+        assert layout.padding == 0
+
+
+def _causal_work(layout, ring_rank):
+    """Real (query, key) pairs a ring rank's queries attend under causal masking: sum of (position + 1)."""
+    packed, position = layout.ring_rows(ring_rank)
+    return int((position[packed >= 0] + 1).sum())
+
+
+def test_layout_balances_causal_work_per_document():
+    # one long document and many short ones: contiguous cutting would give the last ring rank most of the work
+    lengths = (4096,) + (37, 5, 1, 200, 3) * 20
+    cu = tuple(torch.tensor((0,) + lengths).cumsum(0).tolist())
+    layout = _build_layout(cu, 1, 4, True)
+    work = [_causal_work(layout, r) for r in range(4)]
+    assert max(work) / min(work) < 1.02, work
+    # the kernel work (every call's rows, padding included) is identical on every rank by construction
+    assert len({tuple(layout.chunk_sizes)}) == 1
+
+
+def test_reference_varlen_kernel_matches_per_document_dense_with_empty_sequences():
+    torch.manual_seed(0)
+    lengths = (3, 0, 5, 1, 4)
+    total, h, kvh, d, scale = sum(lengths), 4, 2, 8, 0.3
+    q, dout = torch.randn(total, h, d, dtype=torch.float64), torch.randn(total, h, d, dtype=torch.float64)
+    k, v = torch.randn(total, kvh, d, dtype=torch.float64), torch.randn(total, kvh, d, dtype=torch.float64)
+    kernel = ReferenceVarlenKernel()
+    for causal in (True, False):
+        seqs = VarlenSeqs(lengths, lengths)
+        out, lse = kernel.forward(q, k, v, seqs, causal, scale)
+        grads = kernel.backward(dout, q, k, v, out, lse, seqs, causal, scale)
+        truth = per_document_reference(q, k, v, dout, lengths, causal, scale)
+        for got, want in zip((out, lse) + tuple(grads), truth.values()):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_varlen_is_bottom_right_aligned():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 1, 8, dtype=torch.float64), torch.randn(5, 1, 8, dtype=torch.float64), \
+        torch.randn(5, 1, 8, dtype=torch.float64)
+    out, lse = ReferenceVarlenKernel().forward(q, k, v, VarlenSeqs([2], [5]), True, 1.0)
+    scores = (q[:, 0] @ k[:, 0].T)
+    scores[0, 4] = float("-inf")  # query 0 (aligned to key 3) must not see key 4
+    torch.testing.assert_close(lse[0], torch.logsumexp(scores, -1), rtol=1e-12, atol=1e-12)
+
+
+def test_block_kernel_enforces_empty_sequence_semantics():
+    torch.manual_seed(3)
+    # query seq 0 has no keys; key seq 2 has no queries
+    seqs = VarlenSeqs([2, 3, 0], [0, 4, 2])
+    q, dout = torch.randn(1, 5, 2, 8, dtype=torch.float64), torch.randn(1, 5, 2, 8, dtype=torch.float64)
+    k, v = torch.randn(1, 6, 2, 8, dtype=torch.float64), torch.randn(1, 6, 2, 8, dtype=torch.float64)
+    block = VarlenBlock([VarlenCall(slice(0, 5), slice(0, 6), seqs, False)], 5, 6)
+
+    class Garbage(ReferenceVarlenKernel):
+        """A kernel that writes garbage where sequences are empty (what a GPU kernel may leave there)."""
+
+        def forward(self, *args):
+            out, lse = super().forward(*args)
+            out[:2] = float("nan")
+            lse[:, :2] = float("inf")
+            return out, lse
+
+        def backward(self, *args):
+            dq, dk, dv = super().backward(*args)
+            dq[:2], dk[4:], dv[4:] = 7.0, float("nan"), 3.0
+            return dq, dk, dv
+
+    for kernel in (ReferenceVarlenKernel(), Garbage()):
+        adapter = VarlenBlockKernel(kernel)
+        out, lse = adapter.forward(q, k, v, block, 0.5)
+        dq, dk, dv = adapter.backward(dout, q, k, v, out, lse, block, 0.5)
+        assert (out[0, :2] == 0).all() and torch.isneginf(lse[0, :, :2]).all()
+        assert (dq[0, :2] == 0).all() and (dk[0, 4:] == 0).all() and (dv[0, 4:] == 0).all()
+        assert torch.isfinite(out).all() and torch.isfinite(dq).all()
+
+
+def test_zigzag_blocks_equal_one_call_per_document():
+    """The three-call diagonal block (heads x heads, tails x heads, tails x tails) merged equals causal attention
+    over each document's [head, tail] rows computed in one call."""
+    torch.manual_seed(4)
+    cu = (0, 9, 10, 23)
+    layout = _build_layout(cu, 1, 2, True)
+    schedule = VarlenSchedule(layout)
+    task = schedule.block(0, 0, 2, layout.ring_tokens)
+    c = sum(layout.chunk_sizes)
+    s, h, d = 2 * c, 2, 8
+    q, k, v, dout = (torch.randn(1, s, h, d, dtype=torch.float64) for _ in range(4))
+    adapter = VarlenBlockKernel(ReferenceVarlenKernel())
+    out, lse = adapter.forward(q, k, v, task.kernel_mask, 0.4)
+    grads = adapter.backward(dout, q, k, v, out, lse, task.kernel_mask, 0.4)
+    # reorder to [head_j, tail_j] per document and run one causal call per document
+    order = torch.cat([torch.cat([torch.arange(a, a + n), c + torch.arange(a, a + n)])
+                       for a, n in zip(torch.tensor(layout.chunk_sizes).cumsum(0) - torch.tensor(layout.chunk_sizes),
+                                       layout.chunk_sizes)])
+    sizes = [2 * n for n in layout.chunk_sizes]
+    want = per_document_reference(*(x[0, order] for x in (q, k, v, dout)), sizes, True, 0.4)
+    torch.testing.assert_close(out[0, order], want["out"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse[0][:, order], want["lse"], rtol=1e-12, atol=1e-12)
+    for got, name in zip(grads, ("dq", "dk", "dv")):
+        torch.testing.assert_close(got[0, order], want[name], rtol=1e-12, atol=1e-12)
+
+
+def test_block_rejects_uncovered_rows():
+    seqs = VarlenSeqs([2], [2])
+    with pytest.raises(ValueError, match="cover every key row"):
+        VarlenBlock([VarlenCall(slice(0, 2), slice(0, 2), seqs, False)], 2, 3)
+    with pytest.raises(ValueError, match="does not match its rows"):
+        VarlenBlock([VarlenCall(slice(0, 3), slice(0, 2), seqs, False)], 3, 2)
+
+
+def test_resolve_varlen_backend_names_valid_values():
+    assert resolve_varlen_backend("auto", torch.device("cpu"), torch.float32, 64).name == "reference"
+    with pytest.raises(ValueError, match=r"backend='fa2' has no varlen kernel; valid values .*'reference'"):
+        resolve_varlen_backend("fa2", torch.device("cpu"), torch.float32, 64)
+    with pytest.raises(TypeError, match="backend must be a str or usp.kernels.varlen.VarlenKernel"):
+        resolve_varlen_backend(3, torch.device("cpu"), torch.float32, 64)
