@@ -144,7 +144,7 @@ def test_kv_replication_is_smallest_count_divisible_by_ulysses():
 def test_backend_auto_on_cpu_is_reference_and_errors_name_valid_values():
     assert resolve_backend("auto", torch.device("cpu"), torch.bfloat16, 80).name == "reference"
     assert set(BACKENDS) == {"fa4", "fa2", "cudnn", "torch_flash", "reference"}
-    with pytest.raises(ValueError, match="valid values: 'auto'"):
+    with pytest.raises(ValueError, match="valid values for the dense path: 'auto'"):
         resolve_backend("nope", torch.device("cpu"), torch.float32, 64)
     with pytest.raises(ValueError, match="cannot run here"):
         resolve_backend("cudnn", torch.device("cpu"), torch.bfloat16, 64)

@@ -50,7 +50,7 @@ def _bad_calls(mesh_u, mesh_r):
         ("sequence mismatch", "ValueError", r"sequence mismatch", lambda: attn(q, t(1, 2, 2, 16), t(1, 2, 2, 16), mesh)),
         ("head_dim the backend cannot do", "ValueError", r"head_dim",
          lambda: attn(t(1, 4, 4, 80), t(1, 4, 2, 80), t(1, 4, 2, 80), mesh, backend=NoHeadDim80())),
-        ("unknown backend", "ValueError", r"valid values: 'auto'", lambda: attn(q, k, v, mesh, backend="flashy")),
+        ("unknown backend", "ValueError", r"valid values for the dense path: 'auto'", lambda: attn(q, k, v, mesh, backend="flashy")),
         ("backend not available here", "ValueError", r"cannot run here", lambda: attn(q, k, v, mesh, backend="cudnn")),
         ("backend wrong type", "TypeError", r"backend", lambda: attn(q, k, v, mesh, backend=3)),
         ("integer tensors", "TypeError", r"floating-point", lambda: attn(q.long(), k.long(), v.long(), mesh)),

@@ -102,21 +102,31 @@ def _validate(q, k, v, mesh, causal, softmax_scale, backend) -> Tuple[AttentionK
         s * mesh.ulysses * mesh.ring, mesh.ulysses, mesh.ring, causal,
         argument=f"sequence length (q.shape[1] * ulysses * ring = {s} * {mesh.ulysses} * {mesh.ring})",
     )
-    if softmax_scale is None:
-        scale = d ** -0.5
-    elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool) and softmax_scale > 0:
-        scale = float(softmax_scale)
-    else:
-        raise ValueError(f"softmax_scale must be None or a positive float, got {softmax_scale!r}")
+    scale = resolve_scale(softmax_scale, d)
     kernel = resolve_backend(backend, q.device, q.dtype, d)
-    if q.device.type == "cpu":
-        for axis, group, size in (("ulysses", mesh.ulysses_group, mesh.ulysses), ("ring", mesh.ring_group, mesh.ring)):
-            if size > 1 and dist.get_backend(group) == "nccl":
-                raise ValueError(
-                    f"q is on the CPU but the mesh's {axis} group uses NCCL; move q, k, v to the rank's GPU "
-                    f"or build the mesh on a gloo process group"
-                )
+    check_device_matches_mesh(q, mesh)
     return kernel, scale
+
+
+def resolve_scale(softmax_scale, head_dim: int) -> float:
+    """``softmax_scale`` validated, or the default ``head_dim ** -0.5``."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool) and softmax_scale > 0:
+        return float(softmax_scale)
+    raise ValueError(f"softmax_scale must be None or a positive float, got {softmax_scale!r}")
+
+
+def check_device_matches_mesh(q: Tensor, mesh: SequenceParallelMesh) -> None:
+    """CPU tensors cannot go through NCCL groups: say so instead of failing inside a collective."""
+    if q.device.type != "cpu":
+        return
+    for axis, group, size in (("ulysses", mesh.ulysses_group, mesh.ulysses), ("ring", mesh.ring_group, mesh.ring)):
+        if size > 1 and dist.get_backend(group) == "nccl":
+            raise ValueError(
+                f"q is on the CPU but the mesh's {axis} group uses NCCL; move q, k, v to the rank's GPU "
+                f"or build the mesh on a gloo process group"
+            )
 
 
 def long_context_attention(

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .attention import check_device_matches_mesh, resolve_scale
 from .comm.all_to_all import _heads_to_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads
 from .kernels.varlen import (
     VarlenBlock,
@@ -473,20 +473,9 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, back
             f"mesh (ulysses={mesh.ulysses}, ring={mesh.ring}, causal={causal}) gives {layout.local_tokens} rows per "
             f"rank; shard the packed batch with usp.shard_varlen(x, cu_seqlens, mesh, causal={causal})"
         )
-    if softmax_scale is None:
-        scale = d ** -0.5
-    elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool) and softmax_scale > 0:
-        scale = float(softmax_scale)
-    else:
-        raise ValueError(f"softmax_scale must be None or a positive float, got {softmax_scale!r}")
+    scale = resolve_scale(softmax_scale, d)
     kernel = resolve_varlen_backend(backend, q.device, q.dtype, d)
-    if q.device.type == "cpu":
-        for axis, group, size in (("ulysses", mesh.ulysses_group, mesh.ulysses), ("ring", mesh.ring_group, mesh.ring)):
-            if size > 1 and dist.get_backend(group) == "nccl":
-                raise ValueError(
-                    f"q is on the CPU but the mesh's {axis} group uses NCCL; move q, k, v to the rank's GPU "
-                    f"or build the mesh on a gloo process group"
-                )
+    check_device_matches_mesh(q, mesh)
     return layout, kernel, scale
 
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Union
 
 import torch
 
-from .base import AttentionKernel
+from .base import AttentionKernel, resolve_kernel
 from .flash_attn import FlashAttn2Kernel, FlashAttn4Kernel
 from .reference import ReferenceKernel
 from .sdpa import CudnnKernel, TorchFlashKernel
@@ -37,26 +37,4 @@ def resolve_backend(
     Raises ValueError naming the valid values if the name is unknown, or why the backend cannot run
     ``(device, dtype, head_dim)``.
     """
-    device = torch.device(device)
-    if isinstance(backend, AttentionKernel):
-        reason = backend.unsupported_reason(device, dtype, head_dim)
-        if reason:
-            raise ValueError(f"backend: {reason}")
-        return backend
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or AttentionKernel, got {type(backend).__name__}")
-    if backend == "auto":
-        reasons = []
-        for kernel in BACKENDS.values():
-            reason = kernel.unsupported_reason(device, dtype, head_dim)
-            if reason is None:
-                return kernel
-            reasons.append(reason)
-        raise ValueError("backend='auto' found no kernel for this input: " + "; ".join(reasons))
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is unknown; valid values: 'auto', " + ", ".join(map(repr, BACKENDS)))
-    kernel = BACKENDS[backend]
-    reason = kernel.unsupported_reason(device, dtype, head_dim)
-    if reason:
-        raise ValueError(f"backend={backend!r} cannot run here: {reason}; available: {available_backends()}")
-    return kernel
+    return resolve_kernel(backend, BACKENDS, AttentionKernel, device, dtype, head_dim, "dense")

@@ -23,10 +23,14 @@ import torch
 Tensor = torch.Tensor
 
 
-class AttentionKernel:
-    """Base class: subclasses set ``name`` and implement ``forward``/``backward`` and ``unsupported_reason``."""
+class KernelCapabilities:
+    """What every kernel family shares: a name, the dtypes and device types it runs, and why it cannot run an input.
+
+    ``label`` names the family in messages ("backend" for dense kernels, "varlen backend" for packed ones).
+    """
 
     name: str = "abstract"
+    label: str = "backend"
     #: dtypes the kernel accepts
     dtypes: Tuple[torch.dtype, ...] = ()
     #: device types the kernel runs on ("cpu", "cuda")
@@ -39,16 +43,23 @@ class AttentionKernel:
     def unsupported_reason(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
         """``None`` if the kernel handles this (device, dtype, head_dim); otherwise a human-readable reason."""
         if not self.is_available():
-            return f"backend {self.name!r} is not available in this environment"
+            return f"{self.label} {self.name!r} is not available in this environment"
         if device.type not in self.device_types:
-            return f"backend {self.name!r} runs on {'/'.join(self.device_types)}, not {device.type}"
+            return f"{self.label} {self.name!r} runs on {'/'.join(self.device_types)}, not {device.type}"
         if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            return f"backend {self.name!r} supports dtypes {names}, not {str(dtype).replace('torch.', '')}"
+            return f"{self.label} {self.name!r} supports dtypes {names}, not {str(dtype).replace('torch.', '')}"
         return self._head_dim_reason(head_dim)
 
     def _head_dim_reason(self, head_dim: int) -> Optional[str]:
         return None
+
+    def __repr__(self) -> str:
+        return f"<{self.label} {self.name!r}>"
+
+
+class AttentionKernel(KernelCapabilities):
+    """Dense kernels: subclasses set ``name`` and implement ``forward``/``backward`` (module docstring)."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -58,8 +69,37 @@ class AttentionKernel:
     ) -> Tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        return f"<attention kernel {self.name!r}>"
+
+def resolve_kernel(backend, registry: dict, kind: type, device, dtype: torch.dtype, head_dim: int, what: str):
+    """The kernel for ``backend`` ("auto", a name in ``registry`` or an instance of ``kind``); ``what`` names
+    the path in messages. Raises ValueError naming the valid values, or why the kernel cannot run this input."""
+    device = torch.device(device)
+    if isinstance(backend, kind):
+        reason = backend.unsupported_reason(device, dtype, head_dim)
+        if reason:
+            raise ValueError(f"backend: {reason}")
+        return backend
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or {kind.__module__}.{kind.__name__}, got {type(backend).__name__}")
+    if backend == "auto":
+        reasons = []
+        for kernel in registry.values():
+            reason = kernel.unsupported_reason(device, dtype, head_dim)
+            if reason is None:
+                return kernel
+            reasons.append(reason)
+        raise ValueError(f"backend='auto' found no {what} kernel for this input: " + "; ".join(reasons))
+    if backend not in registry:
+        raise ValueError(
+            f"backend={backend!r} has no {what} kernel; valid values for the {what} path: 'auto', "
+            + ", ".join(map(repr, registry))
+        )
+    kernel = registry[backend]
+    reason = kernel.unsupported_reason(device, dtype, head_dim)
+    if reason:
+        available = [name for name, k in registry.items() if k.is_available()]
+        raise ValueError(f"backend={backend!r} cannot run here: {reason}; available: {available}")
+    return kernel
 
 
 def head_dim_range_reason(name: str, head_dim: int, low: int, high: int, multiple: int) -> Optional[str]:

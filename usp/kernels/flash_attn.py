@@ -32,7 +32,10 @@ def _capability_major() -> int:
     return torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
 
 
-class FlashAttn4Kernel(AttentionKernel):
+class FlashAttn4Capabilities:
+    """Where flash-attn-4 runs (shared by the dense and the varlen kernel): Hopper or newer, head_dim 8..256 (8..128
+    past Hopper) in steps of 8, fp16/bf16."""
+
     name = "fa4"
     dtypes = _HALF
     device_types = ("cuda",)
@@ -46,6 +49,9 @@ class FlashAttn4Kernel(AttentionKernel):
     def _head_dim_reason(self, head_dim: int) -> Optional[str]:
         high = 256 if _capability_major() == 9 else 128
         return head_dim_range_reason(self.name, head_dim, 8, high, 8)
+
+
+class FlashAttn4Kernel(FlashAttn4Capabilities, AttentionKernel):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
         result = self._interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)

@@ -29,8 +29,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..merge import merge_attention_
-from .base import AttentionKernel, Tensor, head_dim_range_reason
-from .flash_attn import _capability_major, _import_optional
+from .base import AttentionKernel, KernelCapabilities, Tensor, head_dim_range_reason, resolve_kernel
+from .flash_attn import FlashAttn4Capabilities
+from .reference import _compute_dtype
 
 __all__ = [
     "VARLEN_BACKENDS",
@@ -125,44 +126,17 @@ class VarlenSeqs:
         return self._cached("rows", device, build)
 
 
-class VarlenKernel:
-    """Base class of the varlen kernels (module docstring): ``name``, ``dtypes``, ``device_types``,
-    ``is_available``, ``unsupported_reason``, ``forward`` and ``backward``."""
+class VarlenKernel(KernelCapabilities):
+    """Base class of the varlen kernels (module docstring): capabilities as for dense kernels, plus
+    ``forward(q, k, v, seqs, causal, scale)`` and ``backward(dout, q, k, v, out, lse, seqs, causal, scale)``."""
 
-    name: str = "abstract"
-    dtypes: Tuple[torch.dtype, ...] = ()
-    device_types: Tuple[str, ...] = ()
-
-    def is_available(self) -> bool:
-        return True
-
-    def unsupported_reason(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
-        """``None`` if the kernel handles ``(device, dtype, head_dim)``; otherwise why not."""
-        if not self.is_available():
-            return f"varlen backend {self.name!r} is not available in this environment"
-        if device.type not in self.device_types:
-            return f"varlen backend {self.name!r} runs on {'/'.join(self.device_types)}, not {device.type}"
-        if dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            return f"varlen backend {self.name!r} supports dtypes {names}, not {str(dtype).replace('torch.', '')}"
-        return self._head_dim_reason(head_dim)
-
-    def _head_dim_reason(self, head_dim: int) -> Optional[str]:
-        return None
+    label = "varlen backend"
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, seqs: VarlenSeqs, causal: bool, scale: float):
         raise NotImplementedError
 
     def backward(self, dout, q, k, v, out, lse, seqs: VarlenSeqs, causal: bool, scale: float):
         raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<varlen attention kernel {self.name!r}>"
-
-
-# ---------------------------------------------------------------------------------------------- reference
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class ReferenceVarlenKernel(VarlenKernel):
@@ -267,23 +241,9 @@ class TorchFlashVarlenKernel(VarlenKernel):
         return dq, dk, dv
 
 
-class FlashAttn4VarlenKernel(VarlenKernel):
+class FlashAttn4VarlenKernel(FlashAttn4Capabilities, VarlenKernel):
     """flash-attn-4 (``flash_attn.cute.interface``) ``_flash_attn_fwd/_bwd`` with ``cu_seqlens_q/k`` and
     ``max_seqlen_q/k``; LSE ``[h, t_q]`` float32. Only documented keyword arguments are used."""
-
-    name = "fa4"
-    dtypes = _HALF
-    device_types = ("cuda",)
-
-    def _interface(self):
-        return _import_optional("flash_attn.cute.interface")
-
-    def is_available(self) -> bool:
-        return torch.cuda.is_available() and _capability_major() >= 9 and self._interface() is not None
-
-    def _head_dim_reason(self, head_dim: int) -> Optional[str]:
-        high = 256 if _capability_major() == 9 else 128
-        return head_dim_range_reason(self.name, head_dim, 8, high, 8)
 
     def forward(self, q, k, v, seqs, causal, scale):
         cu_q, cu_k = seqs.cu_tensors(q.device)
@@ -323,34 +283,7 @@ def resolve_varlen_backend(
     Raises ValueError naming the valid values when the name is unknown or the backend cannot run
     ``(device, dtype, head_dim)``; TypeError for anything else.
     """
-    device = torch.device(device)
-    if isinstance(backend, VarlenKernel):
-        reason = backend.unsupported_reason(device, dtype, head_dim)
-        if reason:
-            raise ValueError(f"backend: {reason}")
-        return backend
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or usp.kernels.varlen.VarlenKernel, got {type(backend).__name__}")
-    if backend == "auto":
-        reasons = []
-        for kernel in VARLEN_BACKENDS.values():
-            reason = kernel.unsupported_reason(device, dtype, head_dim)
-            if reason is None:
-                return kernel
-            reasons.append(reason)
-        raise ValueError("backend='auto' found no varlen kernel for this input: " + "; ".join(reasons))
-    if backend not in VARLEN_BACKENDS:
-        raise ValueError(
-            f"backend={backend!r} has no varlen kernel; valid values for the varlen path: 'auto', "
-            + ", ".join(map(repr, VARLEN_BACKENDS))
-        )
-    kernel = VARLEN_BACKENDS[backend]
-    reason = kernel.unsupported_reason(device, dtype, head_dim)
-    if reason:
-        raise ValueError(
-            f"backend={backend!r} cannot run here: {reason}; available varlen backends: {available_varlen_backends()}"
-        )
-    return kernel
+    return resolve_kernel(backend, VARLEN_BACKENDS, VarlenKernel, device, dtype, head_dim, "varlen")
 
 
 # ---------------------------------------------------------------------------------------------- ring adapter
