@@ -47,7 +47,7 @@ def _bad_calls(mesh_u, mesh_r):
         ("batch mismatch", "ValueError", r"batch", lambda: attn(q, t(2, 4, 2, 16), t(2, 4, 2, 16), mesh)),
         ("head_dim mismatch", "ValueError", r"head_dim", lambda: attn(q, t(1, 4, 2, 8), t(1, 4, 2, 8), mesh)),
         ("k/v shape mismatch", "ValueError", r"k and v", lambda: attn(q, k, t(1, 4, 1, 16), mesh)),
-        ("sequence mismatch", "ValueError", r"sequence mismatch", lambda: attn(q, t(1, 2, 2, 16), t(1, 2, 2, 16), mesh)),
+        ("sequence mismatch", "ValueError", r"seq_local mismatch", lambda: attn(q, t(1, 2, 2, 16), t(1, 2, 2, 16), mesh)),
         ("head_dim the backend cannot do", "ValueError", r"head_dim",
          lambda: attn(t(1, 4, 4, 80), t(1, 4, 2, 80), t(1, 4, 2, 80), mesh, backend=NoHeadDim80())),
         ("unknown backend", "ValueError", r"valid values for the dense path: 'auto'", lambda: attn(q, k, v, mesh, backend="flashy")),

@@ -55,16 +55,17 @@ class _ReplicateKVHeads(torch.autograd.Function):
         return summed.to(grad.dtype), None
 
 
-def _validate(q, k, v, mesh, causal, softmax_scale, backend) -> Tuple[AttentionKernel, float]:
+def check_qkv(q, k, v, mesh, causal, dims: Tuple[str, ...]) -> None:
+    """Checks shared by the dense and the packed path: types, ``dims`` (the layout's dim names, heads and head_dim
+    last), one dtype and device, K/V shape, GQA and Ulysses divisibility of the heads. Shapes only: no collective."""
     if not isinstance(mesh, SequenceParallelMesh):
         raise TypeError(f"mesh must be a usp.SequenceParallelMesh, got {type(mesh).__name__}")
+    layout = ", ".join(dims)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 4:
-            raise ValueError(
-                f"{name} must have 4 dims [batch, seq_local, heads, head_dim], got shape {tuple(t.shape)}"
-            )
+        if t.ndim != len(dims):
+            raise ValueError(f"{name} must have {len(dims)} dims [{layout}], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if not isinstance(causal, bool):
@@ -75,27 +76,32 @@ def _validate(q, k, v, mesh, causal, softmax_scale, backend) -> Tuple[AttentionK
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    b, s, h, d = q.shape
-    if k.shape[0] != b:
-        raise ValueError(f"batch mismatch: q.shape[0]={b}, k.shape[0]={k.shape[0]}")
-    if k.shape[1] != s:
-        raise ValueError(
-            f"sequence mismatch: q.shape[1]={s}, k.shape[1]={k.shape[1]} (self-attention shards must match)"
-        )
-    if k.shape[3] != d:
-        raise ValueError(f"head_dim mismatch: q.shape[3]={d}, k.shape[3]={k.shape[3]}")
-    kv_heads = k.shape[2]
+    heads_axis, dim_axis = len(dims) - 2, len(dims) - 1
+    for axis in range(heads_axis):
+        if k.shape[axis] != q.shape[axis]:
+            raise ValueError(
+                f"{dims[axis]} mismatch: q.shape[{axis}]={q.shape[axis]}, k.shape[{axis}]={k.shape[axis]}"
+                + (" (self-attention shards must match)" if axis == heads_axis - 1 else "")
+            )
+    h, d, kv_heads = q.shape[heads_axis], q.shape[dim_axis], k.shape[heads_axis]
+    if k.shape[dim_axis] != d:
+        raise ValueError(f"head_dim mismatch: q.shape[{dim_axis}]={d}, k.shape[{dim_axis}]={k.shape[dim_axis]}")
     if h == 0 or kv_heads == 0 or h % kv_heads:
         raise ValueError(
-            f"heads (q.shape[2]={h}) must be a positive multiple of kv_heads (k.shape[2]={kv_heads}); "
-            f"valid kv_heads: {[x for x in range(1, h + 1) if h % x == 0]}"
+            f"heads (q.shape[{heads_axis}]={h}) must be a positive multiple of kv_heads "
+            f"(k.shape[{heads_axis}]={kv_heads}); valid kv_heads: {[x for x in range(1, h + 1) if h % x == 0]}"
         )
     if h % mesh.ulysses:
         valid = [u for u in range(1, h + 1) if h % u == 0]
         raise ValueError(
-            f"heads (q.shape[2]={h}) must be divisible by the Ulysses degree ulysses={mesh.ulysses}; "
+            f"heads (q.shape[{heads_axis}]={h}) must be divisible by the Ulysses degree ulysses={mesh.ulysses}; "
             f"Ulysses degrees valid for {h} heads: {valid}"
         )
+
+
+def _validate(q, k, v, mesh, causal, softmax_scale, backend) -> Tuple[AttentionKernel, float]:
+    check_qkv(q, k, v, mesh, causal, ("batch", "seq_local", "heads", "head_dim"))
+    b, s, h, d = q.shape
     if s == 0:
         raise ValueError("q.shape[1] (the local sequence length) must be positive")
     check_sequence_length(

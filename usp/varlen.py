@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 import weakref
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .attention import check_device_matches_mesh, resolve_scale
+from .attention import check_device_matches_mesh, check_qkv, kv_replication, resolve_scale
 from .comm.all_to_all import _heads_to_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads
 from .kernels.varlen import (
     VarlenBlock,
@@ -414,47 +413,10 @@ def _schedule_for_layout(layout: VarlenLayout) -> VarlenSchedule:
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def _kv_replication(kv_heads: int, ulysses: int) -> int:
-    """``usp.attention.kv_replication``'s rule (repeat each K/V head so that ``ulysses`` divides their count), kept
-    here so that ``usp.attention`` can import this module without a cycle."""
-    return math.lcm(kv_heads, ulysses) // kv_heads
-
-
 def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend):
     _check_mesh(mesh)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 3:
-            raise ValueError(
-                f"{name} must have 3 dims [total_local_tokens, heads, head_dim] (flash_attn_varlen_func layout), "
-                f"got shape {tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    _check_causal(causal)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv(q, k, v, mesh, causal, ("total_local_tokens", "heads", "head_dim"))
     t, h, d = q.shape
-    if k.shape[0] != t:
-        raise ValueError(f"token mismatch: q.shape[0]={t}, k.shape[0]={k.shape[0]} (self-attention shards must match)")
-    if k.shape[2] != d:
-        raise ValueError(f"head_dim mismatch: q.shape[2]={d}, k.shape[2]={k.shape[2]}")
-    kv_heads = k.shape[1]
-    if h == 0 or kv_heads == 0 or h % kv_heads:
-        raise ValueError(
-            f"heads (q.shape[1]={h}) must be a positive multiple of kv_heads (k.shape[1]={kv_heads}); "
-            f"valid kv_heads: {[x for x in range(1, h + 1) if h % x == 0]}"
-        )
-    if h % mesh.ulysses:
-        raise ValueError(
-            f"heads (q.shape[1]={h}) must be divisible by the Ulysses degree ulysses={mesh.ulysses}; "
-            f"Ulysses degrees valid for {h} heads: {[u for u in range(1, h + 1) if h % u == 0]}"
-        )
     layout = _build_layout(_cu_seqlens_tuple(cu_seqlens), mesh.ulysses, mesh.ring, causal)
     longest = max(layout.doc_lengths)
     if max_seqlen is not None:
@@ -517,7 +479,7 @@ def long_context_attention_varlen(
     ulysses = mesh.ulysses
     q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one packed row: [1, t, h, d]
     if ulysses > 1:
-        repeat = _kv_replication(k.shape[2], ulysses)
+        repeat = kv_replication(k.shape[2], ulysses)
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=2)
             v = v.repeat_interleave(repeat, dim=2)
