@@ -24,6 +24,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    # torchrun's variables too, for code that reads them (the planner's probe does)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         kwargs = {}
         if backend == "nccl":
