@@ -80,8 +80,9 @@ compute):
   forward: steps ``0..R-2`` carry the next KV (``R-1`` transfers); the last step is compute only.
   backward [CORE ``usp/ring.py``, Note [reverse backward]]: the forward's steps in reverse, ``j = R-1 .. 0``,
   starting on the K/V block kept from the forward (no wait). Step ``j`` carries K/V to the previous rank for step
-  ``j-1`` (if ``j >= 1``) and the fp32 dKV partial sum of step ``j+1`` (if ``j <= R-2``): ``R-1`` KV and ``R-1``
-  dKV transfers; the last dKV transfer overlaps the diagonal block's (step 0) compute, nothing trails it.
+  ``j-1`` (if ``j >= 2``: step 0 is the rank's own block) and the fp32 dKV partial sum of step ``j+1`` (if
+  ``j <= R-2``): ``R-2`` KV and ``R-1`` dKV transfers; the last dKV transfer overlaps the diagonal block's (step 0)
+  compute, nothing trails it.
   "Exposed ring" in a breakdown = ring time - (compute + merge) time.
 
 Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)·(H/U)·d`` (= ``b·(s/P)·H·d``),
@@ -374,11 +375,11 @@ class CostModel:
             fwd.ring_transfers, fwd.ring_bytes = G * (ring - 1), G * (ring - 1) * n_kv
             t_bwd = 0.0
             for j, c in enumerate(c_bwd):  # order does not change the sum; step j as in the docstring
-                kv_out, dkv_in = j >= 1, j <= ring - 2
+                kv_out, dkv_in = j >= 2, j <= ring - 2
                 t_bwd += step(c / G, n_kv * kv_out + n_dkv * dkv_in, kv_out + dkv_in)
             bwd.ring_exposed = G * t_bwd - bwd.compute - bwd.merge
-            bwd.ring_transfers = 2 * G * (ring - 1)
-            bwd.ring_bytes = G * (ring - 1) * (n_kv + n_dkv)
+            bwd.ring_transfers = G * ((ring - 2) + (ring - 1))
+            bwd.ring_bytes = G * ((ring - 2) * n_kv + (ring - 1) * n_dkv)
 
         # --- exposed Ulysses all-to-all time of the head-group pipeline
         if ulysses > 1:

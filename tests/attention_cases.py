@@ -67,7 +67,8 @@ def count_collectives():
 
 def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
     """Per layer, G head groups (Note [head-group pipeline]): forward q, k, v in and out back, backward dout in
-    and dq, dk, dv back, per group; ring: K/V rotations in forward, K/V and dK/dV in backward, per group."""
+    and dq, dk, dv back, per group; ring, per group: R - 1 K/V rotations in forward, R - 2 K/V and R - 1 dK/dV in
+    backward (Note [reverse backward])."""
     from usp.attention import kv_replication
     from usp.ulysses import head_groups
 
@@ -76,7 +77,7 @@ def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
     a2a = 4 * groups if u > 1 else 0
     return {
         "forward": {"all_to_all_single": a2a + (1 if u > 1 else 0), "batch_isend_irecv": groups * (r - 1)},
-        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": 2 * groups * (r - 1)},
+        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": groups * (2 * r - 3) if r > 1 else 0},
     }
 
 

@@ -171,11 +171,11 @@ def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
 
 def expected_collectives(ulysses: int, ring: int) -> Dict[str, Dict[str, int]]:
     """Same ring loop as the dense path: q/k/v in and out back (+ the LSE) over Ulysses, R-1 K/V rotations forward,
-    R-1 K/V and R-1 dK/dV rotations backward."""
+    R-2 K/V and R-1 dK/dV rotations backward (Note [reverse backward])."""
     a2a = 4 if ulysses > 1 else 0
     return {
         "forward": {"all_to_all_single": a2a + (1 if ulysses > 1 else 0), "batch_isend_irecv": ring - 1},
-        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": 2 * (ring - 1)},
+        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": 2 * ring - 3 if ring > 1 else 0},
     }
 
 

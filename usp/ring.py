@@ -3,8 +3,8 @@
 The schedule (``usp.layout``) says which block each step computes; the kernel (``usp.kernels``) computes it.
 Forward: ``R - 1`` K/V rotations, each started before the current step's compute (double-buffered), partial results
 merged in float32 (``usp.merge``). Backward (Note [reverse backward] below): the forward's steps in
-reverse, K/V and the float32 dK/dV partial sums travelling the other way round (``R - 1`` rotations each), every
-transfer overlapping a block's compute. Block backward uses the *final* merged out and LSE, which is what makes it
+reverse, K/V (``R - 2`` rotations) and the float32 dK/dV partial sums (``R - 1``) travelling the other way round,
+every transfer overlapping a block's compute. Block backward uses the *final* merged out and LSE, which is what makes it
 exact.
 """
 from __future__ import annotations
@@ -20,11 +20,6 @@ from .mesh import SequenceParallelMesh
 
 Tensor = torch.Tensor
 _KV_TAG, _DKV_TAG = 0, 1
-
-
-def _contiguous_copy(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """A new contiguous tensor of ``dtype`` holding ``x`` (one pass; ours to send and to accumulate into)."""
-    return torch.empty(x.shape, dtype=dtype, device=x.device).copy_(x)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,9 +86,9 @@ def ring_backward(
     Note [reverse backward]. Step ``j`` of the forward computed this rank's queries against ring rank
     ``r - j``'s K/V. The backward visits ``j = R-1, ..., 0``: it starts on ``last_kv`` (kept by the forward, so no
     transfer is waited for), passes K/V to the *previous* rank, and the float32 dK/dV partial sums of each block
-    follow one step behind in the same direction. At ``j = 0`` the block is our own, and the partial sum that
-    arrives carries every other rank's contribution: ``R - 1`` transfers of each kind, and the last one overlaps
-    the diagonal block's compute instead of trailing it.
+    follow one step behind in the same direction. At ``j = 0`` the block is our own (no K/V to receive), and the
+    partial sum that arrives carries every other rank's contribution: ``R - 2`` K/V and ``R - 1`` dK/dV transfers,
+    and the last one overlaps the diagonal block's compute instead of trailing it.
     """
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     if ring_size == 1:
@@ -106,7 +101,7 @@ def ring_backward(
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dkv: List[Tensor] = []
     for step in range(ring_size - 1, -1, -1):
-        if step > 0:
+        if step > 1:  # step 0 computes on our own K/V: nothing to receive for it
             kv_rotation.start(kv)
         blocks = (k, v) if step == 0 else kv  # at step 0 the block is our own K/V
         task = schedule.block(step, ring_rank, ring_size, local_len)
@@ -128,6 +123,7 @@ def ring_backward(
             _rows(dkv[1], task.kv_rows).add_(block_dv)
         if step > 0:
             dkv_rotation.start(dkv)
+        if step > 1:
             received = kv_rotation.wait()
             if step < ring_size - 1:
                 kv_rotation.recycle(kv)

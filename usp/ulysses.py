@@ -6,7 +6,7 @@ them in order on its own stream), then for each group: wait for its inputs, run 
 output trade. So group ``g + 1``'s inputs arrive while group ``g`` computes, and group ``g``'s output leaves while
 group ``g + 1`` computes; only the first input trade and the last output trade are exposed. Backward mirrors it
 (dO trades up front; dQ/dK/dV trades posted as each group's ring backward finishes). Collective count per layer:
-forward ``4G`` all-to-alls and ``G (R - 1)`` P2P batches, backward ``4G`` and ``2G (R - 1)``.
+forward ``4G`` all-to-alls and ``G (R - 1)`` P2P batches, backward ``4G`` and ``G (2R - 3)`` (``R > 1``).
 """
 from __future__ import annotations
 

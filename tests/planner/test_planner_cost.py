@@ -63,10 +63,11 @@ def test_pure_ring_by_hand():
     cb = 2.5 * 4 * 8 * 1024 * 1024 * 64 / 50e12
     # reverse walk j = 3, 2, 1, 0, starting on the K/V kept from the forward
     expected = ((alpha + max(cb, n_kv / bw))                 # j = 3: K/V to the previous rank
-                + 2 * (2 * alpha + max(cb, (n_kv + n_dkv) / bw))  # j = 2, 1: K/V and the dKV of step j+1
+                + (2 * alpha + max(cb, (n_kv + n_dkv) / bw))  # j = 2: K/V and the dKV of step 3
+                + (alpha + max(cb, n_dkv / bw))              # j = 1: the dKV of step 2 (step 0 is our own K/V)
                 + (alpha + max(cb, n_dkv / bw)))             # j = 0: the last dKV, under the diagonal block
     assert bwd.compute + bwd.ring_exposed == pytest.approx(expected)
-    assert bwd.ring_transfers == 6 and bwd.ring_bytes == 3 * n_kv + 3 * n_dkv
+    assert bwd.ring_transfers == 5 and bwd.ring_bytes == 2 * n_kv + 3 * n_dkv
     assert fwd.a2a_calls == 0 and fwd.all_to_all == 0
 
 
