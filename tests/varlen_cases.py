@@ -169,14 +169,11 @@ def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
     return result
 
 
-def expected_collectives(ulysses: int, ring: int) -> Dict[str, Dict[str, int]]:
-    """Same ring loop as the dense path: q/k/v in and out back (+ the LSE) over Ulysses, R-1 K/V rotations forward,
-    R-2 K/V and R-1 dK/dV rotations backward (Note [reverse backward])."""
-    a2a = 4 if ulysses > 1 else 0
-    return {
-        "forward": {"all_to_all_single": a2a + (1 if ulysses > 1 else 0), "batch_isend_irecv": ring - 1},
-        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": 2 * ring - 3 if ring > 1 else 0},
-    }
+def expected_collectives(ulysses: int, ring: int, heads: int, kv_heads: int) -> Dict[str, Dict[str, int]]:
+    """The dense path's counts (``attention_cases.expected_collectives``): same Ulysses pipeline and ring loop."""
+    from attention_cases import Case, expected_collectives as dense_expected
+
+    return dense_expected(Case(ulysses, ring, True, "float32", 1, 0, heads, kv_heads, 1))
 
 
 def check_varlen_result(result: dict) -> List[str]:
@@ -200,7 +197,7 @@ def check_varlen_result(result: dict) -> List[str]:
         if not t["error"] <= bound:
             problems.append(f"{name}: error {t['error']:.3e} > bound {bound:.3e} "
                             f"(single-device error {t['single_device_error']:.3e})")
-    expected = expected_collectives(case.ulysses, case.ring)
+    expected = expected_collectives(case.ulysses, case.ring, case.heads, case.kv_heads)
     for phase in ("forward", "backward"):
         if result["collectives"][phase] != expected[phase]:
             problems.append(f"{phase} collectives {result['collectives'][phase]} != expected {expected[phase]}")

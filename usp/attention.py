@@ -162,6 +162,13 @@ def long_context_attention(
         single-device attention over the gathered sequence. Differentiable with respect to q, k, v.
     """
     kernel, scale = _validate(q, k, v, mesh, causal, softmax_scale, backend)
+    out, lse = sequence_parallel_attention(q, k, v, mesh, kernel, schedule_for(causal), scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse):
+    """Steps 1-3 of the module docstring on validated ``[b, s_local, h, d]`` shards, for any kernel and schedule
+    (the dense path and the packed-document path share it). Returns ``(out, lse [b, h, s_local] or None)``."""
     ulysses = mesh.ulysses
     if ulysses > 1:
         repeat = kv_replication(k.shape[2], ulysses)
@@ -169,11 +176,11 @@ def long_context_attention(
             k = _ReplicateKVHeads.apply(k, repeat)
             v = _ReplicateKVHeads.apply(v, repeat)
         groups = head_groups(q.shape[2], k.shape[2], ulysses)
-        out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule_for(causal), scale, groups)
+        out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule, scale, groups)
     else:
-        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule_for(causal), scale)
+        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule, scale)
     if not return_lse:
-        return out
+        return out, None
     if ulysses > 1:
         # [b, h/U, s/R] viewed as [b, s/R, h/U, 1] -> [b, s/P, h, 1] -> [b, h, s/P]
         lse = _heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), mesh.ulysses_group, ulysses)

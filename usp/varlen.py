@@ -47,8 +47,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .attention import check_device_matches_mesh, check_qkv, kv_replication, resolve_scale
-from .comm.all_to_all import _heads_to_seq, all_to_all_heads_to_seq, all_to_all_seq_to_heads
+from .attention import check_device_matches_mesh, check_qkv, resolve_scale, sequence_parallel_attention
 from .kernels.varlen import (
     VarlenBlock,
     VarlenBlockKernel,
@@ -59,7 +58,6 @@ from .kernels.varlen import (
 )
 from .layout import _all_gather_cat, _normalize_dim, schedule_for
 from .mesh import SequenceParallelMesh
-from .ring import RingAttentionFunction
 
 __all__ = [
     "LongContextAttentionVarlen",
@@ -476,21 +474,10 @@ def long_context_attention_varlen(
         Differentiable with respect to q, k, v (zero gradient at padding rows).
     """
     layout, kernel, scale = _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend)
-    ulysses = mesh.ulysses
-    q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one packed row: [1, t, h, d]
-    if ulysses > 1:
-        repeat = kv_replication(k.shape[2], ulysses)
-        if repeat > 1:
-            k = k.repeat_interleave(repeat, dim=2)
-            v = v.repeat_interleave(repeat, dim=2)
-        q = all_to_all_seq_to_heads(q, mesh.ulysses_group)
-        k = all_to_all_seq_to_heads(k, mesh.ulysses_group)
-        v = all_to_all_seq_to_heads(v, mesh.ulysses_group)
-    out, lse = RingAttentionFunction.apply(
-        q, k, v, mesh, VarlenBlockKernel(kernel), _schedule_for_layout(layout), scale
+    out, lse = sequence_parallel_attention(  # one packed row: [1, t, h, d]
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mesh, VarlenBlockKernel(kernel),
+        _schedule_for_layout(layout), scale, return_lse,
     )
-    if ulysses > 1:
-        out = all_to_all_heads_to_seq(out, mesh.ulysses_group)
     out = out[0]
     padding = _device_padding(layout, mesh.ulysses_rank, mesh.ring_rank, out.device)
     if padding is not None:
@@ -498,11 +485,7 @@ def long_context_attention_varlen(
         out = out.masked_fill(padding[:, None, None], 0.0)
     if not return_lse:
         return out
-    if ulysses > 1:
-        # [1, h/U, s/R] viewed as [1, s/R, h/U, 1] -> [1, s/P, h, 1] -> [1, h, s/P]
-        lse = _heads_to_seq(lse.transpose(1, 2).unsqueeze(-1).contiguous(), mesh.ulysses_group, ulysses)
-        lse = lse.squeeze(-1).transpose(1, 2)
-    lse = lse[0].contiguous()
+    lse = lse[0]
     if padding is not None:
         lse = lse.masked_fill(padding[None, :], float("-inf"))
     return out, lse
