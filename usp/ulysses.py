@@ -41,7 +41,7 @@ class UlyssesRingFunction(torch.autograd.Function):
         outgoing, saved, lses = [], [], []
         for g in range(groups):
             q_g, k_g, v_g = (_arrived(recv, work) for recv, work in incoming[g])
-            incoming[g] = None  # free the receive buffers' references as soon as they are unpacked
+            incoming[g] = None  # done with this group's work handles
             out_g, lse_g, last_kv = ring_forward(q_g, k_g, v_g, mesh, kernel, schedule, scale)
             outgoing.append(start_all_to_all(pack_heads_to_seq(out_g, world), comm))
             saved += [q_g, k_g, v_g, out_g, lse_g] + (last_kv if mesh.ring > 1 else [])

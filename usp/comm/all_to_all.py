@@ -86,11 +86,6 @@ class _HeadsToSeq(torch.autograd.Function):
         return _seq_to_heads(grad, ctx.group, ctx.world), None, None
 
 
-def seq_to_heads_shape(shape: Tuple[int, ...], world: int) -> Tuple[int, int, int, int]:
-    b, s, h, d = shape
-    return (b, s * world, h // world, d)
-
-
 def all_to_all_seq_to_heads(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """``[b, s_local, h, d]`` -> ``[b, U * s_local, h / U, d]`` over ``group`` (size ``U``; ``h % U == 0``)."""
     world = dist.get_world_size(group)
