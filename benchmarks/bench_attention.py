@@ -380,6 +380,11 @@ def environment(ctx: DistContext, kernel_name: str) -> dict:
         import usp
 
         info["usp"] = usp.__version__
+        if ctx.cuda:  # build csrc/ now, outside any timed region, and record whether the fused merge is in use
+            from usp._csrc import fused_merge_op, fused_merge_status
+
+            fused_merge_op()
+            info["fused_merge"] = fused_merge_status()
     except Exception:
         pass
     try:
@@ -484,6 +489,7 @@ class Runner:
             "kernel": kernel,
             "seqlen_local": seqlen_local,
             "mesh": {"ulysses": task.mesh[0], "ring": task.mesh[1]} if task.mesh else None,
+            "head_chunks": self.args.head_chunks if task.kind == "usp" else None,
             "flops": bc.attention_flops(cfg.batch, cfg.heads, seqlen_local if task.kind == "kernel_local"
                                         else cfg.seqlen, cfg.head_dim, cfg.causal, task.mode),
             "mem_min_bytes": bc.min_memory_bytes(cfg.batch, seqlen_local, cfg.heads, cfg.kv_heads, cfg.head_dim,
@@ -729,12 +735,12 @@ class Runner:
         k = self.randn((cfg.batch, s_loc, cfg.kv_heads, cfg.head_dim), cfg, seed + 1)
         v = self.randn((cfg.batch, s_loc, cfg.kv_heads, cfg.head_dim), cfg, seed + 2)
         dout = self.randn((cfg.batch, s_loc, cfg.heads, cfg.head_dim), cfg, seed + 3)
-        kernel, causal = self.kernel, cfg.causal
+        kernel, causal, chunks = self.kernel, cfg.causal, self.args.head_chunks
 
         if task.mode == "fwd":
             def step():
                 with torch.no_grad():
-                    long_context_attention(q, k, v, mesh, causal=causal, backend=kernel)
+                    long_context_attention(q, k, v, mesh, causal=causal, backend=kernel, head_chunks=chunks)
 
             return self.timed(step, lambda: None, collective=True)
 
@@ -745,7 +751,7 @@ class Runner:
             q.grad = k.grad = v.grad = None
 
         def step():
-            out = long_context_attention(q, k, v, mesh, causal=causal, backend=kernel)
+            out = long_context_attention(q, k, v, mesh, causal=causal, backend=kernel, head_chunks=chunks)
             out.backward(dout)
 
         return self.timed(step, prepare, collective=True)
@@ -865,7 +871,8 @@ class Runner:
             ql, kl, vl, dl = (shard(t, mesh, causal=causal).detach() for t in full)
             for t in (ql, kl, vl):
                 t.requires_grad_(True)
-            out = long_context_attention(ql, kl, vl, mesh, causal=causal, backend=kernel)
+            out = long_context_attention(ql, kl, vl, mesh, causal=causal, backend=kernel,
+                                         head_chunks=self.args.head_chunks)
             out.backward(dl)
             got = {name: gather(t.detach(), mesh, causal=causal) for name, t in
                    (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad))}
@@ -960,6 +967,8 @@ def parse_args(argv=None):
     g.add_argument("--methods", type=_methods, help="subset of " + ",".join(METHOD_NAMES))
     g.add_argument("--meshes", type=_csv(bc.parse_mesh),
                    help="usp meshes UxR, e.g. 1x2,2x1 (default every factorisation of the world size)")
+    g.add_argument("--head-chunks", type=int, default=1,
+                   help="usp's head_chunks (ring passes per head group; cuts working memory, see usp.ring)")
     g.add_argument("--cp-mha-only", action="store_true", help="run PyTorch CP on MHA configurations only")
     g.add_argument("--prewarm-seqlen", type=lambda text: 0 if text.strip() == "0" else bc.parse_seqlen(text),
                    help="untimed fwd+bwd per mesh at this length before the suite (scale suite: 16K; 0 = none)")

@@ -31,6 +31,7 @@ class Case:
     kv_heads: int
     head_dim: int
     backend: str = "auto"
+    head_chunks: int = 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -40,6 +41,7 @@ class Case:
         return (
             f"U{self.ulysses}xR{self.ring}-{'causal' if self.causal else 'full'}-{self.dtype}-b{self.batch}"
             f"-s{self.seqlen}-h{self.heads}/{self.kv_heads}-d{self.head_dim}-{self.backend}"
+            + (f"-chunks{self.head_chunks}" if self.head_chunks != 1 else "")
         )
 
 
@@ -67,17 +69,18 @@ def count_collectives():
 
 def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
     """Per layer, G head groups (Note [head-group pipeline]): forward q, k, v in and out back, backward dout in
-    and dq, dk, dv back, per group; ring, per group: R - 1 K/V rotations in forward, R - 2 K/V and R - 1 dK/dV in
-    backward (Note [reverse backward])."""
+    and dq, dk, dv back, per group; ring, per group and head chunk: R - 1 K/V rotations in forward, R - 2 K/V and
+    R - 1 dK/dV in backward (Note [reverse backward]), one K/V more when chunked (Note [head chunks])."""
     from usp.attention import kv_replication
     from usp.ulysses import head_groups
 
-    u, r = case.ulysses, case.ring
-    groups = head_groups(case.heads, case.kv_heads * kv_replication(case.kv_heads, u), u)
+    u, r, chunks = case.ulysses, case.ring, case.head_chunks
+    groups = head_groups(case.heads, case.kv_heads * kv_replication(case.kv_heads, u), u, chunks)
     a2a = 4 * groups if u > 1 else 0
+    backward_p2p = 0 if r == 1 else (2 * r - 3 if chunks == 1 else 2 * r - 2)
     return {
-        "forward": {"all_to_all_single": a2a + (1 if u > 1 else 0), "batch_isend_irecv": groups * (r - 1)},
-        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": groups * (2 * r - 3) if r > 1 else 0},
+        "forward": {"all_to_all_single": a2a + (1 if u > 1 else 0), "batch_isend_irecv": groups * chunks * (r - 1)},
+        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": groups * chunks * backward_p2p},
     }
 
 
@@ -122,7 +125,7 @@ def run_case(case: Case, mesh, device: torch.device, seed: int = 0) -> dict:
     q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
     with count_collectives() as fwd_counts:
         out, lse = usp.long_context_attention(
-            q, k, v, mesh, causal=case.causal, return_lse=True, backend=case.backend
+            q, k, v, mesh, causal=case.causal, return_lse=True, backend=case.backend, head_chunks=case.head_chunks
         )
     fwd_counts = dict(fwd_counts)
     with count_collectives() as bwd_counts:

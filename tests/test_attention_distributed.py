@@ -14,10 +14,23 @@ from distributed import run_world
 MESHES = {2: [(1, 2), (2, 1)], 4: [(2, 2), (1, 4), (4, 1)], 8: [(2, 4), (4, 2), (8, 1), (1, 8)]}
 
 
+def _chunked_cases(u, r):
+    """Head chunks (Note [head chunks]): the ring run once per head group, GQA kept per chunk."""
+    from usp.layout import required_multiple
+
+    cases = []
+    for causal, dtype, kv_heads, chunks in ((True, "bfloat16", 4, 2), (False, "float32", 8, 4)):
+        if (8 // u) % chunks or (kv_heads // u) % chunks:
+            continue
+        seqlen = required_multiple(u, r, causal) * 7
+        cases.append(Case(u, r, causal, dtype, 1, seqlen, 8, kv_heads, 64, head_chunks=chunks))
+    return cases
+
+
 def _cases_for_world(world_size):
     cases = []
     for u, r in MESHES[world_size]:
-        cases += standard_cases(u, r)
+        cases += standard_cases(u, r) + _chunked_cases(u, r)
     return cases
 
 
@@ -63,7 +76,7 @@ def test_all_meshes_ran(world_results):
     world_size, per_rank = world_results
     ran = {(r["case"]["ulysses"], r["case"]["ring"]) for r in per_rank[0]["sequence"]}
     assert ran == set(MESHES[world_size])
-    assert len(per_rank[0]["sequence"]) == 12 * len(MESHES[world_size])
+    assert len(per_rank[0]["sequence"]) == len(_cases_for_world(world_size))
     if any(u > 1 and r > 1 for u, r in MESHES[world_size]):
         assert len(per_rank[0]["ring_inner"]) == 2
 

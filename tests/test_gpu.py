@@ -14,7 +14,7 @@ import torch
 from attention_cases import Case, check_result, run_cases
 from distributed import run_world
 
-pytestmark = pytest.mark.skipif(
+needs_two_gpus = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on the GPU machine)"
 )
 BACKENDS = ("fa4", "cudnn", "torch_flash")
@@ -31,6 +31,8 @@ def _gpu_cases(backend):
                 seqlen = required_multiple(u, r, causal) * odd
                 cases.append(Case(u, r, causal, "bfloat16", 1 + i % 2, seqlen, heads, kv_heads, head_dim, backend))
         cases.append(Case(u, r, True, "float16", 1, required_multiple(u, r, True) * 333, 8, 2, 64, backend))
+        cases.append(Case(u, r, True, "bfloat16", 1, required_multiple(u, r, True) * 401, 16, 4, 128, backend,
+                          head_chunks=2))
     return cases
 
 
@@ -52,6 +54,43 @@ def _gpu_world(rank, world_size, backends):
     return results
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_merge_kernel_matches_pytorch_merge(out_dtype):
+    """csrc/ fused merge vs the PyTorch ops it replaces: strided row/head views, rows without keys, every dtype."""
+    from usp._csrc import fused_merge_op, fused_merge_status
+    from usp.merge import merge_attention_reference_
+
+    op = fused_merge_op()
+    assert op is not None, f"fused merge not built: {fused_merge_status()}"
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for block_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        base = torch.randn(2, 1037, 12, 128, device="cuda", generator=gen).to(out_dtype)
+        block_full = torch.randn(2, 1037, 12, 128, device="cuda", generator=gen).to(block_dtype)
+        lse_base = torch.randn(2, 12, 1037, device="cuda", generator=gen) * 4
+        block_lse_full = torch.randn(2, 12, 1037, device="cuda", generator=gen) * 4
+        lse_base[0, 3, :17] = float("-inf")
+        block_lse_full[1, 5, 100:140] = float("-inf")
+        block_lse_full[0, 3, :5] = float("-inf")  # both sides empty: keep the accumulator
+        rows, heads = slice(511, 1037), slice(4, 8)
+        results = []
+        for merge in (op, merge_attention_reference_):
+            out, lse = base.clone(), lse_base.clone()
+            merge(out[:, rows, heads], lse[:, heads, rows], block_full[:, rows, heads],
+                  block_lse_full[:, heads, rows])
+            results.append((out, lse))
+        (fused_out, fused_lse), (ref_out, ref_lse) = results
+        assert torch.equal(fused_lse.isinf(), ref_lse.isinf())
+        torch.testing.assert_close(fused_lse, ref_lse, rtol=2e-6, atol=2e-6)
+        # same float32 math, possibly a different rounding of lerp's last bit: at most one ulp of the out dtype
+        ulp = torch.finfo(out_dtype).eps
+        diff = (fused_out.float() - ref_out.float()).abs()
+        assert (diff <= ulp * ref_out.float().abs().clamp_min(1e-3) * 2).all(), diff.max()
+        untouched = torch.ones_like(base, dtype=torch.bool)
+        untouched[:, rows, heads] = False
+        assert torch.equal(fused_out[untouched], base[untouched])
+
+
 @pytest.fixture(scope="module")
 def gpu_results():
     per_rank = run_world(2, _gpu_world, BACKENDS, timeout=900, backend="nccl")
@@ -62,6 +101,7 @@ def gpu_results():
     return per_rank
 
 
+@needs_two_gpus
 @pytest.mark.timeout(1000)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_backend_matches_fp64_reference(gpu_results, backend):

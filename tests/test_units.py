@@ -82,6 +82,45 @@ def test_merge_handles_rows_without_keys():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_into_half_output_rounds_once_like_a_float32_accumulator(dtype):
+    """Note [narrow sums]: merging straight into a half-precision output equals float32 merge + one cast."""
+    gen = torch.Generator().manual_seed(3)
+    out = torch.randn(2, 9, 3, 16, generator=gen).to(dtype)
+    block = torch.randn(2, 9, 3, 16, generator=gen).to(dtype)
+    lse, block_lse = torch.randn(2, 3, 9, generator=gen), torch.randn(2, 3, 9, generator=gen)
+    lse[0, 1, 2] = float("-inf")
+    wide_out, wide_lse = out.float(), lse.clone()
+    merge_attention_(wide_out, wide_lse, block, block_lse)
+    narrow_out, narrow_lse = out.clone(), lse.clone()
+    merge_attention_(narrow_out, narrow_lse, block, block_lse)
+    assert torch.equal(narrow_out, wide_out.to(dtype))
+    assert torch.equal(narrow_lse, wide_lse)
+
+
+def test_gradient_sum_of_two_blocks_in_half_precision_equals_float32_sum():
+    """Note [narrow sums]: a partial block held until the full one arrives, one rounding, no zeros buffer."""
+    from usp.ring import _GradientSum
+
+    gen = torch.Generator().manual_seed(4)
+    full = torch.randn(1, 10, 2, 8, generator=gen).to(torch.bfloat16)
+    part = torch.randn(1, 5, 2, 8, generator=gen).to(torch.bfloat16)
+    rows = slice(5, 10)
+    narrow = _GradientSum(full.shape, torch.bfloat16, full.device, narrow=True)
+    narrow.add(rows, part)
+    assert narrow.total is None  # held, not added to zeros
+    narrow.add(slice(None), full.clone())  # taken as the running sum itself: no copy
+    want = full.float()
+    want[:, rows] += part.float()
+    assert torch.equal(narrow.materialize(), want.to(torch.bfloat16))
+    wide = _GradientSum(full.shape, torch.float32, full.device, narrow=False)
+    wide.add(rows, part)
+    wide.add(slice(None), full.clone())
+    assert torch.equal(wide.materialize(), want)
+    empty = _GradientSum((1, 3, 2, 8), torch.float32, full.device, narrow=True)
+    assert torch.equal(empty.materialize(), torch.zeros(1, 3, 2, 8))
+
+
 @pytest.mark.parametrize("ulysses,ring", [(1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 2), (2, 4), (3, 3)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_layout_is_a_permutation_and_schedule_covers_the_mask_exactly_once(ulysses, ring, causal):

@@ -58,6 +58,10 @@ def _bad_calls(mesh_u, mesh_r):
         ("mesh wrong type", "TypeError", r"mesh must be", lambda: attn(q, k, v, "mesh")),
         ("causal not bool", "TypeError", r"causal", lambda: attn(q, k, v, mesh, causal="yes")),
         ("bad softmax_scale", "ValueError", r"softmax_scale", lambda: attn(q, k, v, mesh, softmax_scale=-1.0)),
+        ("head_chunks not dividing the K/V heads", "ValueError", r"head_chunks=4 .*valid values: \[1(, 2)?\]",
+         lambda: attn(q, k, v, mesh, head_chunks=4)),
+        ("head_chunks zero", "ValueError", r"head_chunks=0", lambda: attn(q, k, v, mesh, head_chunks=0)),
+        ("head_chunks not an int", "ValueError", r"head_chunks=2.0", lambda: attn(q, k, v, mesh, head_chunks=2.0)),
         ("mesh larger than world", "ValueError", r"must divide the world size",
          lambda: usp.SequenceParallelMesh(ulysses=3, ring=1)),
         ("mesh degree not int", "TypeError", r"ulysses must be a positive int",
@@ -100,4 +104,4 @@ def test_bad_inputs_raise_on_every_rank(mesh_u, mesh_r):
     assert per_rank[0] == per_rank[1], "ranks disagreed"
     failures = [f"{d}: {o}" for d, o in per_rank[0] if o != "ok"]
     assert not failures, "\n".join(failures)
-    assert len(per_rank[0]) == 25
+    assert len(per_rank[0]) == 28

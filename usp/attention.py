@@ -99,8 +99,21 @@ def check_qkv(q, k, v, mesh, causal, dims: Tuple[str, ...]) -> None:
         )
 
 
-def _validate(q, k, v, mesh, causal, softmax_scale, backend) -> Tuple[AttentionKernel, float]:
+def check_head_chunks(head_chunks, heads: int, kv_heads: int, ulysses: int) -> None:
+    """``head_chunks`` must split the heads each Ulysses rank gets (query and, after replication, K/V) evenly."""
+    kv_after = kv_heads * kv_replication(kv_heads, ulysses)
+    q_local, kv_local = heads // ulysses, kv_after // ulysses
+    valid = [c for c in range(1, kv_local + 1) if q_local % c == 0 and kv_local % c == 0]
+    if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks not in valid:
+        raise ValueError(
+            f"head_chunks={head_chunks!r} must divide the {q_local} query heads and {kv_local} K/V heads each "
+            f"Ulysses rank attends (heads={heads}, kv_heads={kv_heads}, ulysses={ulysses}); valid values: {valid}"
+        )
+
+
+def _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks) -> Tuple[AttentionKernel, float]:
     check_qkv(q, k, v, mesh, causal, ("batch", "seq_local", "heads", "head_dim"))
+    check_head_chunks(head_chunks, q.shape[2], k.shape[2], mesh.ulysses)
     b, s, h, d = q.shape
     if s == 0:
         raise ValueError("q.shape[1] (the local sequence length) must be positive")
@@ -144,6 +157,7 @@ def long_context_attention(
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Union[str, AttentionKernel] = "auto",
+    head_chunks: int = 1,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Exact attention over a sequence sharded across ``mesh`` (Ulysses x ring).
 
@@ -156,17 +170,21 @@ def long_context_attention(
         softmax_scale: score scale, default ``head_dim ** -0.5``.
         return_lse: also return the log-sum-exp ``[batch, heads, seq_local]`` (float32; not differentiable).
         backend: "auto" (fastest available), "fa4", "fa2", "cudnn", "torch_flash", "reference", or a kernel.
+        head_chunks: run the ring once per group of ``heads / (ulysses * head_chunks)`` heads to cut the working
+            memory by that factor at the same bytes moved (``usp.ring``, Note [head chunks]); for the longest
+            sequences. Must divide the query and K/V heads each Ulysses rank gets; 1 (default) = one pass.
 
     Returns:
         ``out [batch, seq_local, heads, head_dim]`` in the input dtype (and ``lse`` if asked), equal to slicing
         single-device attention over the gathered sequence. Differentiable with respect to q, k, v.
     """
-    kernel, scale = _validate(q, k, v, mesh, causal, softmax_scale, backend)
-    out, lse = sequence_parallel_attention(q, k, v, mesh, kernel, schedule_for(causal), scale, return_lse)
+    kernel, scale = _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks)
+    out, lse = sequence_parallel_attention(q, k, v, mesh, kernel, schedule_for(causal), scale, return_lse,
+                                           head_chunks)
     return (out, lse) if return_lse else out
 
 
-def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse):
+def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse, head_chunks=1):
     """Steps 1-3 of the module docstring on validated ``[b, s_local, h, d]`` shards, for any kernel and schedule
     (the dense path and the packed-document path share it). Returns ``(out, lse [b, h, s_local] or None)``."""
     ulysses = mesh.ulysses
@@ -175,10 +193,10 @@ def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_l
         if repeat > 1:
             k = _ReplicateKVHeads.apply(k, repeat)
             v = _ReplicateKVHeads.apply(v, repeat)
-        groups = head_groups(q.shape[2], k.shape[2], ulysses)
-        out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule, scale, groups)
+        groups = head_groups(q.shape[2], k.shape[2], ulysses, head_chunks)
+        out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks)
     else:
-        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule, scale)
+        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule, scale, head_chunks)
     if not return_lse:
         return out, None
     if ulysses > 1:
@@ -196,6 +214,8 @@ class LongContextAttention(nn.Module):
         causal: causal mask over global positions (see ``long_context_attention``).
         softmax_scale: default ``head_dim ** -0.5``.
         backend: kernel choice, "auto" by default; ``resolved_backend(q)`` tells which kernel runs.
+        head_chunks: ring passes per Ulysses head group, to cut working memory (see ``long_context_attention``);
+            dense inputs only.
     """
 
     def __init__(
@@ -204,6 +224,7 @@ class LongContextAttention(nn.Module):
         causal: bool = True,
         softmax_scale: Optional[float] = None,
         backend: Union[str, AttentionKernel] = "auto",
+        head_chunks: int = 1,
     ):
         super().__init__()
         if not isinstance(mesh, SequenceParallelMesh):
@@ -212,6 +233,7 @@ class LongContextAttention(nn.Module):
         self.causal = causal
         self.softmax_scale = softmax_scale
         self.backend = backend
+        self.head_chunks = head_chunks
 
     def resolved_backend(self, q: Tensor) -> AttentionKernel:
         """The kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
@@ -224,6 +246,9 @@ class LongContextAttention(nn.Module):
         (see ``usp.long_context_attention_varlen``) -> ``[t_local, h, d]``.
         """
         if cu_seqlens is not None:
+            if self.head_chunks != 1:
+                raise ValueError(f"head_chunks={self.head_chunks} is for dense inputs; packed batches "
+                                 "(cu_seqlens) run with head_chunks=1")
             from .varlen import long_context_attention_varlen  # lazy: varlen imports this module
 
             return long_context_attention_varlen(q, k, v, cu_seqlens, max_seqlen, self.mesh, causal=self.causal,
@@ -231,8 +256,10 @@ class LongContextAttention(nn.Module):
         if max_seqlen is not None:
             raise ValueError("max_seqlen is only for packed batches: pass cu_seqlens too (or neither)")
         return long_context_attention(
-            q, k, v, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend
+            q, k, v, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend,
+            head_chunks=self.head_chunks,
         )
 
     def extra_repr(self) -> str:
-        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}"
+        chunks = f", head_chunks={self.head_chunks}" if self.head_chunks != 1 else ""
+        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}{chunks}"

@@ -2,10 +2,19 @@
 
 The schedule (``usp.layout``) says which block each step computes; the kernel (``usp.kernels``) computes it.
 Forward: ``R - 1`` K/V rotations, each started before the current step's compute (double-buffered), partial results
-merged in float32 (``usp.merge``). Backward (Note [reverse backward] below): the forward's steps in
-reverse, K/V (``R - 2`` rotations) and the float32 dK/dV partial sums (``R - 1``) travelling the other way round,
+merged with float32 arithmetic (``usp.merge``; Note [narrow sums] for where the sums are stored). Backward (Note
+[reverse backward] below): the forward's steps in reverse, K/V (``R - 2`` rotations) and the dK/dV partial sums
+(``R - 1``) travelling the other way round,
 every transfer overlapping a block's compute. Block backward uses the *final* merged out and LSE, which is what makes it
 exact.
+
+Note [head chunks]. At extreme lengths the ring's working set (float32 out/dQ/dK/dV sums when R > 2, the kernels'
+block outputs and gradients, their workspaces, the K/V and dK/dV receive buffers) is a multiple of the local
+Q/K/V. Attention is independent per head, so ``head_chunks = C`` runs the whole ring once per group of ``h / C``
+query heads (with their ``h_kv / C`` K/V heads), writing each group's result into slices of the outputs: the
+working set shrinks ``C`` times while the bytes moved stay the same (``C`` times as many, ``C`` times smaller
+messages). The backward cannot keep every group's last K/V block (that would cost a whole K/V), so each group
+fetches it first: one exposed K/V transfer of ``1 / C`` of the local K/V per group.
 """
 from __future__ import annotations
 
@@ -42,12 +51,55 @@ def _rotation(mesh: SequenceParallelMesh, tag: int, forward: bool = True) -> Rin
 
 
 def ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float
+    q: Tensor, k: Tensor, v: Tensor, mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float,
+    head_chunks: int = 1,
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """Local ``q [b, s, h, d]``, ``k, v [b, s, h_kv, d]`` (this ring rank's sequence) -> ``(out, lse, last_kv)``.
 
     ``last_kv`` is the K/V block held at the last step (ring rank ``r + 1``'s); the backward starts from it.
+    ``head_chunks > 1`` runs the ring once per group of heads (Note [head chunks]); ``last_kv`` is then empty.
     """
+    if head_chunks == 1:
+        return _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse: Optional[Tensor] = None
+    for heads, kv_heads in _chunk_slices(q.shape[2], k.shape[2], head_chunks):
+        out_c, lse_c, _ = _ring_forward_pass(q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], mesh, kernel,
+                                             schedule, scale)
+        out[:, :, heads] = out_c
+        if lse is None:
+            lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_c.dtype, device=q.device)
+        lse[:, heads] = lse_c
+    return out, lse, []
+
+
+def ring_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, last_kv: List[Tensor],
+    mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float, head_chunks: int = 1,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``ring_forward`` (same ``head_chunks``); ``last_kv`` as it returned."""
+    if head_chunks == 1:
+        return _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale)
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
+    for heads, kv_heads in _chunk_slices(q.shape[2], k.shape[2], head_chunks):
+        chunk_grads = _ring_backward_pass(
+            dout[:, :, heads], q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], out[:, :, heads],
+            lse[:, heads], [], mesh, kernel, schedule, scale,
+        )
+        for grad, chunk_grad, cols in zip(grads, chunk_grads, (heads, kv_heads, kv_heads)):
+            grad[:, :, cols] = chunk_grad
+    return grads[0], grads[1], grads[2]
+
+
+def _chunk_slices(heads: int, kv_heads: int, chunks: int):
+    """Query-head and K/V-head slices of each chunk; chunk ``c`` keeps its query heads' own K/V heads (GQA)."""
+    assert heads % chunks == 0 and kv_heads % chunks == 0, (heads, kv_heads, chunks)
+    hq, hk = heads // chunks, kv_heads // chunks
+    return [(slice(c * hq, (c + 1) * hq), slice(c * hk, (c + 1) * hk)) for c in range(chunks)]
+
+
+def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale):
+    """One pass round the ring over all of ``q``'s heads (Note [narrow sums] for the accumulator dtype)."""
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     kv = [k, v] if ring_size == 1 else [k.contiguous(), v.contiguous()]
     rotation = _rotation(mesh, _KV_TAG)
@@ -66,7 +118,7 @@ def ring_forward(
                 assert task.q_rows == slice(None)
                 out, lse = block_out, block_lse
             else:
-                if out.dtype != _accumulator_dtype(q.dtype):
+                if not _narrow_sums(ring_size) and out.dtype != _accumulator_dtype(q.dtype):
                     out = out.to(_accumulator_dtype(q.dtype))
                 merge_attention_(_rows(out, task.q_rows), _lse_rows(lse, task.q_rows), block_out, block_lse)
         if step + 1 < ring_size:
@@ -77,28 +129,75 @@ def ring_forward(
     return out.to(q.dtype), lse, kv
 
 
-def ring_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, last_kv: List[Tensor],
-    mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``ring_forward``, walking the forward's steps in reverse.
+def _narrow_sums(ring_size: int) -> bool:
+    """Note [narrow sums]. Every row of the output, dQ and dK/dV sums the contributions of at most ``ring_size``
+    blocks. With two, the running sum is kept in the kernels' dtype: the merge and PyTorch's half-precision
+    ``add_`` compute in float32 and round once, exactly what a float32 accumulator followed by a cast does, with
+    no float32 buffers, no casts, and half the dK/dV bytes on the wire. With more, float32 accumulators."""
+    return ring_size <= 2
+
+
+class _GradientSum:
+    """The sum of block gradients landing on row slices of a ``shape`` tensor (Note [narrow sums]).
+
+    In the narrow case a first partial block is held (not added to zeros) until a full block arrives, so a ring of
+    two costs one ``add_`` per tensor and no extra buffer.
+    """
+
+    def __init__(self, shape, dtype: torch.dtype, device, narrow: bool):
+        self.shape, self.dtype, self.device, self.narrow = shape, dtype, device, narrow
+        self.total: Optional[Tensor] = None
+        self.pending: List[Tuple[slice, Tensor]] = []
+
+    def add(self, rows: slice, block: Tensor) -> None:
+        if self.total is None:
+            if rows != slice(None) and self.narrow:
+                self.pending.append((rows, block))
+                return
+            if rows == slice(None):
+                self.total = block if block.dtype == self.dtype else block.to(self.dtype)
+                for held_rows, held in self.pending:
+                    _rows(self.total, held_rows).add_(held)
+                self.pending = []
+                return
+            self.total = self.materialize()
+        _rows(self.total, rows).add_(block)
+
+    def materialize(self) -> Tensor:
+        """The sum as one tensor (zeros where nothing landed)."""
+        if self.total is None:
+            self.total = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            for held_rows, held in self.pending:
+                _rows(self.total, held_rows).add_(held)
+            self.pending = []
+        return self.total
+
+
+def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale):
+    """Gradients of one ``_ring_forward_pass``, walking the forward's steps in reverse.
 
     Note [reverse backward]. Step ``j`` of the forward computed this rank's queries against ring rank
     ``r - j``'s K/V. The backward visits ``j = R-1, ..., 0``: it starts on ``last_kv`` (kept by the forward, so no
-    transfer is waited for), passes K/V to the *previous* rank, and the float32 dK/dV partial sums of each block
+    transfer is waited for), passes K/V to the *previous* rank, and the dK/dV partial sums of each block
     follow one step behind in the same direction. At ``j = 0`` the block is our own (no K/V to receive), and the
     partial sum that arrives carries every other rank's contribution: ``R - 2`` K/V and ``R - 1`` dK/dV transfers,
-    and the last one overlaps the diagonal block's compute instead of trailing it.
+    and the last one overlaps the diagonal block's compute instead of trailing it. With an empty ``last_kv`` (head
+    chunks) the first block is fetched from the next rank first: one K/V transfer more, exposed.
     """
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     if ring_size == 1:
         task = schedule.block(0, 0, 1, local_len)
         return kernel.backward(dout, q, k, v, out, lse, task.kernel_mask, scale)
-    acc = _accumulator_dtype(q.dtype)
+    narrow = _narrow_sums(ring_size)
+    acc = q.dtype if narrow else _accumulator_dtype(q.dtype)
     kv_rotation = _rotation(mesh, _KV_TAG, forward=False)
     dkv_rotation = _rotation(mesh, _DKV_TAG, forward=False)
-    kv = last_kv
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    if last_kv:
+        kv = last_kv
+    else:
+        kv_rotation.start([k.contiguous(), v.contiguous()])
+        kv = kv_rotation.wait()
+    dq = _GradientSum(q.shape, acc, q.device, narrow)
     dkv: List[Tensor] = []
     for step in range(ring_size - 1, -1, -1):
         if step > 1:  # step 0 computes on our own K/V: nothing to receive for it
@@ -111,16 +210,21 @@ def ring_backward(
                 _rows(blocks[1], task.kv_rows), _rows(out, task.q_rows), _lse_rows(lse, task.q_rows),
                 task.kernel_mask, scale,
             )
-            _rows(dq, task.q_rows).add_(block_dq)
+            dq.add(task.q_rows, block_dq)
         if step == ring_size - 1:
-            dkv = [torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)]
+            # the first partial sums of the visiting block: the kernel's own gradients when they cover every row
+            dkv = [_GradientSum(t.shape, acc, t.device, narrow=False) for t in (k, v)]
+            if task is not None:
+                dkv[0].add(task.kv_rows, block_dk)
+                dkv[1].add(task.kv_rows, block_dv)
+            dkv = [part.materialize().contiguous() for part in dkv]
         else:
             sent = dkv
             dkv = dkv_rotation.wait()  # partial dK/dV of the block we hold, from the ranks that saw it later
             dkv_rotation.recycle(sent)
-        if task is not None:
-            _rows(dkv[0], task.kv_rows).add_(block_dk)
-            _rows(dkv[1], task.kv_rows).add_(block_dv)
+            if task is not None:
+                _rows(dkv[0], task.kv_rows).add_(block_dk)
+                _rows(dkv[1], task.kv_rows).add_(block_dv)
         if step > 0:
             dkv_rotation.start(dkv)
         if step > 1:
@@ -128,23 +232,25 @@ def ring_backward(
             if step < ring_size - 1:
                 kv_rotation.recycle(kv)
             kv = received
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    return dq.materialize().to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(q, k, v, mesh, kernel, schedule, scale) -> (out, lse)``; lse not differentiable."""
+    """Autograd wrapper: ``apply(q, k, v, mesh, kernel, schedule, scale, head_chunks) -> (out, lse)``; lse not
+    differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mesh, kernel, schedule, scale):
-        out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale)
+    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, head_chunks=1):
+        out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale, head_chunks)
         saved_kv = last_kv if mesh.ring > 1 else []
         ctx.save_for_backward(q, k, v, out, lse, *saved_kv)
-        ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale = mesh, kernel, schedule, scale
+        ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale, ctx.head_chunks = mesh, kernel, schedule, scale, head_chunks
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, *last_kv = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, last_kv, ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, last_kv, ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale,
+                                   ctx.head_chunks)
+        return dq, dk, dv, None, None, None, None, None

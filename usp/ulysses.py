@@ -19,21 +19,24 @@ from .comm.all_to_all import (pack_heads_to_seq, pack_seq_to_heads, start_all_to
 from .ring import ring_backward, ring_forward
 
 
-def head_groups(heads: int, kv_heads: int, ulysses: int) -> int:
-    """Pipeline depth ``G`` for ``heads`` query and ``kv_heads`` (already replicated) K/V heads over ``ulysses``."""
+def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -> int:
+    """Pipeline depth ``G`` for ``heads`` query and ``kv_heads`` (already replicated) K/V heads over ``ulysses``;
+    each group is further cut into ``head_chunks`` ring passes (``usp.ring``, Note [head chunks])."""
     if ulysses == 1:
         return 1
-    return 2 if (heads // ulysses) % 2 == 0 and (kv_heads // ulysses) % 2 == 0 else 1
+    per_group = 2 * head_chunks
+    return 2 if (heads // ulysses) % per_group == 0 and (kv_heads // ulysses) % per_group == 0 else 1
 
 
 class UlyssesRingFunction(torch.autograd.Function):
-    """``apply(q, k, v, mesh, kernel, schedule, scale, groups) -> (out [b, s/P, h, d], lse [b, h/U, s/R])``.
+    """``apply(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks)
+    -> (out [b, s/P, h, d], lse [b, h/U, s/R])``.
 
-    ``k, v`` must already have a K/V head count divisible by ``U * groups`` (see ``usp.attention``).
+    ``k, v`` must already have a K/V head count divisible by ``U * groups * head_chunks`` (see ``usp.attention``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, groups):
+    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, groups, head_chunks=1):
         world, comm = mesh.ulysses, mesh.ulysses_group
         incoming = [[start_all_to_all(pack_seq_to_heads(x, world, groups, g), comm) for x in (q, k, v)]
                     for g in range(groups)]
@@ -42,7 +45,7 @@ class UlyssesRingFunction(torch.autograd.Function):
         for g in range(groups):
             q_g, k_g, v_g = (_arrived(recv, work) for recv, work in incoming[g])
             incoming[g] = None  # done with this group's work handles
-            out_g, lse_g, last_kv = ring_forward(q_g, k_g, v_g, mesh, kernel, schedule, scale)
+            out_g, lse_g, last_kv = ring_forward(q_g, k_g, v_g, mesh, kernel, schedule, scale, head_chunks)
             outgoing.append(start_all_to_all(pack_heads_to_seq(out_g, world), comm))
             saved += [q_g, k_g, v_g, out_g, lse_g] + (last_kv if mesh.ring > 1 else [])
             lses.append(lse_g)
@@ -51,6 +54,7 @@ class UlyssesRingFunction(torch.autograd.Function):
             unpack_heads_to_seq_into(recv, out, groups, g)
         ctx.save_for_backward(*saved)
         ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale, ctx.groups = mesh, kernel, schedule, scale, groups
+        ctx.head_chunks = head_chunks
         ctx.shapes = (q.shape, k.shape)
         lse = torch.cat(lses, dim=1) if groups > 1 else lses[0]
         ctx.mark_non_differentiable(lse)
@@ -72,13 +76,13 @@ class UlyssesRingFunction(torch.autograd.Function):
             q_g, k_g, v_g, out_g, lse_g, *last_kv = saved[g * per_group:(g + 1) * per_group]
             dout_g = _arrived(*incoming[g])
             block_grads = ring_backward(dout_g, q_g, k_g, v_g, out_g, lse_g, last_kv, mesh, ctx.kernel,
-                                        ctx.schedule, ctx.scale)
+                                        ctx.schedule, ctx.scale, ctx.head_chunks)
             outgoing.append([start_all_to_all(pack_heads_to_seq(t, world), comm) for t in block_grads])
         for g, trades in enumerate(outgoing):
             for (recv, work), dest in zip(trades, grads):
                 work.wait()
                 unpack_heads_to_seq_into(recv, dest, groups, g)
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 def _arrived(recv: torch.Tensor, work) -> torch.Tensor:

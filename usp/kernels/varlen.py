@@ -16,10 +16,10 @@ Two levels. Shapes: ``t_q``/``t_k`` packed query/key rows, ``h``/``h_kv`` heads,
   enforces the empty-sequence semantics whatever a kernel writes there: rows of a query sequence with no keys come
   out as ``out = 0``, ``lse = -inf``, ``dq = 0``; rows of a key sequence with no queries get ``dk = dv = 0``.
 
-Backends: ``"fa4"`` (flash-attn-4 ``_flash_attn_fwd/_bwd`` with ``cu_seqlens_q/k``), ``"torch_flash"``
-(``aten._flash_attention_forward/_backward`` with ``cum_seq_q/k``, FlashAttention-2 inside PyTorch) and
-``"reference"`` (pure PyTorch, any device and dtype: the CPU/CI path). cuDNN has no varlen backend: see
-``VARLEN_BACKENDS``.
+Backends, in "auto" order: ``"fa4"`` (flash-attn-4 ``_flash_attn_fwd/_bwd`` with ``cu_seqlens_q/k``),
+``"torch_flash"`` (``aten._flash_attention_forward/_backward`` with ``cum_seq_q/k``, FlashAttention-2 inside PyTorch),
+``"cudnn"`` (``aten._cudnn_attention_forward/_backward`` with ``cum_seq_q/k``, PyTorch's ragged cuDNN path; torch >= 2.14
+only, see Note [cuDNN ragged attention]) and ``"reference"`` (pure PyTorch, any device and dtype: the CPU/CI path).
 """
 from __future__ import annotations
 
@@ -107,6 +107,29 @@ class VarlenSeqs:
             return index(self._q_without_keys), index(self._k_without_queries)
 
         return self._cached("empty", device, build)
+
+    def nonempty(self, device: torch.device) -> Tuple[Optional["VarlenSeqs"], Optional[Tensor], Optional[Tensor]]:
+        """For kernels that cannot take empty sequences: ``(seqs, q_rows, k_rows)``, ``seqs`` the sequences that are
+        non-empty on both sides (``None`` if there are none), ``q_rows``/``k_rows`` the int64 indices of their query/key
+        rows on ``device``, ``None`` where those are all the rows (sequences empty on both sides have no rows)."""
+
+        def build():
+            n = len(self.q_lengths)
+            live = [i for i in range(n) if self.q_lengths[i] and self.k_lengths[i]]
+            if not live:
+                return None, None, None
+            if len(live) == n:
+                return self, None, None
+            seqs = VarlenSeqs([self.q_lengths[i] for i in live], [self.k_lengths[i] for i in live])
+
+            def rows(cu, needed):
+                if not needed:  # every row belongs to a live sequence
+                    return None
+                return torch.cat([torch.arange(cu[i], cu[i + 1]) for i in live]).to(device)
+
+            return seqs, rows(self.cu_q, self._q_without_keys), rows(self.cu_k, self._k_without_queries)
+
+        return self._cached("nonempty", device, build)
 
     def row_structure(self, device: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """For the reference kernel: ``(q_seq, q_pos, k_seq, k_pos, q_shift)``: sequence id and position of every
@@ -262,11 +285,171 @@ class FlashAttn4VarlenKernel(FlashAttn4Capabilities, VarlenKernel):
         return dq, dk, dv
 
 
-#: every varlen backend by name, in "auto" preference order. No cuDNN: PyTorch's varlen cuDNN entry points
-#: (``aten._cudnn_attention_forward/_backward`` with ``cum_seq_q/k``, the nested-tensor path) do not document their
-#: LSE layout or empty-sequence behaviour, and no machine here can pin them down; FA4 is faster on H100 anyway.
+# Note [cuDNN ragged attention]
+# What PyTorch's ragged cuDNN path does, read from pytorch/pytorch (no machine here could run it):
+# * Layout. attention.cu `_cudnn_attention_forward`: with cum_seq_q/k, q/k/v are packed 3-D [total, heads, head_dim],
+#   heads = size(-2). cudnn/MHA.cpp `build_graph_nestedtensor` declares them to cuDNN as BHSD with strides
+#   {-, stride(1), stride(0), stride(2)}; `run_cudnn_SDP_fprop_nestedtensor` passes seq lengths diff(cum_seq) and ragged
+#   offsets cum_seq * stride(0) (cum_seq: int32, [b + 1], on the device). We pass contiguous tensors (head_dim % 8 == 0
+#   keeps every row 16-byte aligned, which cuDNN requires: pytorch#194818).
+# * LSE. Up to mid-2026 `run_cudnn_SDP_fprop_nestedtensor` returns [total_q, h, 1] float32, token-major (ragged offset
+#   cum_seq_q * h) and `build_graph_backward_nestedtensor` reads that layout back; later builds (pytorch#172108) return
+#   and expect FA's [h, total_q]. Both are recognised by their shape; backward hands back the forward's layout.
+# * GQA. The graph takes h_k separately, but torch/nn/attention/varlen.py refuses GQA on cuDNN and cudnn-frontend#1083
+#   reports a ragged-stats GQA bug: K/V heads are expanded here and the dK/dV replicas summed in float32.
+# * Empty sequences. Zero-length sequences need cuDNN >= 9.25 (NaN rows before: cudnn-frontend#943/#944). Calls here
+#   never contain one: sequences empty on either side are left out (their rows gathered away when needed); the
+#   module's empty-sequence semantics then give their rows out = 0, lse = -inf, zero gradients.
+# * Causal masks are top-left (`set_causal_mask`); equal lengths are checked, where top-left = bottom-right.
+# * Backward bug. attention_backward.cu `_cudnn_attention_backward` takes max_seqlen from query.size(2), which is
+#   head_dim for the 3-D ragged input: cuDNN's dQ workspace is then sized by head_dim and overrun by any sequence longer
+#   than head_dim (illegal address). Fixed by pytorch#186142 (June 2026): torch 2.11 (March 2026) has the bug, 2.12 and
+#   2.13 are unverified, hence torch >= 2.14. Builds of that time also rebuilt the cuDNN graph on every ragged call
+#   (~40 ms, pytorch#191576).
+# * Limits from varlen.py `_should_use_cudnn` / `_cudnn_supports_head_dims`: cuDNN >= 9.18 on SM90/SM100, head_dim
+#   <= 128; SM100 with cuDNN 9.19-9.25.0 (not 9.24.1) mis-handles max_q == 1 (MHA.cpp `check_cudnn_sdpa_decode`).
+_CUDNN_MIN_TORCH = (2, 14)
+_CUDNN_MIN_VERSION = 91800
+_CUDNN_MAX_SEQUENCES = 65535  # cuDNN dimension limit (pytorch#180718)
+
+
+def _torch_version() -> Tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+class CudnnVarlenKernel(VarlenKernel):
+    """``aten._cudnn_attention_forward/_backward`` with ``cum_seq_q/k`` (Note [cuDNN ragged attention]).
+
+    Not preferred by "auto" over ``torch_flash``: untested on hardware here, and the graph is specialised to each
+    packing's shapes, one-side-empty sequences cost a gather and GQA an expansion of K/V.
+    """
+
+    name = "cudnn"
+    dtypes = _HALF
+    device_types = ("cuda",)
+
+    def __init__(self):
+        self._lse_ndim: Optional[int] = None  # 3: [t, h, 1] token-major LSE, 2: [h, t]; set by the first forward
+
+    @staticmethod
+    def _unavailable_reason() -> Optional[str]:
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if not (hasattr(torch.ops.aten, "_cudnn_attention_forward")
+                and hasattr(torch.ops.aten, "_cudnn_attention_backward")):
+            return "this torch has no aten._cudnn_attention_forward/_backward"
+        if _torch_version() < _CUDNN_MIN_TORCH:
+            return (f"torch {torch.__version__} < 2.14: its ragged cuDNN backward sizes the dQ workspace by head_dim "
+                    "instead of the longest sequence (out-of-bounds writes, fixed by pytorch#186142)")
+        version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        if version is None or version < _CUDNN_MIN_VERSION:
+            return f"needs cuDNN >= 9.18 for ragged attention, found {version}"
+        major = torch.cuda.get_device_capability()[0]
+        if major not in (9, 10):
+            return f"ragged cuDNN attention is used on SM90/SM100 only, this GPU is SM{major}x"
+        if major == 10 and 91900 <= version < 92501 and version != 92401:
+            return f"cuDNN {version} mis-handles single-query sequences on SM100 (pytorch#193893)"
+        return None
+
+    def is_available(self) -> bool:
+        return self._unavailable_reason() is None
+
+    def unsupported_reason(self, device, dtype, head_dim):
+        reason = self._unavailable_reason()
+        if reason:
+            return f"{self.label} {self.name!r} is not available: {reason}"
+        return super().unsupported_reason(device, dtype, head_dim)
+
+    def _head_dim_reason(self, head_dim: int) -> Optional[str]:
+        return head_dim_range_reason(self.name, head_dim, 8, 128, 8)
+
+    @staticmethod
+    def _live(seqs: VarlenSeqs, causal: bool, device: torch.device):
+        if causal and seqs.q_lengths != seqs.k_lengths:
+            raise ValueError(f"varlen backend 'cudnn' aligns causal masks top-left: causal needs equal query and key "
+                             f"lengths, got {seqs}")
+        live, q_rows, k_rows = seqs.nonempty(device)
+        if live is not None and len(live.q_lengths) > _CUDNN_MAX_SEQUENCES:
+            raise ValueError(f"varlen backend 'cudnn' takes at most {_CUDNN_MAX_SEQUENCES} sequences per call, got "
+                             f"{len(live.q_lengths)}")
+        return live, q_rows, k_rows
+
+    @staticmethod
+    def _rows(x: Tensor, index: Optional[Tensor], dim: int = 0) -> Tensor:
+        return x if index is None else x.index_select(dim, index)
+
+    @staticmethod
+    def _expand_heads(x: Tensor, heads: int) -> Tensor:
+        # [t, h_kv, d] -> [t, h, d]: query head i reads KV head i // (h // h_kv)
+        return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+    def _heads_first(self, lse: Tensor, t: int, h: int) -> Tensor:
+        if lse.dim() == 3 and tuple(lse.shape) == (t, h, 1):  # token-major [t, h, 1]
+            self._lse_ndim = 3
+            return lse[:, :, 0].t().contiguous()
+        if lse.dim() == 2 and tuple(lse.shape) == (h, t):
+            self._lse_ndim = 2
+            return lse
+        raise RuntimeError(f"aten._cudnn_attention_forward returned a {tuple(lse.shape)} logsumexp for {t} query rows "
+                           f"and {h} heads; expected [{t}, {h}, 1] or [{h}, {t}]")
+
+    def _call_forward(self, q, k, v, seqs: VarlenSeqs, causal, scale):
+        cu_q, cu_k = seqs.cu_tensors(q.device)
+        result = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu_q, cu_k, seqs.max_q, seqs.max_k, True, 0.0, causal, False, scale=scale
+        )
+        return result[0], self._heads_first(result[1], q.shape[0], q.shape[1])
+
+    def forward(self, q, k, v, seqs, causal, scale):
+        t_q, h, d = q.shape
+        live, q_rows, k_rows = self._live(seqs, causal, q.device)
+        if live is None:  # no sequence has both queries and keys
+            return q.new_zeros((t_q, h, d)), torch.full((h, t_q), float("-inf"), device=q.device)
+        q_c = self._rows(q, q_rows).contiguous()
+        k_c, v_c = (self._expand_heads(self._rows(x, k_rows), h).contiguous() for x in (k, v))
+        out_c, lse_c = self._call_forward(q_c, k_c, v_c, live, causal, scale)
+        if q_rows is None:
+            return out_c, lse_c
+        out = q.new_zeros((t_q, h, d)).index_copy_(0, q_rows, out_c)
+        lse = torch.full((h, t_q), float("-inf"), device=q.device).index_copy_(1, q_rows, lse_c)
+        return out, lse
+
+    def _lse_for_backward(self, lse: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        if self._lse_ndim is None:  # backward before any forward in this process: one tiny forward finds the layout
+            probe = torch.zeros((2, 1, 64), dtype=dtype, device=device)
+            self._call_forward(probe, probe, probe, VarlenSeqs([2], [2]), False, 0.125)
+        return lse.t().contiguous().unsqueeze(-1) if self._lse_ndim == 3 else lse.contiguous()
+
+    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale):
+        h, d = q.shape[1:]
+        h_kv = k.shape[1]
+        live, q_rows, k_rows = self._live(seqs, causal, q.device)
+        if live is None:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        q_c, dout_c, out_c = (self._rows(x, q_rows).contiguous() for x in (q, dout, out))
+        k_c, v_c = (self._expand_heads(self._rows(x, k_rows), h).contiguous() for x in (k, v))
+        lse_c = self._lse_for_backward(self._rows(lse, q_rows, dim=1), q.device, q.dtype)
+        cu_q, cu_k = live.cu_tensors(q.device)
+        philox = torch.zeros((), dtype=torch.int64, device=q.device)  # unused: dropout is 0
+        dq_c, dk_c, dv_c = torch.ops.aten._cudnn_attention_backward(
+            dout_c, q_c, k_c, v_c, out_c, lse_c, philox, philox, None, cu_q, cu_k, live.max_q, live.max_k, 0.0, causal,
+            scale=scale,
+        )
+        if h_kv != h:  # sum the replicas of each KV head in float32
+            dk_c, dv_c = (g.reshape(g.shape[0], h_kv, h // h_kv, d).sum(2, dtype=torch.float32).to(k.dtype)
+                          for g in (dk_c, dv_c))
+        dq = dq_c if q_rows is None else torch.zeros_like(q).index_copy_(0, q_rows, dq_c)
+        if k_rows is not None:
+            dk_c, dv_c = (torch.zeros_like(x).index_copy_(0, k_rows, g) for x, g in ((k, dk_c), (v, dv_c)))
+        return dq, dk_c, dv_c
+
+
+#: every varlen backend by name, in "auto" preference order (fastest first where measured). cuDNN comes after
+#: torch_flash: Note [cuDNN ragged attention] lists why it is neither verified nor known to be faster here.
 VARLEN_BACKENDS: Dict[str, VarlenKernel] = {
-    kernel.name: kernel for kernel in (FlashAttn4VarlenKernel(), TorchFlashVarlenKernel(), ReferenceVarlenKernel())
+    kernel.name: kernel
+    for kernel in (FlashAttn4VarlenKernel(), TorchFlashVarlenKernel(), CudnnVarlenKernel(), ReferenceVarlenKernel())
 }
 
 
