@@ -37,7 +37,7 @@ def planner_predictor(topology: Optional[str] = None) -> Optional[Predictor]:
             topo = _H100_PAIR_PRESET
         kwargs = dict(seqlen=c["seqlen"], heads=c["heads"], kv_heads=c["kv_heads"], head_dim=c["head_dim"],
                       batch=c["batch"], dtype=c["dtype"], causal=c["causal"], topology=topo,
-                      world_size=record.get("gpus"))
+                      world_size=record.get("gpus"), head_chunks=record.get("head_chunks") or 1)
         candidate, note = None, ""
         for kernel in (record.get("kernel"), "auto"):
             try:

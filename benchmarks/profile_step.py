@@ -16,35 +16,17 @@ Two measurements, both with CUDA events / the CUDA-side profiler, in one run:
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
 import usp
+from bench_common import parse_seqlen as parse_len
+from cuda_timing import median_ms
 from usp._csrc import fused_merge_op, fused_merge_status
 from usp.kernels import resolve_backend
 from usp.merge import merge_attention_reference_
-
-
-def parse_len(text):
-    text = text.lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-
-
-def cuda_ms(fn, warmup=5, repeats=20):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def merge_costs(seqlen, heads, head_dim, kernel):
@@ -65,10 +47,10 @@ def merge_costs(seqlen, heads, head_dim, kernel):
         for label, fn in (("fused", op), ("pytorch", merge_attention_reference_)):
             if fn is None:
                 continue
-            ms = cuda_ms(lambda: fn(out, lse, block, block_lse))
+            ms = median_ms(lambda: fn(out, lse, block, block_lse), 5, 20)
             result[f"{label}_{name}_ms"] = ms
             result[f"{label}_{name}_GBps"] = moved / ms / 1e6
-    result["attention_fwd_same_rows_ms"] = cuda_ms(lambda: kernel.forward(q, k, k, False, head_dim ** -0.5))
+    result["attention_fwd_same_rows_ms"] = median_ms(lambda: kernel.forward(q, k, k, False, head_dim ** -0.5), 5, 20)
     return result
 
 
@@ -123,6 +105,7 @@ def main():
                     dout = torch.randn_like(q)
 
                     def step():
+                        q.grad = k.grad = v.grad = None  # no gradient accumulation kernels in the profile
                         out = usp.long_context_attention(q, k, v, mesh, causal=causal, backend=kernel)
                         out.backward(dout)
 

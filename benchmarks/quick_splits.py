@@ -8,31 +8,13 @@ single-GPU time of the same kernel on the full sequence (rank 0, measured in the
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.distributed as dist
 
 import usp
-
-
-def parse_len(text):
-    text = text.lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
-
-
-def time_ms(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from bench_common import parse_seqlen as parse_len
+from cuda_timing import median_ms
 
 
 def main():
@@ -71,7 +53,7 @@ def main():
                         o, l = kernel.forward(q, k, v, causal, scale)
                         kernel.backward(do, q, k, v, o, l, causal, scale)
 
-                    t1 = time_ms(single, a.warmup, a.repeats)
+                    t1 = median_ms(single, a.warmup, a.repeats)
                     del q, k, v, do
                 dist.barrier()
                 for name, mesh in meshes.items():
@@ -86,7 +68,7 @@ def main():
                         out.backward(do)
 
                     torch.cuda.reset_peak_memory_stats()
-                    tp = time_ms(step, a.warmup, a.repeats)
+                    tp = median_ms(step, a.warmup, a.repeats)
                     peak = torch.cuda.max_memory_allocated() / 2**30
                     tp_all = [None] * world
                     dist.all_gather_object(tp_all, tp)

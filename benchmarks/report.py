@@ -58,6 +58,10 @@ def load(paths: Sequence[str]) -> List[dict]:
             else:
                 data = json.load(handle)
                 records += data if isinstance(data, list) else [data]
+    for record in records:  # runs with head chunks are a configuration of their own ("1x2 c8")
+        chunks = record.get("head_chunks") or 1
+        if chunks > 1 and record.get("variant") and not str(record["variant"]).endswith(f" c{chunks}"):
+            record["variant"] = f"{record['variant']} c{chunks}"
     return records
 
 

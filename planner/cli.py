@@ -44,6 +44,16 @@ def _seqlen_list(text: str) -> List[int]:
     return [_seqlen(part) for part in text.split(",") if part.strip()]
 
 
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def _bytes_list(text: str) -> List[int]:
     try:
         return [parse_bytes(part, "size") for part in text.split(",") if part.strip()]
@@ -101,7 +111,8 @@ def build_probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--kernel", default="auto", help="usp kernel backend to time (auto = fastest available)")
     p.add_argument("--no-kernel", action="store_true", help="skip the kernel timing")
-    p.add_argument("--heads", type=int, default=None, help="heads for the kernel timing")
+    p.add_argument("--heads", type=_int_list, default=None,
+                   help="query heads for the kernel timing; several (e.g. 8,32) give one profile each")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default=None, help="kernel dtype (default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--blocks", type=_seqlen_list, default=None, help="kernel block sizes, e.g. 4k,8k,16k,32k")

@@ -23,7 +23,8 @@ Compute [FACTS convention]
   Every rank does ``1/P`` of the total (``4·b·H·s²·d``, halved if causal) — zigzag balances the causal mask.
   A block takes ``FLOPs / rate(kind, side)`` where ``rate`` is the topology's kernel rate (forward or backward,
   causal or not) at the block's equivalent square side ``sqrt(q * k)`` (interpolated in log2; see
-  ``planner.topology``). Kernel rates come from [FACTS] (cuDNN ~580, FA4 ~665 TFLOP/s fwd+bwd on H100) or the
+  ``planner.topology``) and the call's query heads ``H/(U·G·C)`` when the profile was measured at several head
+  counts (work per call: few heads on a small block leave multiprocessors idle). Kernel rates come from [FACTS] (cuDNN ~580, FA4 ~665 TFLOP/s fwd+bwd on H100) or the
   probe.
 
 Head-group pipeline [CORE ``usp/ulysses.py``, Note [head-group pipeline], ``head_groups()``]: the heads of each
@@ -56,19 +57,22 @@ GPU-memory traffic (not FLOPs, but time on the compute stream), at the topology'
   * all-to-all staging [CORE ``usp/comm/all_to_all.py``]: a permute+contiguous copy before and a permute+reshape
     copy after each call, ``4 · M`` bytes read+written per call (on the compute stream, never hidden), added to
     the all-to-all time;
-  * ring merges [CORE ``usp/ring.py``, ``usp/merge.py``], the "merge" part of a breakdown, over the rows (keys)
-    each block touched. Forward step ``i >= 1``: the block output cast to fp32 (``B + 4``) and ``lerp_`` into the
-    fp32 accumulator (``12``): ``(16 + B) · q_h``; plus ``(B + 4) · q_h`` to promote step 0's output and
-    ``(4 + B) · q_h`` for the final cast. Backward (walked ``R-1 .. 0``): the fp32 dq and dKV accumulators are
-    zero-filled (``4`` per element), every step ``add_``s its block gradients (``8 + B``) into dq and the
-    travelling dKV, and the final casts cost ``(4 + B)``; all over ``q_h + 2 · kv_h`` elements. Causal zigzag steps ``>= 1`` touch 3/4 of the rows
-    (keys) on average: half the steps take every row against half the keys, half take half the rows against
-    every key. Counts ``q_h``, ``kv_h`` are defined under memory below.
+  * ring sums [CORE ``usp/ring.py`` Note [narrow sums], ``usp/merge.py``], the "merge" part of a breakdown, over
+    the rows (keys) each block touched. The forward merge is the fused kernel of ``csrc/`` (one pass: read the
+    accumulator and the block output, write the accumulator). ``R == 2`` (at most two terms per row): the sums
+    stay in the input dtype: forward ``3·B · q_h`` per merged row; backward, dq ``3·B`` over the rows of step 1
+    and, at the owner, dK/dV ``3·B`` over every row (received partial + own block), no zero-fill, no casts.
+    ``R > 2``: float32 accumulators: forward step 0's output promoted (``B + 4``), each merge ``(8 + B)``, the
+    final cast ``(4 + B)`` (all ``· q_h``); backward the fp32 dq and dKV sums are created (``4 + B``), every
+    step ``add_``s its block gradients (``8 + B``) and the final casts cost ``(4 + B)``, over ``q_h + 2·kv_h``
+    elements. Causal zigzag steps ``>= 1`` touch 3/4 of the rows (keys) on average: half the steps take every row
+    against half the keys, half take half the rows against every key. Counts ``q_h``, ``kv_h`` are defined under
+    memory below.
 
 Ring P2P [CORE], [TE]; each step is double-buffered (the next transfer is issued before the current block's
 compute):
   bytes per rank per transfer: KV ``n_kv = 2·b·(s/R)·(Hkv'/U)·d·B``;
-  dKV (fp32) ``n_dkv = 2·b·(s/R)·(Hkv'/U)·d·4``. Each head group moves ``1/G`` of these (``n_kv/G``, ``n_dkv/G``) in its own
+  dKV ``n_dkv = 2·b·(s/R)·(Hkv'/U)·d·4`` (fp32 partial sums; ``·B`` when ``R == 2``, Note [narrow sums]). Each head group moves ``1/G`` of these (``n_kv/G``, ``n_dkv/G``) in its own
   rotations; the ring time of the pass is ``G`` times one group's.
   An isolated transfer of ``n`` bytes takes ``t(n) = max(floor_p2p, α + n · spb)``, ``α = latency_p2p +
   path_latency``; [FACTS] measured ``max(0.168 ms, 0.047 ms + n / 313 GB/s)`` on 2x H100 NVLink, which fits all
@@ -88,14 +92,18 @@ compute):
 Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)·(H/U)·d`` (= ``b·(s/P)·H·d``),
 ``kv_h = b·(s/R)·(Hkv'/U)·d``, ``l = b·(H/U)·(s/R)`` (LSE):
   saved for backward: ``B·(2·q_h + 2·kv_h) + 4·l``  (head-sharded q, k, v, out; fp32 LSE), plus with ``R > 1``
-    the K/V block held at the forward's last step, one per head group: ``G · 2·(kv_h/G)·B = 2·kv_h·B``
+    and no head chunks the K/V block held at the forward's last step, one per head group: ``2·kv_h·B``
   forward transient: replicated KV before the all-to-all ``2·kv_h·B`` (only when replicating); a2a staging
     ``q_h·B``; the output after the a2a back ``q_h·B``; with ``R > 1``: ring KV buffers ``min(R-1, 2)·2·kv_h·B``
-    (double-buffered), fp32 out accumulator ``4·q_h``, block out ``q_h·B``, LSE accumulator + block LSE ``8·l``.
-  backward transient: dO after the a2a ``q_h·B``; a2a staging ``q_h·B``; block grads ``(q_h + 2·kv_h)·B``;
-    grads after the a2a back ``(q_h + 2·kv_h)·B``; kernel workspace (fp32 dq accumulation, as FlashAttention
-    allocates) ``4·q_h``; with ``R > 1``: fp32 dq accumulator ``4·q_h``, travelling fp32 dKV, double-buffered
-    ``2·2·kv_h·4``, ring KV buffers ``min(R-1, 2)·2·kv_h·B``.
+    (double-buffered), the fp32 out accumulator ``4·q_h`` (none when ``R == 2``: Note [narrow sums]), block out
+    ``q_h·B``, LSE accumulator + block LSE ``8·l``.
+  backward transient: dO after the a2a ``q_h·B``; a2a staging ``q_h·B``; grads after the a2a back
+    ``(q_h + 2·kv_h)·B``; per kernel call the block grads ``(q_h + 2·kv_h)·B`` and the kernel's fp32 dq workspace
+    ``4·q_h`` (measured for cuDNN on H100: 2x the bf16 q block, ``benchmarks/kernel_overhead.py --memory-probe``);
+    with ``R > 1``: the dq sum (fp32 ``4·q_h``; ``R == 2``: the held step-1 block ``q_h·B``), the travelling dKV,
+    double-buffered ``2·2·kv_h·4`` (``·B`` when ``R == 2``), ring KV buffers ``min(R-1, 2)·2·kv_h·B``.
+  head chunks ``C`` [CORE ``usp/ring.py`` Note [head chunks]]: every ring and per-call term above is divided by
+    ``C`` (one chunk's ring is live at a time); the Ulysses-level buffers are not.
   peak = saved + max(forward transient, backward transient). Not modelled: weights, other layers, allocator
   fragmentation, communicator buffers (NCCL's are ~hundreds of MiB per communicator).
 
@@ -128,11 +136,20 @@ def replicated_kv_heads(kv_heads: int, ulysses: int) -> int:
     return kv_heads * ulysses // math.gcd(kv_heads, ulysses)
 
 
-def head_groups(heads: int, kv_heads: int, ulysses: int) -> int:
+def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -> int:
     """``G``, the head-group pipeline depth (``usp.ulysses.head_groups``; ``kv_heads`` already replicated)."""
     if ulysses == 1:
         return 1
-    return 2 if (heads // ulysses) % 2 == 0 and (kv_heads // ulysses) % 2 == 0 else 1
+    per_group = 2 * head_chunks
+    return 2 if (heads // ulysses) % per_group == 0 and (kv_heads // ulysses) % per_group == 0 else 1
+
+
+def head_chunk_options(heads: int, kv_heads: int, ulysses: int) -> List[int]:
+    """Valid ``head_chunks`` (``usp.attention.check_head_chunks``): divisors of the query and (replicated) K/V
+    heads each Ulysses rank attends."""
+    kv = replicated_kv_heads(kv_heads, ulysses)
+    q_local, kv_local = heads // ulysses, kv // ulysses
+    return [c for c in range(1, kv_local + 1) if q_local % c == 0 and kv_local % c == 0]
 
 
 @dataclass(frozen=True)
@@ -311,7 +328,7 @@ class CostModel:
 
     # ------------------------------------------------------------------ the model
     def evaluate(self, shape: Shape, ulysses: int, ring: int, placement: str,
-                 kernel: KernelProfile) -> Tuple[PassCost, PassCost, MemoryCost]:
+                 kernel: KernelProfile, head_chunks: int = 1) -> Tuple[PassCost, PassCost, MemoryCost]:
         """Forward cost, backward cost and peak memory of one layer (formulas in the module docstring)."""
         if placement not in PLACEMENTS:
             raise PlannerError(f"placement={placement!r} is not valid; valid values: {', '.join(PLACEMENTS)}")
@@ -322,7 +339,8 @@ class CostModel:
         heads_per_rank = H / ulysses
 
         hbm = self.topology.memory_bandwidth
-        G = head_groups(H, kv, ulysses)
+        G = head_groups(H, kv, ulysses, head_chunks)
+        C = head_chunks
         fwd, bwd = PassCost(), PassCost()
         # --- Ulysses all-to-all staging and counts: 4 calls per pass and head group, each on 1/G of the buffer
         if ulysses > 1:
@@ -337,32 +355,42 @@ class CostModel:
 
         # --- compute per ring step
         blocks = self.blocks(shape, ring)
-        c_fwd = [blk.flops(shape, heads_per_rank) / kernel.rate(False, blk.causal, blk.side) for blk in blocks]
-        c_bwd = [BACKWARD_FLOPS_FACTOR * blk.flops(shape, heads_per_rank) / kernel.rate(True, blk.causal, blk.side)
+        per_call = heads_per_rank / (G * C)  # query heads of one kernel call
+        c_fwd = [blk.flops(shape, heads_per_rank) / kernel.rate(False, blk.causal, blk.side, per_call)
+                 for blk in blocks]
+        c_bwd = [BACKWARD_FLOPS_FACTOR * blk.flops(shape, heads_per_rank) / kernel.rate(True, blk.causal, blk.side,
+                                                                                          per_call)
                  for blk in blocks]
         fwd.compute, bwd.compute = sum(c_fwd), sum(c_bwd)
         fwd.flops = sum(blk.flops(shape, heads_per_rank) for blk in blocks)
         bwd.flops = BACKWARD_FLOPS_FACTOR * fwd.flops
-        fwd.kernel_calls = bwd.kernel_calls = G * len(blocks)
-        # --- fp32 merges of the ring (GPU-memory traffic on the compute stream; usp/ring.py, usp/merge.py)
+        fwd.kernel_calls = bwd.kernel_calls = G * C * len(blocks)
+        # --- sums of the ring (GPU-memory traffic on the compute stream; usp/ring.py, usp/merge.py)
+        narrow = ring == 2
         if ring > 1 and hbm:
             q_h = b * (s / ring) * heads_per_rank * d
-            g_h = q_h + 2 * b * (s / ring) * (kv / ulysses) * d  # dq + dK + dV elements
-            m_fwd = [0.0] + [(16 + B) * q_h * blk.rows / hbm for blk in blocks[1:]]
-            m_fwd[1] += (B + 4) * q_h / hbm       # step 0's output promoted to the fp32 accumulator
-            m_fwd[-1] += (4 + B) * q_h / hbm      # final cast
-            m_bwd = [(8 + B) * g_h * blk.rows / hbm for blk in blocks]  # add_ into dq and the travelling dKV
-            m_bwd[-1] += FP32 * g_h / hbm         # zero-fill of the fp32 dq and dKV (first walked step)
-            m_bwd[0] += (4 + B) * g_h / hbm       # final casts of dq and (at the owner) dK, dV after step 0
+            kv2_h = 2 * b * (s / ring) * (kv / ulysses) * d  # dK + dV elements
+            if narrow:
+                m_fwd = [0.0, 3 * B * q_h * blocks[1].rows / hbm]
+                m_bwd = [3 * B * (q_h * blocks[1].rows + kv2_h) / hbm, 0.0]  # both adds land at step 0
+            else:
+                g_h = q_h + kv2_h
+                m_fwd = [0.0] + [(8 + B) * q_h * blk.rows / hbm for blk in blocks[1:]]
+                m_fwd[1] += (B + 4) * q_h / hbm       # step 0's output promoted to the fp32 accumulator
+                m_fwd[-1] += (4 + B) * q_h / hbm      # final cast
+                m_bwd = [(8 + B) * g_h * blk.rows / hbm for blk in blocks]  # add_ into dq and the travelling dKV
+                m_bwd[-1] += (4 + B) * g_h / hbm      # fp32 dq and dKV sums created (first walked step)
+                m_bwd[0] += (4 + B) * g_h / hbm       # final casts of dq and (at the owner) dK, dV after step 0
             fwd.merge, bwd.merge = sum(m_fwd), sum(m_bwd)
             c_fwd = [c + m for c, m in zip(c_fwd, m_fwd)]
             c_bwd = [c + m for c, m in zip(c_bwd, m_bwd)]
 
-        # --- ring with double-buffered overlap, once per head group (each on 1/G of the heads)
+        # --- ring with double-buffered overlap, once per head group and chunk (each on 1/(G·C) of the heads)
+        GC = G * C
         t_fwd, t_bwd = sum(c_fwd) / G, sum(c_bwd) / G  # one group's ring time (R == 1: compute + merge)
         if ring > 1:
-            n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B / G
-            n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * FP32 / G
+            n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B / GC
+            n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * (B if narrow else FP32) / GC
             fit = self.p2p_fit(ulysses, ring, placement)
 
             def step(compute: float, nbytes: float, rotations: int) -> float:
@@ -370,16 +398,22 @@ class CostModel:
                     return compute
                 return rotations * fit.latency + max(compute, fit.floor - fit.latency, nbytes / fit.bandwidth)
 
-            t_fwd = sum(step(c / G, n_kv, 1) if i < ring - 1 else c / G for i, c in enumerate(c_fwd))
+            t_chunk = sum(step(c / GC, n_kv, 1) if i < ring - 1 else c / GC for i, c in enumerate(c_fwd))
+            t_fwd = C * t_chunk
             fwd.ring_exposed = G * t_fwd - fwd.compute - fwd.merge
-            fwd.ring_transfers, fwd.ring_bytes = G * (ring - 1), G * (ring - 1) * n_kv
-            t_bwd = 0.0
+            fwd.ring_transfers, fwd.ring_bytes = GC * (ring - 1), GC * (ring - 1) * n_kv
+            t_chunk = 0.0
             for j, c in enumerate(c_bwd):  # order does not change the sum; step j as in the docstring
                 kv_out, dkv_in = j >= 2, j <= ring - 2
-                t_bwd += step(c / G, n_kv * kv_out + n_dkv * dkv_in, kv_out + dkv_in)
+                t_chunk += step(c / GC, n_kv * kv_out + n_dkv * dkv_in, kv_out + dkv_in)
+            kv_transfers = ring - 2
+            if C > 1:  # Note [head chunks]: each chunk first fetches the block the forward ended on, exposed
+                t_chunk += fit.latency + max(fit.floor - fit.latency, n_kv / fit.bandwidth)
+                kv_transfers = ring - 1
+            t_bwd = C * t_chunk
             bwd.ring_exposed = G * t_bwd - bwd.compute - bwd.merge
-            bwd.ring_transfers = G * ((ring - 2) + (ring - 1))
-            bwd.ring_bytes = G * ((ring - 2) * n_kv + (ring - 1) * n_dkv)
+            bwd.ring_transfers = GC * (kv_transfers + (ring - 1))
+            bwd.ring_bytes = GC * (kv_transfers * n_kv + (ring - 1) * n_dkv)
 
         # --- exposed Ulysses all-to-all time of the head-group pipeline
         if ulysses > 1:
@@ -388,11 +422,11 @@ class CostModel:
             for pc, t_group, first, last in ((fwd, t_fwd, a_q + 2 * a_kv, a_q), (bwd, t_bwd, a_q, a_q + 2 * a_kv)):
                 pc.all_to_all += first + last + (G - 1) * (max(0.0, first - t_group) + max(0.0, last - t_group))
 
-        memory = self.memory(shape, ulysses, ring)
+        memory = self.memory(shape, ulysses, ring, head_chunks)
         return fwd, bwd, memory
 
     @staticmethod
-    def memory(shape: Shape, ulysses: int, ring: int) -> MemoryCost:
+    def memory(shape: Shape, ulysses: int, ring: int, head_chunks: int = 1) -> MemoryCost:
         B = shape.element_bytes
         b, s, H, d = shape.batch, shape.seqlen, shape.heads, shape.head_dim
         kv = replicated_kv_heads(shape.kv_heads, ulysses)
@@ -400,13 +434,18 @@ class CostModel:
         kv_h = b * (s / ring) * (kv / ulysses) * d
         lse = b * (H / ulysses) * (s / ring)
         saved = B * (2 * q_h + 2 * kv_h) + FP32 * lse
-        if ring > 1:
+        C, narrow = head_chunks, ring == 2
+        if ring > 1 and C == 1:
             saved += 2 * kv_h * B  # the forward's last K/V block, one per head group (each 1/G of the heads)
         replicate = 2 * kv_h * B if kv != shape.kv_heads else 0.0
         ring_kv = min(ring - 1, 2) * 2 * kv_h * B
+        # per kernel call (1/C of the heads with head chunks): block grads and the kernel's fp32 dq workspace
+        kernel_bwd = ((q_h + 2 * kv_h) * B + FP32 * q_h) / C
         fwd = replicate + 2 * q_h * B
-        bwd = q_h * B + q_h * B + 2 * (q_h + 2 * kv_h) * B + FP32 * q_h
+        bwd = q_h * B + q_h * B + (q_h + 2 * kv_h) * B + kernel_bwd
         if ring > 1:
-            fwd += ring_kv + FP32 * q_h + q_h * B + 2 * FP32 * lse
-            bwd += FP32 * q_h + 2 * 2 * kv_h * FP32 + ring_kv
+            accumulator = 0.0 if narrow else FP32 * q_h  # Note [narrow sums]: R == 2 merges into the output
+            fwd += (ring_kv + accumulator + q_h * B + 2 * FP32 * lse) / C
+            dq_sum = q_h * B if narrow else FP32 * q_h  # R == 2: the step-1 block held, not a float32 sum
+            bwd += (dq_sum + 2 * 2 * kv_h * (B if narrow else FP32) + ring_kv) / C
         return MemoryCost(saved=saved, forward_transient=fwd, backward_transient=bwd)

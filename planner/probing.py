@@ -29,7 +29,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .topology import DEFAULT_PRESET, Fit, Topology, fit_latency_bandwidth, load_topology
 from .units import PlannerError, canonical_dtype
@@ -240,7 +240,8 @@ class _Progress:
 
 def probe(output: Optional[str] = None, *, name: Optional[str] = None, message_sizes: Optional[Sequence[int]] = None,
           group_sizes: Optional[Sequence[int]] = None, iters: Optional[int] = None, warmup: Optional[int] = None,
-          kernel: Optional[Any] = "auto", heads: Optional[int] = None, head_dim: int = 128, dtype: Any = None,
+          kernel: Optional[Any] = "auto", heads: Union[None, int, Sequence[int]] = None, head_dim: int = 128,
+          dtype: Any = None,
           kernel_blocks: Optional[Sequence[int]] = None, gpus_per_host: Optional[int] = None,
           backend: Optional[str] = None, progress: bool = True) -> Topology:
     """Measure this machine (see the module docstring); call on every rank. Returns the same Topology everywhere.
@@ -255,7 +256,8 @@ def probe(output: Optional[str] = None, *, name: Optional[str] = None, message_s
         kernel: a ``usp.kernels`` backend name ("auto") or kernel object; ``None`` skips the kernel timing (the
             kernel rates of the default preset are copied and a warning is recorded).
         heads, head_dim, dtype, kernel_blocks: the kernel-timing problem (defaults: 32 heads, bf16, blocks 4K..32K
-            on GPU; 2 heads, float32, blocks 128 and 256 on CPU).
+            on GPU; 2 heads, float32, blocks 128 and 256 on CPU). ``heads`` may list several counts (e.g.
+            ``(8, 32)``): one profile each, and the cost model interpolates between them by heads per call.
         gpus_per_host: treat every N consecutive ranks as one host (default: group by hostname).
         backend: process-group backend when probe has to initialise torch.distributed itself.
         progress: show rich progress on rank 0.
@@ -383,8 +385,9 @@ def _probe(torch, dist, output, name, message_sizes, group_sizes, iters, warmup,
         kernel_profile = None
         if kernel is not None:
             bar.step("attention kernel")
-            kernel_profile = _kernel_profile(torch, dist, kernel, device, on_gpu, heads, head_dim, dtype,
-                                             kernel_blocks, iters, warmup, sync)
+            head_counts = [heads] if heads is None or isinstance(heads, int) else list(heads)
+            kernel_profile = [_kernel_profile(torch, dist, kernel, device, on_gpu, h, head_dim, dtype,
+                                              kernel_blocks, iters, warmup, sync) for h in head_counts]
             bar.advance()
     finally:
         bar.close()
@@ -472,7 +475,7 @@ def _kernel_profile(torch, dist, kernel, device, on_gpu, heads, head_dim, dtype,
     dist.all_gather_object(gathered, points)
     slowest = [{key: (min(p[i][key] for p in gathered) if key != "block" else points[i]["block"])
                 for key in points[i]} for i in range(len(points))]
-    return {"name": impl.name, "dtype": dtype_name, "head_dim": head_dim,
+    return {"name": impl.name, "dtype": dtype_name, "head_dim": head_dim, "heads": heads,
             "source": f"usp-plan probe, {heads} heads, slowest of {dist.get_world_size()} ranks",
             "points": [{k: (float(f"{v:.4g}") if k != "block" else v) for k, v in p.items()} for p in slowest]}
 
@@ -534,7 +537,7 @@ def _topology_dict(name, everyone, hosts, gph, host_of, p2p, a2a, memory_bandwid
         topo["kernels"] = [k.to_dict() for k in fallback.kernels]
         warnings.append(f"kernel not timed: kernel rates copied from preset {DEFAULT_PRESET!r}")
     else:
-        topo["kernels"] = [kernel_profile]
+        topo["kernels"] = list(kernel_profile)
     topo["measured"] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "backend": backend, "world_size": world,
         "gpus_per_host": gph, "hosts": sorted({e["host"] for e in everyone}),

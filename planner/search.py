@@ -22,7 +22,7 @@ from typing import Any, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
-from .cost import PLACEMENTS, CostModel, MemoryCost, PassCost, Shape, replicated_kv_heads
+from .cost import PLACEMENTS, CostModel, MemoryCost, PassCost, Shape, head_chunk_options, replicated_kv_heads
 from .topology import DEFAULT_PRESET, Topology, load_topology
 from .units import PlannerError, canonical_dtype, format_bytes, format_seconds, parse_memory_limit, parse_seqlen
 
@@ -56,6 +56,8 @@ class Candidate:
     memory: Optional[MemoryCost] = None
     kv_heads_used: Optional[int] = None
     notes: List[str] = field(default_factory=list)
+    #: ring passes per head group (``usp.long_context_attention(head_chunks=...)``); > 1 only to fit memory
+    head_chunks: int = 1
 
     @property
     def label(self) -> str:
@@ -77,7 +79,7 @@ class Candidate:
                 "forward": None if self.forward is None else self.forward.to_dict(),
                 "backward": None if self.backward is None else self.backward.to_dict(),
                 "memory": None if self.memory is None else self.memory.to_dict(),
-                "kv_heads_used": self.kv_heads_used, "notes": list(self.notes)}
+                "kv_heads_used": self.kv_heads_used, "notes": list(self.notes), "head_chunks": self.head_chunks}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
@@ -86,7 +88,8 @@ class Candidate:
                    forward=None if data.get("forward") is None else PassCost.from_dict(data["forward"]),
                    backward=None if data.get("backward") is None else PassCost.from_dict(data["backward"]),
                    memory=None if data.get("memory") is None else MemoryCost.from_dict(data["memory"]),
-                   kv_heads_used=data.get("kv_heads_used"), notes=list(data.get("notes") or []))
+                   kv_heads_used=data.get("kv_heads_used"), notes=list(data.get("notes") or []),
+                   head_chunks=int(data.get("head_chunks", 1)))
 
 
 @dataclass
@@ -115,6 +118,8 @@ class Plan:
     forward_only: bool = False
     candidates: List[Candidate] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    #: pass to ``usp.LongContextAttention(head_chunks=...)``; > 1 when only chunking the ring fits the memory cap
+    head_chunks: int = 1
 
     # ------------------------------------------------------------------ derived
     @property
@@ -149,7 +154,8 @@ class Plan:
         else:
             time = (f"fwd {format_seconds(self.forward.total)} + bwd {format_seconds(self.backward.total)} = "
                     f"{format_seconds(self.total)} per layer")
-        return (f"Ulysses {self.ulysses} x ring {self.ring} ({self.placement}): {time}, "
+        chunks = f", head_chunks={self.head_chunks}" if self.head_chunks > 1 else ""
+        return (f"Ulysses {self.ulysses} x ring {self.ring} ({self.placement}{chunks}): {time}, "
                 f"{format_bytes(self.memory_bytes)} per GPU")
 
     def snippet(self) -> str:
@@ -174,7 +180,8 @@ class Plan:
         else:
             mesh = (f"mesh = usp.SequenceParallelMesh(ulysses={self.ulysses}, ring={self.ring}, "
                     f"placement={self.placement!r})")
-        lines += [mesh, f"attn = usp.LongContextAttention(mesh, causal={s.causal})"]
+        chunks = f", head_chunks={self.head_chunks}" if self.head_chunks > 1 else ""
+        lines += [mesh, f"attn = usp.LongContextAttention(mesh, causal={s.causal}{chunks})"]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ serialisation
@@ -186,7 +193,7 @@ class Plan:
             "topology": self.topology, "topology_source": self.topology_source, "kernel": self.kernel,
             "total_s": self.total, "forward": self.forward.to_dict(), "backward": self.backward.to_dict(),
             "memory": self.memory.to_dict(), "memory_limit_bytes": self.memory_limit,
-            "forward_only": self.forward_only, "notes": list(self.notes),
+            "forward_only": self.forward_only, "notes": list(self.notes), "head_chunks": self.head_chunks,
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
@@ -207,7 +214,7 @@ class Plan:
                 kernel=str(data.get("kernel", "")), memory_limit=data.get("memory_limit_bytes"),
                 forward_only=bool(data.get("forward_only", False)),
                 candidates=[Candidate.from_dict(c) for c in data.get("candidates") or []],
-                notes=list(data.get("notes") or []),
+                notes=list(data.get("notes") or []), head_chunks=int(data.get("head_chunks", 1)),
             )
         except KeyError as exc:
             raise PlannerError(f"plan is missing key {exc.args[0]!r}") from None
@@ -295,7 +302,8 @@ def _with_param(source: str, key: str, value: int) -> Optional[str]:
 
 
 def _evaluate(model: CostModel, req: _Request, ulysses: int, ring: int, placement: str, kernel_profile,
-              cap: float) -> Candidate:
+              cap: float, head_chunks: Optional[int] = None) -> Candidate:
+    """One candidate. ``head_chunks=None``: 1, or the smallest valid count that brings the peak under ``cap``."""
     shape = req.shape
     cand = Candidate(ulysses=ulysses, ring=ring, placement=placement, feasible=True)
     if shape.heads % ulysses:
@@ -306,7 +314,19 @@ def _evaluate(model: CostModel, req: _Request, ulysses: int, ring: int, placemen
     cand.kv_heads_used = kv
     if kv != shape.kv_heads:
         cand.notes.append(f"KV heads replicated {shape.kv_heads} -> {kv} for ulysses={ulysses}")
-    cand.forward, cand.backward, cand.memory = model.evaluate(shape, ulysses, ring, placement, kernel_profile)
+    options = head_chunk_options(shape.heads, shape.kv_heads, ulysses)
+    if head_chunks is not None and head_chunks not in options:
+        raise PlannerError(f"head_chunks={head_chunks} must divide the {shape.heads // ulysses} query and "
+                           f"{kv // ulysses} K/V heads per Ulysses rank; valid values: {options}")
+    for chunks in [head_chunks] if head_chunks is not None else options:
+        cand.forward, cand.backward, cand.memory = model.evaluate(shape, ulysses, ring, placement, kernel_profile,
+                                                                  chunks)
+        cand.head_chunks = chunks
+        if cand.memory.peak <= cap:
+            break
+    if cand.head_chunks > 1 and head_chunks is None:
+        cand.notes.append(f"head_chunks={cand.head_chunks}: the ring runs once per 1/{cand.head_chunks} of the "
+                          "heads so that its working memory fits")
     multiple = required_seqlen_multiple(ulysses, ring, shape.causal)
     if shape.seqlen % multiple:
         why = "causal zigzag needs lcm(2R, R*U)" if shape.causal and ring > 1 else "needs U*R"
@@ -383,7 +403,7 @@ def _search(req: _Request, model: Optional[CostModel] = None) -> Plan:
                 memory=best.memory, topology=req.topology.name, topology_source=req.topology_source,
                 kernel=profile.name, memory_limit=req.memory_limit, forward_only=req.forward_only,
                 candidates=feasible + rejected,
-                notes=notes + best.notes)
+                notes=notes + best.notes, head_chunks=best.head_chunks)
 
 
 def _divisors(n: int) -> List[int]:
@@ -428,8 +448,9 @@ def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_hea
             head_dim: int = 128, batch: int = 1, dtype: Any = "bfloat16", causal: bool = True,
             placement: str = "ulysses_inner", topology: Union[None, str, os.PathLike, Topology] = None,
             world_size: Optional[int] = None, memory_limit: Union[None, int, str] = None, *,
-            kernel: str = "auto", gpus_per_node: Optional[int] = None) -> Candidate:
-    """Predict one fixed split (for comparing measured against predicted). ``world_size`` defaults to ``U*R``.
+            kernel: str = "auto", gpus_per_node: Optional[int] = None, head_chunks: Optional[int] = 1) -> Candidate:
+    """Predict one fixed split (for comparing measured against predicted). ``world_size`` defaults to ``U*R``;
+    ``head_chunks`` as passed to the attention (``None``: the smallest that fits the memory cap, as ``plan`` does).
 
     Returns a :class:`Candidate` (``forward``, ``backward``, ``memory``, ``total``); ``feasible`` is False with a
     ``reason`` when the split breaks a constraint (its costs are still filled in unless the heads do not divide).
@@ -443,7 +464,8 @@ def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_hea
     req = _request(world_size, shape, topology, memory_limit, sp, kernel, gpus_per_node, False)
     profile, notes = req.topology.kernel(req.kernel, req.shape.dtype, req.shape.head_dim)
     cap = req.memory_limit if req.memory_limit is not None else req.topology.gpu_memory
-    cand = _evaluate(CostModel(req.topology, req.world_size, sp), req, ulysses, ring, placement, profile, cap)
+    cand = _evaluate(CostModel(req.topology, req.world_size, sp), req, ulysses, ring, placement, profile, cap,
+                     head_chunks)
     cand.notes = notes + cand.notes
     return cand
 

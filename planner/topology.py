@@ -66,6 +66,7 @@ own rail NIC (NCCL's PXN, which reroutes through NVLink first, is not modelled).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -231,20 +232,44 @@ class KernelProfile:
     head_dim: int
     points: Tuple[KernelPoint, ...]
     source: str = ""
+    #: query heads per call the points were measured with (None: not recorded, used for any head count)
+    heads: Optional[int] = None
+    #: the same kernel measured at other head counts (``Topology.kernel`` gathers them; see ``rate``)
+    variants: Tuple["KernelProfile", ...] = ()
 
-    def rate(self, backward: bool, causal: bool, block: float) -> float:
-        """FLOP/s for a ``block``-token square block.
+    def rate(self, backward: bool, causal: bool, block: float, heads: Optional[float] = None) -> float:
+        """FLOP/s for one kernel call on a ``block``-token square block with ``heads`` query heads.
 
-        Interpolated linearly in log2(block) between the points and clamped outside them, then never below the
-        rate of any smaller listed block: a large block can always be run as several smaller kernel calls, so a
-        measured dip at a larger size (e.g. FA4 at 32K in FACTS.md) is not extrapolated as a real slowdown.
-        Beyond the largest point a causal block's shortfall against a non-causal one shrinks as ``1/block``: it
-        comes from the masked diagonal tiles, whose share of the work is ``tile / block`` (FACTS.md cuDNN: the
-        causal gap is 134, 23, 17 TFLOP/s at 4K, 16K, 32K).
+        Interpolated linearly in log2(block) between the points: usp runs every ring block as one call, so a dip
+        measured inside the range (cuDNN at 128K and 256K in the 2x H100 probe) is a real slowdown and is kept.
+        Beyond the largest point the rate is the best of the listed points: a dip measured at the last point only
+        (FA4 at 32K in FACTS.md) says nothing of larger blocks and is not extrapolated to all of them. Beyond the
+        largest point a causal block's shortfall against a
+        non-causal one shrinks as ``1/block``: it comes from the masked diagonal tiles, whose share of the work is
+        ``tile / block`` (FACTS.md cuDNN: the causal gap is 134, 23, 17 TFLOP/s at 4K, 16K, 32K).
+
+        Kernel efficiency also depends on the work per call: a small block with few heads leaves the GPU's
+        multiprocessors idle (too few tiles for a full wave). When the profile was measured at several head counts
+        (``usp-plan probe --heads 8,32``), the rate at ``heads`` is interpolated linearly in log2(heads) between
+        the two nearest measured counts (clamped outside them).
         """
+        family = sorted((p for p in (self,) + self.variants if p.heads is not None), key=lambda p: p.heads)
+        if heads is not None and len(family) > 1:
+            if heads <= family[0].heads:
+                return family[0]._rate_at(backward, causal, block)
+            if heads >= family[-1].heads:
+                return family[-1]._rate_at(backward, causal, block)
+            for lo, hi in zip(family, family[1:]):
+                if lo.heads <= heads <= hi.heads:
+                    t = (math.log2(heads) - math.log2(lo.heads)) / (math.log2(hi.heads) - math.log2(lo.heads))
+                    a, b = lo._rate_at(backward, causal, block), hi._rate_at(backward, causal, block)
+                    return a + t * (b - a)
+        return self._rate_at(backward, causal, block)
+
+    def _rate_at(self, backward: bool, causal: bool, block: float) -> float:
         last = self.points[-1]
         if causal and block > last.block:
-            full = self.rate(backward, False, block)
+            full = self._rate_at(backward, False, block)
             gap = ((last.backward if backward else last.forward) -
                    (last.causal_backward if backward else last.causal_forward)) * TFLOPS
             return full - max(gap, 0.0) * last.block / block
@@ -255,7 +280,7 @@ class KernelProfile:
             return p.causal_forward if causal else p.forward
 
         pts = self.points
-        floor = max((value(p) for p in pts if p.block <= block), default=0.0)
+        floor = max(value(p) for p in pts) if block > pts[-1].block else 0.0
         if block <= pts[0].block:
             interpolated = value(pts[0])
         elif block >= pts[-1].block:
@@ -311,12 +336,15 @@ class KernelProfile:
         if len({q.block for q in points}) != len(points):
             reader.fail(reader.key("points"), "two points have the same block size")
         src = reader.string("source", "")
+        heads = reader.integer("heads") if reader.has("heads") else None
         reader.done()
-        return cls(name=name, dtype=dtype, head_dim=head_dim, points=tuple(points), source=src)
+        return cls(name=name, dtype=dtype, head_dim=head_dim, points=tuple(points), source=src, heads=heads)
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "dtype": self.dtype, "head_dim": self.head_dim,
                "points": [p.to_dict() for p in self.points]}
+        if self.heads is not None:
+            out["heads"] = self.heads
         if self.source:
             out["source"] = self.source
         return out
@@ -698,7 +726,12 @@ class Topology:
         same = [k for k in same if abs(k.head_dim - head_dim) == best_dim]
         if best_dim:
             notes.append(f"no head_dim={head_dim} kernel rate; used head_dim={same[0].head_dim}")
-        return max(same, key=lambda k: k.mean_rate()), notes
+        best = max(same, key=lambda k: k.mean_rate())
+        family = tuple(k for k in same if k.name == best.name and k.dtype == best.dtype and k is not best
+                       and k.heads is not None and k.heads != best.heads)
+        if family and best.heads is not None:
+            best = dataclasses.replace(best, variants=family)
+        return best, notes
 
     def measured_a2a(self, group_size: int, hosts_per_group: int) -> Optional[Fit]:
         for m in self.measured_all_to_all:

@@ -82,10 +82,13 @@ def test_fused_merge_kernel_matches_pytorch_merge(out_dtype):
         (fused_out, fused_lse), (ref_out, ref_lse) = results
         assert torch.equal(fused_lse.isinf(), ref_lse.isinf())
         torch.testing.assert_close(fused_lse, ref_lse, rtol=2e-6, atol=2e-6)
-        # same float32 math, possibly a different rounding of lerp's last bit: at most one ulp of the out dtype
-        ulp = torch.finfo(out_dtype).eps
-        diff = (fused_out.float() - ref_out.float()).abs()
-        assert (diff <= ulp * ref_out.float().abs().clamp_min(1e-3) * 2).all(), diff.max()
+        # same float32 math; torch's lerp switches formula at weight 0.5, so the two may differ by a few float32
+        # roundings of the operands' size (cancellation), and then by one rounding of the out dtype
+        acc, new = base[:, rows, heads].float(), block_full[:, rows, heads].float()
+        scale = acc.abs() + new.abs()
+        diff = (fused_out[:, rows, heads].float() - ref_out[:, rows, heads].float()).abs()
+        limit = 4 * torch.finfo(torch.float32).eps * scale + torch.finfo(out_dtype).eps * ref_out[:, rows, heads].float().abs()
+        assert (diff <= limit).all(), (diff - limit).max()
         untouched = torch.ones_like(base, dtype=torch.bool)
         untouched[:, rows, heads] = False
         assert torch.equal(fused_out[untouched], base[untouched])

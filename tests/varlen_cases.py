@@ -232,8 +232,9 @@ def validation_checks(mesh) -> Dict[str, Tuple[str, str]]:
         "mesh": attn(q, k, v, cu, None, "mesh"),
         "causal": attn(q, k, v, cu, None, mesh, causal=1),
         "softmax_scale": attn(q, k, v, cu, None, mesh, softmax_scale=-1.0),
-        "backend unknown": attn(q, k, v, cu, None, mesh, backend="cudnn"),
+        "backend unknown": attn(q, k, v, cu, None, mesh, backend="fa2"),
         "backend unavailable": attn(q, k, v, cu, None, mesh, backend="fa4"),
+        "cudnn unavailable": attn(q, k, v, cu, None, mesh, backend="cudnn"),
         "shard length": lambda: uv.shard_varlen(torch.randn(11, 4), cu, mesh),
         "gather length": lambda: uv.gather_varlen(torch.randn(t + 1, 4), cu, mesh),
     }
@@ -267,8 +268,11 @@ EXPECTED_ERRORS = {
     "mesh": ("TypeError", r"mesh must be a usp.SequenceParallelMesh"),
     "causal": ("TypeError", r"causal must be a bool"),
     "softmax_scale": ("ValueError", r"softmax_scale must be None or a positive float"),
-    "backend unknown": ("ValueError", r"backend='cudnn' has no varlen kernel; valid values .*'fa4'.*'torch_flash'"),
+    "backend unknown": (
+        "ValueError", r"backend='fa2' has no varlen kernel; valid values .*'fa4'.*'torch_flash'.*'cudnn'.*'reference'"
+    ),
     "backend unavailable": ("ValueError", r"backend='fa4' cannot run here"),
+    "cudnn unavailable": ("ValueError", r"backend='cudnn' cannot run here: varlen backend 'cudnn'"),
     "shard length": ("ValueError", r"x.shape\[0\]=11 must equal cu_seqlens\[-1\]=12"),
     "gather length": ("ValueError", r"x_local.shape\[0\]=\d+ must be the layout's local_tokens"),
     "heads vs ulysses": ("ValueError", r"divisible by the Ulysses degree ulysses=\d.*valid"),

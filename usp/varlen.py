@@ -466,8 +466,8 @@ def long_context_attention_varlen(
         softmax_scale: score scale, default ``head_dim ** -0.5``.
         return_lse: also return the LSE ``[heads, total_local_tokens]`` (float32, -inf at padding rows; the
             flash-attn varlen layout; not differentiable).
-        backend: "auto" (fa4, then torch_flash, then reference), a name of ``usp.kernels.varlen.VARLEN_BACKENDS``, or
-            a ``VarlenKernel``.
+        backend: "auto" (fa4, then torch_flash, cudnn, reference), a name of ``usp.kernels.varlen.VARLEN_BACKENDS``,
+            or a ``VarlenKernel``.
 
     Returns:
         ``out [total_local_tokens, heads, head_dim]`` in the input dtype (zero at padding rows), and ``lse`` if asked.

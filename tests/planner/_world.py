@@ -15,7 +15,8 @@ def probe_worker(rank: int, world: int, tmp: str, gpus_per_host) -> tuple:
 
     out = f"{tmp}/probe-{world}.yaml"
     topo = planner.probe(output=out, name=f"cpu-{world}", message_sizes=[4096, 65536, 262144], iters=2, warmup=1,
-                         gpus_per_host=gpus_per_host, kernel_blocks=[64, 128], heads=2, head_dim=32, progress=False)
+                         gpus_per_host=gpus_per_host, kernel_blocks=[64, 128], heads=[1, 2], head_dim=32,
+                         progress=False)
     second = planner.probe(name="no-kernel", message_sizes=[4096], group_sizes=[2], iters=1, warmup=0, kernel=None,
                            gpus_per_host=gpus_per_host, progress=False)
     return topo.to_dict(), second.to_dict(), out

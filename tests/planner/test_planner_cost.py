@@ -24,9 +24,9 @@ def toy(memory_bandwidth=None, gpus=4, bandwidth=100):
 SHAPE = Shape(seqlen=4096, heads=8, kv_heads=8, head_dim=64, batch=1, dtype="bfloat16", causal=False)
 
 
-def evaluate(topo, shape, u, r, placement="ulysses_inner"):
+def evaluate(topo, shape, u, r, placement="ulysses_inner", head_chunks=1):
     model = CostModel(topo, u * r)
-    return model.evaluate(shape, u, r, placement, topo.kernel()[0])
+    return model.evaluate(shape, u, r, placement, topo.kernel()[0], head_chunks)
 
 
 def test_pure_ulysses_by_hand():
@@ -95,10 +95,15 @@ def test_merge_traffic_by_hand():
     q_h = 1024 * 8 * 64                                     # b·(s/R)·(H/U)·d
     g_h = q_h + 2 * q_h                                     # dq + dK + dV (MHA)
     B = 2
-    fwd_bytes = 3 * (16 + B) * q_h + (B + 4) * q_h + (4 + B) * q_h
-    bwd_bytes = 4 * g_h + 4 * (8 + B) * g_h + (4 + B) * g_h  # zero-fill, 4 add_ steps, final casts
+    fwd_bytes = 3 * (8 + B) * q_h + (B + 4) * q_h + (4 + B) * q_h  # fused merges, promotion, final cast
+    bwd_bytes = (4 + B) * g_h + 4 * (8 + B) * g_h + (4 + B) * g_h  # fp32 sums created, 4 add_ steps, final casts
     assert fwd.merge == pytest.approx(fwd_bytes / 1e12)
     assert bwd.merge == pytest.approx(bwd_bytes / 1e12)
+    # a ring of two keeps its sums in bf16 (Note [narrow sums]): one merge, dq + dK/dV adds at step 0
+    q2 = 2048 * 8 * 64
+    fwd2, bwd2, _ = evaluate(toy(memory_bandwidth=1000), SHAPE, 1, 2)
+    assert fwd2.merge == pytest.approx(3 * B * q2 / 1e12)
+    assert bwd2.merge == pytest.approx(3 * B * (q2 + 2 * q2) / 1e12)
     f_u, _, _ = evaluate(toy(memory_bandwidth=1000), SHAPE, 4, 1)
     f_plain, _, _ = evaluate(toy(), SHAPE, 4, 1)
     assert f_u.all_to_all - f_plain.all_to_all == pytest.approx(4 * 4 * MiB / 1e12)  # staging: 4·M per call
@@ -110,10 +115,16 @@ def test_memory_by_hand():
     lse = 4 * 2048
     B = 2
     saved = B * (2 * q_h + 2 * kv_h) + 4 * lse + 2 * kv_h * B  # + the forward's last K/V (G = 2 halves)
-    fwd = 2 * q_h * B + (1 * 2 * kv_h * B) + 4 * q_h + q_h * B + 8 * lse
-    bwd = 2 * q_h * B + 2 * (q_h + 2 * kv_h) * B + 4 * q_h + 4 * q_h + 16 * kv_h + 2 * kv_h * B
+    fwd = 2 * q_h * B + (1 * 2 * kv_h * B) + q_h * B + 8 * lse  # R == 2: no fp32 out accumulator
+    # R == 2: the held step-1 dq block (B) and bf16 dK/dV partial sums instead of fp32 ones
+    bwd = 2 * q_h * B + 2 * (q_h + 2 * kv_h) * B + 4 * q_h + q_h * B + 2 * 2 * kv_h * B + 2 * kv_h * B
     assert (mem.saved, mem.forward_transient, mem.backward_transient) == (saved, fwd, bwd)
-    assert mem.peak == saved + max(fwd, bwd) == 29_392_896
+    assert mem.peak == saved + max(fwd, bwd) == 24_150_016
+    # head chunks divide the ring and per-call terms, and drop the held K/V block
+    _, _, chunked = evaluate(toy(), SHAPE, 1, 2, head_chunks=4)
+    _, _, whole = evaluate(toy(), SHAPE, 1, 2)
+    assert chunked.saved == whole.saved - 2 * (2048 * 8 * 64) * B
+    assert chunked.backward_transient < whole.backward_transient / 2
 
 
 def test_kv_replication():

@@ -114,8 +114,12 @@ def test_probe_on_gloo(tmp_path, world, gpus_per_host):
     assert group_sizes == [g for g in range(2, world + 1) if world % g == 0]
     assert [m.hosts_per_group for m in topo.measured_all_to_all] == [1 if g <= world // hosts else hosts
                                                                    for g in group_sizes]
-    (kernel,) = topo.kernels
-    assert kernel.name == "reference" and kernel.dtype == "float32" and [p.block for p in kernel.points] == [64, 128]
+    one_head, two_heads = topo.kernels  # one profile per probed head count
+    for kernel, heads in ((one_head, 1), (two_heads, 2)):
+        assert kernel.name == "reference" and kernel.dtype == "float32" and kernel.heads == heads
+        assert [p.block for p in kernel.points] == [64, 128]
+    chosen, _ = topo.kernel("reference", "float32", 32)
+    assert {chosen.heads} | {v.heads for v in chosen.variants} == {1, 2}
     if hosts > 1:
         assert topo.network["kind"] in ("infiniband", "roce", "ethernet") and topo.network["nics_per_host"] == 2
     assert any("kernel not timed" in w for w in no_kernel["measured"]["warnings"])

@@ -27,7 +27,7 @@ def test_default_dry_run_64_gpus_1m_tokens():
 
 @pytest.mark.parametrize("world, seqlen, heads, kv, causal", [
     (16, "128k", 32, 8, True), (16, "1M", 32, 8, False), (32, "256k", 64, 8, True), (64, "1M", 32, 8, True),
-    (64, "4M", 64, 8, True), (128, "2M", 128, 8, False), (128, "512k", 32, 4, True)])
+    (64, "4M", 64, 8, True), (128, "2M", 128, 8, False), (128, "1M", 32, 4, True)])
 def test_ulysses_stays_inside_a_node_on_infiniband_clusters(world, seqlen, heads, kv, causal):
     """Long-context GQA shapes (>= 4K tokens per GPU). Known exception, by the model's own numbers: MHA with few
     tokens per GPU, where the ring's K/V + fp32 dK/dV over InfiniBand costs more than a cross-node all-to-all."""
@@ -165,7 +165,7 @@ def test_predict_matches_the_search():
 
 
 def test_ties_go_to_the_host_local_all_to_all():
-    p = plan(128, "512k", 32, 8, causal=False)  # U16xR8 is 0.07% faster but its all-to-all crosses two hosts
+    p = plan(128, "256k", 64, 8, causal=False)  # U32xR4 is <1% faster but its all-to-all crosses four hosts
     assert ulysses_hosts(p, "dgx-h100-cluster") == {1}
     assert p.candidates[1].total < p.total <= p.candidates[1].total * 1.01
     assert any("within 1% of the fastest" in note for note in p.notes)

@@ -119,7 +119,7 @@ def test_measurement_preset_is_consistent_with_its_samples():
     assert a2a.time(256 * MiB) == pytest.approx(0.512e-3, rel=0.01)
 
 
-def test_kernel_rates_interpolate_and_never_drop_with_block_size():
+def test_kernel_rates_interpolate_keep_measured_dips_and_do_not_extrapolate_them():
     kernel, notes = Topology.preset("h100-nvlink-2x").kernel("cudnn")
     assert notes == []
     # FACTS cuDNN fwd 4K non-causal 647, causal 513; 16K causal 624
@@ -130,9 +130,29 @@ def test_kernel_rates_interpolate_and_never_drop_with_block_size():
     # fwd+bwd 16K non-causal 582 = 3.5 / (1/647 + 2.5/r_b)
     r_b = kernel.rate(True, False, 16384) / 1e12
     assert 3.5 / (1 / 647 + 2.5 / r_b) == pytest.approx(582, rel=1e-3)
-    # measured dip at 32K (615 < 647) is not extrapolated: a big block can run as smaller calls
+    # the dip measured at 32K (615 < 647) is kept there, but not extrapolated to every larger block
+    assert kernel.rate(False, False, 32768) == pytest.approx(615e12)
     assert kernel.rate(False, False, 65536) == pytest.approx(647e12)
     assert kernel.rate(False, False, 1024) == pytest.approx(647e12)  # clamped below the first point
+
+
+def test_kernel_rate_interpolates_between_probed_head_counts():
+    """Work per call: profiles probed at 8 and 32 heads; a 16-head call sits halfway in log2(heads)."""
+    def profile(heads, rate):
+        return {"name": "k", "dtype": "bfloat16", "head_dim": 128, "heads": heads,
+                "points": [{"block": 4096, "forward": rate, "backward": rate / 2},
+                           {"block": 65536, "forward": 600, "backward": 500}]}
+    doc = Topology.preset("h100-nvlink-2x").to_dict()
+    doc["kernels"] = [profile(8, 300), profile(32, 500)]
+    topo = Topology.from_dict(doc)
+    kernel, _ = topo.kernel("k")
+    assert kernel.rate(False, False, 4096, heads=8) == pytest.approx(300e12)
+    assert kernel.rate(False, False, 4096, heads=32) == pytest.approx(500e12)
+    assert kernel.rate(False, False, 4096, heads=16) == pytest.approx(400e12)
+    assert kernel.rate(False, False, 4096, heads=64) == pytest.approx(500e12)  # clamped
+    assert kernel.rate(True, False, 65536, heads=16) == pytest.approx(500e12)
+    assert kernel.rate(False, False, 4096) in (300e12, 500e12)  # no head count: the chosen profile's own
+    assert Topology.from_dict(topo.to_dict()).to_dict() == topo.to_dict()  # heads survive the round trip
 
 
 def test_auto_kernel_is_the_fastest_and_dtype_fallback_is_noted():

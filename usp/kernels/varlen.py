@@ -17,9 +17,9 @@ Two levels. Shapes: ``t_q``/``t_k`` packed query/key rows, ``h``/``h_kv`` heads,
   out as ``out = 0``, ``lse = -inf``, ``dq = 0``; rows of a key sequence with no queries get ``dk = dv = 0``.
 
 Backends, in "auto" order: ``"fa4"`` (flash-attn-4 ``_flash_attn_fwd/_bwd`` with ``cu_seqlens_q/k``),
-``"torch_flash"`` (``aten._flash_attention_forward/_backward`` with ``cum_seq_q/k``, FlashAttention-2 inside PyTorch),
-``"cudnn"`` (``aten._cudnn_attention_forward/_backward`` with ``cum_seq_q/k``, PyTorch's ragged cuDNN path; torch >= 2.14
-only, see Note [cuDNN ragged attention]) and ``"reference"`` (pure PyTorch, any device and dtype: the CPU/CI path).
+``"torch_flash"`` (``aten._flash_attention_forward/_backward`` with ``cum_seq_q/k``, FlashAttention-2 in PyTorch),
+``"cudnn"`` (``aten._cudnn_attention_forward/_backward`` with ``cum_seq_q/k``, PyTorch's ragged cuDNN path; torch
+>= 2.14 only, see Note [cuDNN ragged attention]) and ``"reference"`` (pure PyTorch, any device and dtype: CPU/CI).
 """
 from __future__ import annotations
 
