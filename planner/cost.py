@@ -103,7 +103,9 @@ Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)
     with ``R > 1``: the dq sum (fp32 ``4·q_h``; ``R == 2``: the held step-1 block ``q_h·B``), the travelling dKV,
     double-buffered ``2·2·kv_h·4`` (``·B`` when ``R == 2``), ring KV buffers ``min(R-1, 2)·2·kv_h·B``.
   head chunks ``C`` [CORE ``usp/ring.py`` Note [head chunks]]: every ring and per-call term above is divided by
-    ``C`` (one chunk's ring is live at a time); the Ulysses-level buffers are not.
+    ``C`` (one chunk's ring is live at a time; K/V-sized terms by ``min(C, Hkv'/U)``, as chunks beyond the K/V
+    heads share one); the dq sum is written straight into dq (no held block); the Ulysses-level buffers are not
+    divided.
   peak = saved + max(forward transient, backward transient). Not modelled: weights, other layers, allocator
   fragmentation, communicator buffers (NCCL's are ~hundreds of MiB per communicator).
 
@@ -140,16 +142,21 @@ def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -
     """``G``, the head-group pipeline depth (``usp.ulysses.head_groups``; ``kv_heads`` already replicated)."""
     if ulysses == 1:
         return 1
-    per_group = 2 * head_chunks
-    return 2 if (heads // ulysses) % per_group == 0 and (kv_heads // ulysses) % per_group == 0 else 1
+    q_local, kv_local = heads // ulysses, kv_heads // ulysses
+    if q_local % (2 * head_chunks) or kv_local % 2:
+        return 1
+    kv_group = kv_local // 2
+    return 2 if kv_group % head_chunks == 0 or head_chunks % kv_group == 0 else 1
 
 
 def head_chunk_options(heads: int, kv_heads: int, ulysses: int) -> List[int]:
-    """Valid ``head_chunks`` (``usp.attention.check_head_chunks``): divisors of the query and (replicated) K/V
-    heads each Ulysses rank attends."""
+    """Valid ``head_chunks`` (``usp.attention.check_head_chunks``): divisors of the query heads each Ulysses rank
+    attends that divide its (replicated) K/V heads or, when none are replicated, are a multiple of them."""
     kv = replicated_kv_heads(kv_heads, ulysses)
     q_local, kv_local = heads // ulysses, kv // ulysses
-    return [c for c in range(1, kv_local + 1) if q_local % c == 0 and kv_local % c == 0]
+    replicated = kv != kv_heads
+    return [c for c in range(1, q_local + 1)
+            if q_local % c == 0 and (kv_local % c == 0 or (c % kv_local == 0 and not replicated))]
 
 
 @dataclass(frozen=True)
@@ -387,10 +394,12 @@ class CostModel:
 
         # --- ring with double-buffered overlap, once per head group and chunk (each on 1/(G·C) of the heads)
         GC = G * C
+        # chunks beyond the K/V heads of a group share one K/V head each and all carry it round the ring
+        kv_split = G * min(C, max(1, kv // (ulysses * G)))
         t_fwd, t_bwd = sum(c_fwd) / G, sum(c_bwd) / G  # one group's ring time (R == 1: compute + merge)
         if ring > 1:
-            n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B / GC
-            n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * (B if narrow else FP32) / GC
+            n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B / kv_split
+            n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * (B if narrow and C <= kv // ulysses else FP32) / kv_split
             fit = self.p2p_fit(ulysses, ring, placement)
 
             def step(compute: float, nbytes: float, rotations: int) -> float:
@@ -435,17 +444,19 @@ class CostModel:
         lse = b * (H / ulysses) * (s / ring)
         saved = B * (2 * q_h + 2 * kv_h) + FP32 * lse
         C, narrow = head_chunks, ring == 2
+        Ckv = min(C, max(1, kv // ulysses))  # chunks beyond the K/V heads share one K/V head each
         if ring > 1 and C == 1:
             saved += 2 * kv_h * B  # the forward's last K/V block, one per head group (each 1/G of the heads)
         replicate = 2 * kv_h * B if kv != shape.kv_heads else 0.0
-        ring_kv = min(ring - 1, 2) * 2 * kv_h * B
+        ring_kv = min(ring - 1, 2) * 2 * kv_h * B / Ckv
         # per kernel call (1/C of the heads with head chunks): block grads and the kernel's fp32 dq workspace
-        kernel_bwd = ((q_h + 2 * kv_h) * B + FP32 * q_h) / C
+        kernel_bwd = (q_h * B + FP32 * q_h) / C + 2 * kv_h * B / Ckv
         fwd = replicate + 2 * q_h * B
         bwd = q_h * B + q_h * B + (q_h + 2 * kv_h) * B + kernel_bwd
         if ring > 1:
             accumulator = 0.0 if narrow else FP32 * q_h  # Note [narrow sums]: R == 2 merges into the output
-            fwd += (ring_kv + accumulator + q_h * B + 2 * FP32 * lse) / C
-            dq_sum = q_h * B if narrow else FP32 * q_h  # R == 2: the step-1 block held, not a float32 sum
-            bwd += (dq_sum + 2 * 2 * kv_h * (B if narrow else FP32) + ring_kv) / C
+            fwd += ring_kv + (accumulator + q_h * B) / C + 2 * FP32 * lse / C
+            dq_sum = 0.0 if narrow and C > 1 else (q_h * B if narrow else FP32 * q_h / C)  # chunks: into dq itself
+            dkv_bytes = B if narrow and C <= Ckv else FP32
+            bwd += dq_sum + 2 * 2 * kv_h * dkv_bytes / Ckv + ring_kv
         return MemoryCost(saved=saved, forward_transient=fwd, backward_transient=bwd)

@@ -15,12 +15,19 @@ MESHES = {2: [(1, 2), (2, 1)], 4: [(2, 2), (1, 4), (4, 1)], 8: [(2, 4), (4, 2), 
 
 
 def _chunked_cases(u, r):
-    """Head chunks (Note [head chunks]): the ring run once per head group, GQA kept per chunk."""
+    """Head chunks (Note [head chunks]): the ring run once per head group, GQA kept per chunk; also more chunks
+    than K/V heads (chunks sharing a K/V head sum their dK/dV in float32)."""
+    from usp.attention import check_head_chunks
     from usp.layout import required_multiple
 
     cases = []
-    for causal, dtype, kv_heads, chunks in ((True, "bfloat16", 4, 2), (False, "float32", 8, 4)):
-        if (8 // u) % chunks or (kv_heads // u) % chunks:
+    for causal, dtype, kv_heads, chunks in ((True, "bfloat16", 4, 2), (False, "float32", 8, 4),
+                                            (True, "float32", 2, 4), (True, "bfloat16", 1, 2)):
+        if kv_heads % u and u % kv_heads:
+            continue
+        try:
+            check_head_chunks(chunks, 8, kv_heads, u)
+        except ValueError:
             continue
         seqlen = required_multiple(u, r, causal) * 7
         cases.append(Case(u, r, causal, dtype, 1, seqlen, 8, kv_heads, 64, head_chunks=chunks))

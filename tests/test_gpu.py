@@ -17,7 +17,8 @@ from distributed import run_world
 needs_two_gpus = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on the GPU machine)"
 )
-BACKENDS = ("fa4", "cudnn", "torch_flash")
+#: USP_GPU_TEST_BACKENDS=cudnn (comma-separated) narrows a run to some backends
+BACKENDS = tuple(os.environ.get("USP_GPU_TEST_BACKENDS", "fa4,cudnn,torch_flash").split(","))
 
 
 def _gpu_cases(backend):
@@ -33,6 +34,9 @@ def _gpu_cases(backend):
         cases.append(Case(u, r, True, "float16", 1, required_multiple(u, r, True) * 333, 8, 2, 64, backend))
         cases.append(Case(u, r, True, "bfloat16", 1, required_multiple(u, r, True) * 401, 16, 4, 128, backend,
                           head_chunks=2))
+        # more chunks than K/V heads per rank: chunks share a K/V head and sum its dK/dV in float32
+        cases.append(Case(u, r, False, "bfloat16", 1, required_multiple(u, r, False) * 389, 16, 4, 64, backend,
+                          head_chunks=8 // u))
     return cases
 
 

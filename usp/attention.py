@@ -100,14 +100,21 @@ def check_qkv(q, k, v, mesh, causal, dims: Tuple[str, ...]) -> None:
 
 
 def check_head_chunks(head_chunks, heads: int, kv_heads: int, ulysses: int) -> None:
-    """``head_chunks`` must split the heads each Ulysses rank gets (query and, after replication, K/V) evenly."""
+    """``head_chunks`` must split the heads each Ulysses rank gets evenly: it divides the query heads, and either
+    divides the K/V heads (after replication) or is a multiple of them (several chunks per K/V head). Chunks that
+    share a K/V head round their dK/dV partial sums once more; replicated K/V heads (``kv_heads % ulysses != 0``)
+    round them once more again when the replicas are summed, which is more than the accuracy usp promises, so
+    sharing is refused there."""
+    replicated = kv_replication(kv_heads, ulysses) > 1
     kv_after = kv_heads * kv_replication(kv_heads, ulysses)
     q_local, kv_local = heads // ulysses, kv_after // ulysses
-    valid = [c for c in range(1, kv_local + 1) if q_local % c == 0 and kv_local % c == 0]
+    valid = [c for c in range(1, q_local + 1)
+             if q_local % c == 0 and (kv_local % c == 0 or (c % kv_local == 0 and not replicated))]
     if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks not in valid:
         raise ValueError(
-            f"head_chunks={head_chunks!r} must divide the {q_local} query heads and {kv_local} K/V heads each "
-            f"Ulysses rank attends (heads={heads}, kv_heads={kv_heads}, ulysses={ulysses}); valid values: {valid}"
+            f"head_chunks={head_chunks!r} must divide the {q_local} query heads each Ulysses rank attends and "
+            f"divide or be a multiple of its {kv_local} K/V heads (heads={heads}, kv_heads={kv_heads}, "
+            f"ulysses={ulysses}{', K/V heads replicated: divide only' if replicated else ''}); valid values: {valid}"
         )
 
 

@@ -14,7 +14,10 @@ Q/K/V. Attention is independent per head, so ``head_chunks = C`` runs the whole 
 query heads (with their ``h_kv / C`` K/V heads), writing each group's result into slices of the outputs: the
 working set shrinks ``C`` times while the bytes moved stay the same (``C`` times as many, ``C`` times smaller
 messages). The backward cannot keep every group's last K/V block (that would cost a whole K/V), so each group
-fetches it first: one exposed K/V transfer of ``1 / C`` of the local K/V per group.
+fetches it first: one exposed K/V transfer of ``1 / C`` of the local K/V per group. With more chunks than K/V
+heads (MQA, or GQA at the longest lengths) each K/V head's query heads are split over several chunks, which all
+carry that K/V head round the ring (its bytes move once per chunk) and sum its dK/dV in float32 before the one
+rounding. Each chunk writes its dQ straight into the slice of the gradient it owns.
 """
 from __future__ import annotations
 
@@ -80,22 +83,42 @@ def ring_backward(
     """Gradients of ``ring_forward`` (same ``head_chunks``); ``last_kv`` as it returned."""
     if head_chunks == 1:
         return _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale)
-    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v)]
-    for heads, kv_heads in _chunk_slices(q.shape[2], k.shape[2], head_chunks):
-        chunk_grads = _ring_backward_pass(
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    shared = head_chunks > k.shape[2]  # several chunks per K/V head: their dK/dV are summed in float32
+    kv_sum: List[Tensor] = []
+    slices = _chunk_slices(q.shape[2], k.shape[2], head_chunks)
+    for index, (heads, kv_heads) in enumerate(slices):
+        _, dk_c, dv_c = _ring_backward_pass(
             dout[:, :, heads], q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], out[:, :, heads],
-            lse[:, heads], [], mesh, kernel, schedule, scale,
+            lse[:, heads], [], mesh, kernel, schedule, scale, dq_out=dq[:, :, heads], wide_dkv=shared,
         )
-        for grad, chunk_grad, cols in zip(grads, chunk_grads, (heads, kv_heads, kv_heads)):
-            grad[:, :, cols] = chunk_grad
-    return grads[0], grads[1], grads[2]
+        if not shared:
+            dk[:, :, kv_heads], dv[:, :, kv_heads] = dk_c, dv_c
+            continue
+        kv_sum = [dk_c, dv_c] if not kv_sum else [kv_sum[0].add_(dk_c), kv_sum[1].add_(dv_c)]
+        if index + 1 == len(slices) or slices[index + 1][1] != kv_heads:  # last chunk of this K/V head
+            dk[:, :, kv_heads], dv[:, :, kv_heads] = kv_sum
+            kv_sum = []
+    return dq, dk, dv
 
 
 def _chunk_slices(heads: int, kv_heads: int, chunks: int):
-    """Query-head and K/V-head slices of each chunk; chunk ``c`` keeps its query heads' own K/V heads (GQA)."""
-    assert heads % chunks == 0 and kv_heads % chunks == 0, (heads, kv_heads, chunks)
-    hq, hk = heads // chunks, kv_heads // chunks
-    return [(slice(c * hq, (c + 1) * hq), slice(c * hk, (c + 1) * hk)) for c in range(chunks)]
+    """Query-head and K/V-head slices of each chunk; a chunk's query heads always read its K/V heads (GQA).
+
+    ``chunks <= kv_heads``: chunk ``c`` has ``kv_heads / chunks`` K/V heads and their query heads. More chunks than
+    K/V heads (a multiple of them): each K/V head's query heads are split over ``chunks / kv_heads`` chunks, which
+    all carry that one K/V head round the ring.
+    """
+    hq = heads // chunks
+    if chunks <= kv_heads:
+        assert heads % chunks == 0 and kv_heads % chunks == 0, (heads, kv_heads, chunks)
+        hk = kv_heads // chunks
+        return [(slice(c * hq, (c + 1) * hq), slice(c * hk, (c + 1) * hk)) for c in range(chunks)]
+    assert heads % chunks == 0 and chunks % kv_heads == 0, (heads, kv_heads, chunks)
+    group = heads // kv_heads  # query heads per K/V head
+    return [(slice(c * hq, (c + 1) * hq), slice(c * hq // group, c * hq // group + 1)) for c in range(chunks)]
 
 
 def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale):
@@ -144,37 +167,50 @@ class _GradientSum:
     two costs one ``add_`` per tensor and no extra buffer.
     """
 
-    def __init__(self, shape, dtype: torch.dtype, device, narrow: bool):
+    def __init__(self, shape, dtype: torch.dtype, device, narrow: bool, out: Optional[Tensor] = None):
         self.shape, self.dtype, self.device, self.narrow = shape, dtype, device, narrow
+        #: where the sum is written (a slice of the caller's gradient, head chunks): nothing is held then
+        self.out = out if narrow else None
         self.total: Optional[Tensor] = None
         self.pending: List[Tuple[slice, Tensor]] = []
 
     def add(self, rows: slice, block: Tensor) -> None:
         if self.total is None:
-            if rows != slice(None) and self.narrow:
+            if self.out is not None:
+                self.total = self.out
+                if rows == slice(None):
+                    self.total.copy_(block)
+                    return
+                self.total.zero_()
+            elif rows != slice(None) and self.narrow:
                 self.pending.append((rows, block))
                 return
-            if rows == slice(None):
+            elif rows == slice(None):
                 self.total = block if block.dtype == self.dtype else block.to(self.dtype)
                 for held_rows, held in self.pending:
                     _rows(self.total, held_rows).add_(held)
                 self.pending = []
                 return
-            self.total = self.materialize()
+            else:
+                self.total = self.materialize()
         _rows(self.total, rows).add_(block)
 
     def materialize(self) -> Tensor:
         """The sum as one tensor (zeros where nothing landed)."""
         if self.total is None:
-            self.total = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.total = self.out.zero_() if self.out is not None else torch.zeros(
+                self.shape, dtype=self.dtype, device=self.device)
             for held_rows, held in self.pending:
                 _rows(self.total, held_rows).add_(held)
             self.pending = []
         return self.total
 
 
-def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale):
-    """Gradients of one ``_ring_forward_pass``, walking the forward's steps in reverse.
+def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale, dq_out=None,
+                        wide_dkv=False):
+    """Gradients of one ``_ring_forward_pass``, walking the forward's steps in reverse. ``dq_out``: write dQ there
+    (a slice of the caller's gradient) instead of a new tensor; ``wide_dkv``: sum dK/dV in float32 and return
+    them unrounded (head chunks sharing a K/V head add theirs up before the one rounding).
 
     Note [reverse backward]. Step ``j`` of the forward computed this rank's queries against ring rank
     ``r - j``'s K/V. The backward visits ``j = R-1, ..., 0``: it starts on ``last_kv`` (kept by the forward, so no
@@ -187,9 +223,15 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     if ring_size == 1:
         task = schedule.block(0, 0, 1, local_len)
-        return kernel.backward(dout, q, k, v, out, lse, task.kernel_mask, scale)
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, task.kernel_mask, scale)
+        if dq_out is not None:
+            dq = dq_out.copy_(dq)
+        if wide_dkv:
+            dk, dv = dk.to(_accumulator_dtype(k.dtype)), dv.to(_accumulator_dtype(v.dtype))
+        return dq, dk, dv
     narrow = _narrow_sums(ring_size)
     acc = q.dtype if narrow else _accumulator_dtype(q.dtype)
+    kv_acc = _accumulator_dtype(k.dtype) if wide_dkv else acc
     kv_rotation = _rotation(mesh, _KV_TAG, forward=False)
     dkv_rotation = _rotation(mesh, _DKV_TAG, forward=False)
     if last_kv:
@@ -197,7 +239,7 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
     else:
         kv_rotation.start([k.contiguous(), v.contiguous()])
         kv = kv_rotation.wait()
-    dq = _GradientSum(q.shape, acc, q.device, narrow)
+    dq = _GradientSum(q.shape, acc, q.device, narrow, out=dq_out)
     dkv: List[Tensor] = []
     for step in range(ring_size - 1, -1, -1):
         if step > 1:  # step 0 computes on our own K/V: nothing to receive for it
@@ -211,9 +253,11 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
                 task.kernel_mask, scale,
             )
             dq.add(task.q_rows, block_dq)
+        if step == 1:
+            kv = []  # the last visiting block is done with (step 0 uses our own K/V): free it before step 0
         if step == ring_size - 1:
             # the first partial sums of the visiting block: the kernel's own gradients when they cover every row
-            dkv = [_GradientSum(t.shape, acc, t.device, narrow=False) for t in (k, v)]
+            dkv = [_GradientSum(t.shape, kv_acc, t.device, narrow=False) for t in (k, v)]
             if task is not None:
                 dkv[0].add(task.kv_rows, block_dk)
                 dkv[1].add(task.kv_rows, block_dv)
@@ -221,7 +265,9 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
         else:
             sent = dkv
             dkv = dkv_rotation.wait()  # partial dK/dV of the block we hold, from the ranks that saw it later
-            dkv_rotation.recycle(sent)
+            if step > 0:  # another partial sum will arrive: receive it into the buffers just sent
+                dkv_rotation.recycle(sent)
+            del sent
             if task is not None:
                 _rows(dkv[0], task.kv_rows).add_(block_dk)
                 _rows(dkv[1], task.kv_rows).add_(block_dv)
@@ -232,7 +278,11 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
             if step < ring_size - 1:
                 kv_rotation.recycle(kv)
             kv = received
-    return dq.materialize().to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    dq = dq.materialize()
+    dq = dq_out.copy_(dq) if dq_out is not None and dq is not dq_out else dq.to(q.dtype)
+    if wide_dkv:
+        return dq, dkv[0], dkv[1]
+    return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 class RingAttentionFunction(torch.autograd.Function):

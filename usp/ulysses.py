@@ -24,8 +24,12 @@ def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -
     each group is further cut into ``head_chunks`` ring passes (``usp.ring``, Note [head chunks])."""
     if ulysses == 1:
         return 1
-    per_group = 2 * head_chunks
-    return 2 if (heads // ulysses) % per_group == 0 and (kv_heads // ulysses) % per_group == 0 else 1
+    q_local, kv_local = heads // ulysses, kv_heads // ulysses
+    if q_local % (2 * head_chunks) or kv_local % 2:
+        return 1
+    # each group's heads must still split into head_chunks (ring.py _chunk_slices)
+    kv_group = kv_local // 2
+    return 2 if kv_group % head_chunks == 0 or head_chunks % kv_group == 0 else 1
 
 
 class UlyssesRingFunction(torch.autograd.Function):
