@@ -94,10 +94,10 @@ Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)
   saved for backward: ``B·(2·q_h + 2·kv_h) + 4·l``  (head-sharded q, k, v, out; fp32 LSE), plus with ``R > 1``
     and no head chunks the K/V block held at the forward's last step, one per head group: ``2·kv_h·B``
   forward transient: replicated KV before the all-to-all ``2·kv_h·B`` (only when replicating); a2a staging
-    ``q_h·B``; the output after the a2a back ``q_h·B``; with ``R > 1``: ring KV buffers ``min(R-1, 2)·2·kv_h·B``
+    ``q_h·B`` (only with ``U > 1``); the output after the a2a back ``q_h·B``; with ``R > 1``: ring KV buffers ``min(R-1, 2)·2·kv_h·B``
     (double-buffered), the fp32 out accumulator ``4·q_h`` (none when ``R == 2``: Note [narrow sums]), block out
     ``q_h·B``, LSE accumulator + block LSE ``8·l``.
-  backward transient: dO after the a2a ``q_h·B``; a2a staging ``q_h·B``; grads after the a2a back
+  backward transient: dO after the a2a ``q_h·B``; a2a staging ``q_h·B`` (only with ``U > 1``); grads after the a2a back
     ``(q_h + 2·kv_h)·B``; per kernel call the block grads ``(q_h + 2·kv_h)·B`` and the kernel's fp32 dq workspace
     ``4·q_h`` (measured for cuDNN on H100: 2x the bf16 q block, ``benchmarks/kernel_overhead.py --memory-probe``);
     with ``R > 1``: the dq sum (fp32 ``4·q_h``; ``R == 2``: the held step-1 block ``q_h·B``), the travelling dKV,
@@ -451,8 +451,9 @@ class CostModel:
         ring_kv = min(ring - 1, 2) * 2 * kv_h * B / Ckv
         # per kernel call (1/C of the heads with head chunks): block grads and the kernel's fp32 dq workspace
         kernel_bwd = (q_h * B + FP32 * q_h) / C + 2 * kv_h * B / Ckv
-        fwd = replicate + 2 * q_h * B
-        bwd = q_h * B + q_h * B + (q_h + 2 * kv_h) * B + kernel_bwd
+        staging = q_h * B if ulysses > 1 else 0.0  # the all-to-all's packed copy (none without Ulysses)
+        fwd = replicate + staging + q_h * B
+        bwd = q_h * B + staging + (q_h + 2 * kv_h) * B + kernel_bwd
         if ring > 1:
             accumulator = 0.0 if narrow else FP32 * q_h  # Note [narrow sums]: R == 2 merges into the output
             fwd += ring_kv + (accumulator + q_h * B) / C + 2 * FP32 * lse / C
