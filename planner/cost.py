@@ -132,31 +132,25 @@ BACKWARD_FLOPS_FACTOR = 2.5
 
 
 def replicated_kv_heads(kv_heads: int, ulysses: int) -> int:
-    """``Hkv'``: KV heads after replication for a Ulysses degree (lcm when not divisible) [CORE]."""
-    if kv_heads % ulysses == 0:
-        return kv_heads
-    return kv_heads * ulysses // math.gcd(kv_heads, ulysses)
+    """``Hkv'``: KV heads after replication for a Ulysses degree (lcm when not divisible) [CORE
+    ``usp.attention.kv_replication``]."""
+    from usp.attention import kv_replication  # lazy: usp imports planner
+
+    return kv_heads * kv_replication(kv_heads, ulysses)
 
 
 def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -> int:
-    """``G``, the head-group pipeline depth (``usp.ulysses.head_groups``; ``kv_heads`` already replicated)."""
-    if ulysses == 1:
-        return 1
-    q_local, kv_local = heads // ulysses, kv_heads // ulysses
-    if q_local % (2 * head_chunks) or kv_local % 2:
-        return 1
-    kv_group = kv_local // 2
-    return 2 if kv_group % head_chunks == 0 or head_chunks % kv_group == 0 else 1
+    """``G``, the head-group pipeline depth [CORE ``usp.ulysses.head_groups``; ``kv_heads`` already replicated]."""
+    from usp.ulysses import head_groups as core_head_groups  # lazy: usp imports planner
+
+    return core_head_groups(heads, kv_heads, ulysses, head_chunks)
 
 
 def head_chunk_options(heads: int, kv_heads: int, ulysses: int) -> List[int]:
-    """Valid ``head_chunks`` (``usp.attention.check_head_chunks``): divisors of the query heads each Ulysses rank
-    attends that divide its (replicated) K/V heads or, when none are replicated, are a multiple of them."""
-    kv = replicated_kv_heads(kv_heads, ulysses)
-    q_local, kv_local = heads // ulysses, kv // ulysses
-    replicated = kv != kv_heads
-    return [c for c in range(1, q_local + 1)
-            if q_local % c == 0 and (kv_local % c == 0 or (c % kv_local == 0 and not replicated))]
+    """Valid ``head_chunks`` [CORE ``usp.attention.valid_head_chunks``]."""
+    from usp.attention import valid_head_chunks  # lazy: usp imports planner
+
+    return valid_head_chunks(heads, kv_heads, ulysses)
 
 
 @dataclass(frozen=True)

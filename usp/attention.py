@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -99,18 +99,24 @@ def check_qkv(q, k, v, mesh, causal, dims: Tuple[str, ...]) -> None:
         )
 
 
-def check_head_chunks(head_chunks, heads: int, kv_heads: int, ulysses: int) -> None:
-    """``head_chunks`` must split the heads each Ulysses rank gets evenly: it divides the query heads, and either
-    divides the K/V heads (after replication) or is a multiple of them (several chunks per K/V head). Chunks that
-    share a K/V head round their dK/dV partial sums once more; replicated K/V heads (``kv_heads % ulysses != 0``)
-    round them once more again when the replicas are summed, which is more than the accuracy usp promises, so
-    sharing is refused there."""
+def valid_head_chunks(heads: int, kv_heads: int, ulysses: int) -> List[int]:
+    """The ``head_chunks`` values that split the heads each Ulysses rank gets evenly: divisors of its query heads
+    that divide its K/V heads (after replication) or are a multiple of them (several chunks per K/V head). Chunks
+    that share a K/V head round their dK/dV partial sums once more; replicated K/V heads (``kv_heads % ulysses !=
+    0``) round them once more again when the replicas are summed, which is more than the accuracy usp promises, so
+    sharing is left out there."""
     replicated = kv_replication(kv_heads, ulysses) > 1
-    kv_after = kv_heads * kv_replication(kv_heads, ulysses)
-    q_local, kv_local = heads // ulysses, kv_after // ulysses
-    valid = [c for c in range(1, q_local + 1)
-             if q_local % c == 0 and (kv_local % c == 0 or (c % kv_local == 0 and not replicated))]
+    q_local, kv_local = heads // ulysses, kv_heads * kv_replication(kv_heads, ulysses) // ulysses
+    return [c for c in range(1, q_local + 1)
+            if q_local % c == 0 and (kv_local % c == 0 or (c % kv_local == 0 and not replicated))]
+
+
+def check_head_chunks(head_chunks, heads: int, kv_heads: int, ulysses: int) -> None:
+    """``head_chunks`` must be one of ``valid_head_chunks``; the error lists them."""
+    valid = valid_head_chunks(heads, kv_heads, ulysses)
     if not isinstance(head_chunks, int) or isinstance(head_chunks, bool) or head_chunks not in valid:
+        replicated = kv_replication(kv_heads, ulysses) > 1
+        q_local, kv_local = heads // ulysses, kv_heads * kv_replication(kv_heads, ulysses) // ulysses
         raise ValueError(
             f"head_chunks={head_chunks!r} must divide the {q_local} query heads each Ulysses rank attends and "
             f"divide or be a multiple of its {kv_local} K/V heads (heads={heads}, kv_heads={kv_heads}, "
