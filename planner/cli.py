@@ -5,25 +5,34 @@
     usp-plan --world-size 16 --heads 32 --sweep                      # 8K .. 1M: where does the best split change?
     torchrun --nproc-per-node 8 -m planner.cli probe --output my-node.yaml
 
-Bad input exits with status 2 and one line on stderr (the same text the API raises as ValueError).
+Bad input exits with status 2 and one line on stderr (the same text the API raises as ValueError). The table fits
+the terminal (80 columns by default; ``--wide`` adds the cost breakdown); a closed pipe (``usp-plan ... | head``)
+ends quietly with status 0.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
+import textwrap
 from typing import Any, List, NoReturn, Optional, Sequence
 
 import yaml
 
-from .search import Candidate, Plan, default_sweep_lengths, plan, sweep
+from .search import Candidate, Plan, default_sweep_lengths, equivalent, plan, sweep
 from .topology import DEFAULT_PRESET, list_presets, load_topology
-from .units import PlannerError, format_bytes, format_seconds, format_tokens, parse_bytes, parse_seqlen
+from .units import (PlannerError, format_bytes, format_in_unit, format_tokens, parse_bytes, parse_seqlen,
+                    seconds_unit)
 
 __all__ = ["main", "build_parser"]
 
 PROG = "usp-plan"
+USAGE = ("%(prog)s --world-size N --seqlen S --heads H [--kv-heads H] [options]\n"
+         "       %(prog)s --world-size N --heads H --sweep [LENGTHS] [options]\n"
+         "       %(prog)s --list-presets\n"
+         "       torchrun --nproc-per-node G -m planner.cli probe [--output FILE] [probe options]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,7 +79,7 @@ def _memory(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The plan parser (``usp-plan ...``); ``usp-plan probe ...`` has its own (:func:`build_probe_parser`)."""
-    p = _Parser(prog=PROG, description="Rank every Ulysses x ring split of the sequence-parallel size for one "
+    p = _Parser(prog=PROG, usage=USAGE, description="Rank every Ulysses x ring split of the sequence-parallel size for one "
                 "attention layer on a topology (a preset, or a YAML file written by `usp-plan probe`).",
                 epilog=f"Presets: {', '.join(list_presets())} (default {DEFAULT_PRESET}). "
                 f"Subcommand: `{PROG} probe --help` measures this machine under torchrun.")
@@ -78,21 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=_seqlen, help="global sequence length: 131072, 128k, 1M")
     p.add_argument("--heads", type=int, help="query heads")
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: --heads)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--head-dim", type=int, default=128,
+                   help="dimension of each attention head (default 128; usp's GPU kernels: 8..256, a multiple of 8)")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch size per data-parallel replica (default 1)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="causal mask (default) or --no-causal")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (bf16, default), float16 (fp16), float32")
     p.add_argument("--topology", default=None,
                    help=f"preset name (NAME or NAME:hosts=N) or topology YAML path (default {DEFAULT_PRESET})")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="override the topology's GPUs per host")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="override the topology's GPUs per host (must divide --world-size when it is smaller)")
     p.add_argument("--memory-limit", type=_memory, default=None,
                    help="cap on predicted attention memory per GPU: 40 (GiB), 40GiB, 512MiB (default: GPU memory)")
     p.add_argument("--sequence-parallel-size", type=int, default=None,
                    help="U*R (default: the world size; the rest is data parallel)")
     p.add_argument("--kernel", default="auto", help="kernel whose rates to use (default: the fastest listed)")
     p.add_argument("--forward-only", action="store_true", help="minimise forward time (inference/prefill)")
-    p.add_argument("--format", choices=("table", "json", "yaml"), default="table")
+    p.add_argument("--format", choices=("table", "json", "yaml"), default="table",
+                   help="table (default: fits the terminal, 80 columns), json or yaml (every candidate and the "
+                   "explanation of the pick, 'why')")
+    p.add_argument("--wide", action="store_true",
+                   help="table: also the compute, merge, all-to-all, exposed ring, forward and backward columns")
     p.add_argument("--sweep", nargs="?", const="auto", default=None, type=str, metavar="LENGTHS",
                    help="plan several sequence lengths (comma list, or powers of two from 8K up to --seqlen/1M)")
     p.add_argument("--list-presets", action="store_true", help="print the shipped topology presets and exit")
@@ -100,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_probe_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} probe", description="Measure this machine (run on every rank under torchrun) and "
+    p = _Parser(prog=f"{PROG} probe", usage="torchrun --nproc-per-node G -m planner.cli probe [options]",
+                description="Measure this machine (run on every rank under torchrun) and "
                 "write a topology YAML for later dry runs. Works on CPU/gloo too (structure right, numbers "
                 "meaningless).")
     p.add_argument("--output", "-o", default="usp-topology.yaml", help="YAML file to write (rank 0)")
@@ -108,12 +124,12 @@ def build_probe_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=_bytes_list, default=None,
                    help="message sizes for P2P and all-to-all, e.g. 1MiB,16MiB,64MiB,256MiB")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per measurement")
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations before each measurement")
     p.add_argument("--kernel", default="auto", help="usp kernel backend to time (auto = fastest available)")
     p.add_argument("--no-kernel", action="store_true", help="skip the kernel timing")
     p.add_argument("--heads", type=_int_list, default=None,
                    help="query heads for the kernel timing; several (e.g. 8,32) give one profile each")
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension for the kernel timing (default 128)")
     p.add_argument("--dtype", default=None, help="kernel dtype (default bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--blocks", type=_seqlen_list, default=None, help="kernel block sizes, e.g. 4k,8k,16k,32k")
     p.add_argument("--gpus-per-host", type=int, default=None,
@@ -124,32 +140,84 @@ def build_probe_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- rendering
-_COLUMNS = ("", "U", "R", "placement", "compute", "merge", "all-to-all", "ring exp.", "fwd", "bwd", "total",
-            "mem/GPU", "note")
+#: cost columns: (header, the candidate's value in seconds); the narrow table shows the last one only
+_WIDE_TERMS = (("compute", lambda ps: sum(p.compute for p in ps)), ("merge", lambda ps: sum(p.merge for p in ps)),
+               ("all-to-all", lambda ps: sum(p.all_to_all for p in ps)),
+               ("ring exp.", lambda ps: sum(p.ring_exposed for p in ps)),
+               ("overhead", lambda ps: sum(p.overhead for p in ps)))
 
 
-def _row(c: Candidate, pick: bool, forward_only: bool) -> List[str]:
-    if c.forward is None:
-        cost = ["-"] * 7
-    else:
-        f, b = c.forward, c.backward
-        both = (f,) if forward_only else (f, b)
-        cost = [format_seconds(sum(x.compute for x in both)), format_seconds(sum(x.merge for x in both)),
-                format_seconds(sum(x.all_to_all for x in both)), format_seconds(sum(x.ring_exposed for x in both)),
-                format_seconds(f.total), "-" if forward_only else format_seconds(b.total),
-                format_seconds(f.total if forward_only else c.total)]
-    memory = "-" if c.memory is None else format_bytes(c.memory.peak)
-    note = c.reason if not c.feasible else "; ".join(c.notes)
-    mark = "*" if pick else ("x" if not c.feasible else "")
-    return [mark, str(c.ulysses), str(c.ring), c.placement] + cost + [memory, note or ""]
+def _merge_equivalent(candidates: Sequence[Candidate]) -> List[tuple]:
+    """``[(candidate, merged)]``: a candidate equivalent to an earlier one (``planner.search.equivalent``) is folded
+    into it, and the row says "either" for the placement."""
+    rows: List[list] = []
+    for c in candidates:
+        for row in rows:
+            if equivalent(row[0], c):
+                row[1] = True
+                break
+        else:
+            rows.append([c, False])
+    return [tuple(r) for r in rows]
 
 
-def _plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+def _table(p: Plan, wide: bool) -> tuple:
+    """Header and rows of the plan's candidates; one unit per time column (in the header)."""
+    fo = p.forward_only
+    passes = (lambda c: (c.forward,)) if fo else (lambda c: (c.forward, c.backward))
+    merged = _merge_equivalent(p.candidates)
+    costed = [c for c, _ in merged if c.forward is not None]
+    columns = []  # (name, seconds of a candidate)
+    if wide:
+        columns += [(name, (lambda f: lambda c: f(passes(c)))(f)) for name, f in _WIDE_TERMS]
+        columns += [("fwd", lambda c: c.forward.total)] + ([] if fo else [("bwd", lambda c: c.backward.total)])
+    columns.append(("fwd" if fo else "total", lambda c: _objective(c, fo)))
+    units = [seconds_unit([get(c) for c in costed]) for _, get in columns]
+    header = ["", "U", "R", "placement"] + [f"{name} {unit}" for (name, _), unit in zip(columns, units)]
+    header += ["vs pick", "mem/GPU", "note"]
+    best = p.objective
+    rows = []
+    for i, (c, twin) in enumerate(merged):
+        mark = "*" if i == 0 else ("x" if not c.feasible else "")
+        placement = "either" if twin else c.placement
+        if c.forward is None:
+            cost = ["-"] * len(columns) + ["-"]
+        else:
+            cost = [format_in_unit(get(c), unit) for (_, get), unit in zip(columns, units)]
+            cost.append("" if i == 0 else f"{100 * (_objective(c, fo) / best - 1):+.1f}%")
+        memory = "-" if c.memory is None else format_bytes(c.memory.peak)
+        note = c.reason if not c.feasible else "; ".join(c.notes)
+        if twin:
+            note = "; ".join(filter(None, ["both placements predict the same", note]))
+        rows.append([mark, str(c.ulysses), str(c.ring), placement] + cost + [memory, note or ""])
+    return header, rows
+
+
+def _objective(c: Candidate, forward_only: bool) -> float:
+    return c.forward.total if forward_only else c.total
+
+
+def _width() -> int:
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _plain_table(header: Sequence[str], rows: Sequence[Sequence[str]], width: Optional[int] = None) -> str:
+    """Left-aligned columns; the last column (notes) wraps onto indented lines to keep within ``width``."""
+    width = width or _width()
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    lead = sum(w + 2 for w in widths[:-1])
+    room = max(10, width - lead)
+    widths[-1] = min(widths[-1], room)
+
+    def line(cells: Sequence[str]) -> List[str]:
+        head = "  ".join(v.ljust(w) for v, w in zip(cells[:-1], widths[:-1]))
+        last = textwrap.wrap(cells[-1], room) or [""]
+        return [(head + "  " + last[0]).rstrip()] + [(" " * lead + more).rstrip() for more in last[1:]]
+
+    lines = line(header)
     lines.append("  ".join("-" * w for w in widths).rstrip())
     for r in rows:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        lines += line(r)
     return "\n".join(lines)
 
 
@@ -160,17 +228,17 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: st
 
         table = Table(title=title, title_justify="left")
         for h in header:
-            table.add_column(h, justify="right" if h in ("U", "R") or h in _TIME_COLUMNS else "left")
+            right = h in ("U", "R", "vs pick", "mem/GPU") or h.endswith((" ms", " s"))
+            table.add_column(h, justify="right" if right else "left", no_wrap=h != header[-1] and h != "runner-up",
+                             overflow="fold")
         for r in rows:
             style = "bold green" if r[0] == "*" else ("dim" if r[0] == "x" else None)
             table.add_row(*r, style=style)
-        Console(file=out).print(table)
+        Console(file=out, width=_width()).print(table)
     else:
-        print(title, file=out)
+        for part in title.splitlines():
+            print("\n".join(textwrap.wrap(part, _width(), subsequent_indent="  ")), file=out)
         print(_plain_table(header, rows), file=out)
-
-
-_TIME_COLUMNS = {"compute", "merge", "all-to-all", "ring exp.", "fwd", "bwd", "total", "mem/GPU"}
 
 
 def _shape_line(p: Plan) -> str:
@@ -181,38 +249,46 @@ def _shape_line(p: Plan) -> str:
             f"{s.batch}, {s.dtype}, {'causal' if s.causal else 'non-causal'}, {mode}, kernel {p.kernel}")
 
 
-def _render_plan(p: Plan, topology_line: str, out, rich_ok: bool) -> None:
-    rows = [_row(c, i == 0, p.forward_only) for i, c in enumerate(p.candidates)]
+def _render_plan(p: Plan, topology_line: str, out, rich_ok: bool, wide: bool = False) -> None:
+    header, rows = _table(p, wide)
     title = f"{topology_line}\n{_shape_line(p)}"
-    _print_table(_COLUMNS, rows, title, out, rich_ok)
-    print(f"\npick (*): {p.summary()}", file=out)
-    for note in p.notes:
-        print(f"note: {note}", file=out)
+    _print_table(header, rows, title, out, rich_ok)
+    for text in [f"pick (*): {p.summary()}", f"why: {p.why()}"] + [f"note: {n}" for n in p.notes]:
+        print("\n".join(textwrap.wrap(text, _width(), subsequent_indent="  ")), file=out)
     print("\n" + p.snippet(), file=out)
 
 
-def _render_sweep(results, topology_line: str, out, rich_ok: bool, forward_only: bool) -> None:
-    header = ("seqlen", "best", "placement", "fwd", "bwd", "total", "mem/GPU", "runner-up", "change")
+def _render_sweep(results, topology_line: str, out, rich_ok: bool, forward_only: bool, wide: bool = False) -> None:
+    plans = [r for _, r in results if isinstance(r, Plan)]
+    unit = seconds_unit([x for p in plans for x in (p.forward.total, p.backward.total, p.objective)])
+    header = ["seqlen", "best", "placement"]
+    if wide and not forward_only:
+        header += [f"fwd {unit}", f"bwd {unit}"]
+    header += [f"{'fwd' if forward_only else 'total'} {unit}", "mem/GPU", "change", "runner-up"]
     rows, previous = [], None
     for tokens, result in results:
         if isinstance(result, PlannerError):
-            rows.append([format_tokens(tokens), "none", "-", "-", "-", "-", "-", str(result), ""])
+            cells = ["-"] * (len(header) - 5)
+            rows.append([format_tokens(tokens), "none"] + cells + ["-", "", str(result)])
             previous = None
             continue
         p = result
-        feasible = [c for c in p.candidates if c.feasible]
+        second = p.runner_up
         runner = ""
-        if len(feasible) > 1:
-            second = feasible[1]
-            t1 = p.objective
-            t2 = second.forward.total if forward_only else second.total
-            runner = f"{second.label} {second.placement} {100 * (t2 / t1 - 1):+.1f}%"
+        if second is not None:
+            margin = 100 * (_objective(second, forward_only) / p.objective - 1)
+            runner = f"{second.label} {second.placement} {margin:+.1f}%"
         key = (p.ulysses, p.ring, p.placement)
         change = "<- changes" if previous is not None and key != previous else ""
         previous = key
-        rows.append([format_tokens(tokens), p.label, p.placement, format_seconds(p.forward.total),
-                     "-" if forward_only else format_seconds(p.backward.total), format_seconds(p.objective),
-                     format_bytes(p.memory_bytes), runner, change])
+        placement = p.placement
+        if any(equivalent(c, p.candidates[0]) for c in p.candidates[1:]):
+            placement = "either"
+        cells = [format_tokens(tokens), p.label, placement]
+        if wide and not forward_only:
+            cells += [format_in_unit(p.forward.total, unit), format_in_unit(p.backward.total, unit)]
+        cells += [format_in_unit(p.objective, unit), format_bytes(p.memory_bytes), change, runner]
+        rows.append(cells)
     _print_table(header, rows, topology_line, out, rich_ok)
 
 
@@ -249,7 +325,7 @@ def _run_plan(args: argparse.Namespace, out) -> int:
         results = sweep(lengths, args.world_size, args.heads, **common)
         topo_line = _topology_line(args)
         if args.format == "table":
-            _render_sweep(results, topo_line, out, rich_ok, args.forward_only)
+            _render_sweep(results, topo_line, out, rich_ok, args.forward_only, args.wide)
         else:
             data = [{"seqlen": n, **({"error": str(r)} if isinstance(r, PlannerError) else {"plan": r.to_dict()})}
                     for n, r in results]
@@ -257,7 +333,7 @@ def _run_plan(args: argparse.Namespace, out) -> int:
         return 0
     p = plan(args.world_size, args.seqlen, args.heads, **common)
     if args.format == "table":
-        _render_plan(p, _topology_line(args), out, rich_ok)
+        _render_plan(p, _topology_line(args), out, rich_ok, args.wide)
     else:
         _dump(p.to_dict(), args.format, out)
     return 0
@@ -304,6 +380,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(str(exc))
     except SystemExit as exc:  # argparse: --help (0) or a bad command line (2, message already printed)
         return int(exc.code or 0)
+    except BrokenPipeError:  # `usp-plan ... | head`: the reader left; what it wanted it has
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again (Python docs, "Note on
+    SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests): nothing to flush at exit
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m planner.cli`

@@ -109,8 +109,21 @@ Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)
   peak = saved + max(forward transient, backward transient). Not modelled: weights, other layers, allocator
   fragmentation, communicator buffers (NCCL's are ~hundreds of MiB per communicator).
 
-Not modelled (candidates for the accuracy work of issue 3 item 9): SMs and memory bandwidth that NCCL kernels take
-from the overlapped compute; CPU launch overhead and per-step synchronisation jitter across many ring ranks; kernel
+Distributed overheads (issue 16; ``collectives.step_overhead_us`` and ``collectives.compute_slowdown`` of the
+topology, defaults in ``planner.topology``), only when ``P > 1``: every kernel time is multiplied by
+``1 + compute_slowdown`` (NCCL's kernels share the SMs and memory bandwidth with the attention while a transfer is
+in flight), and every ring step of the layer (``R`` per pass, ``1`` when ``R == 1``) costs ``step_overhead`` more on
+the compute stream (the wait on the communication stream, the launches of the step's kernels and sums), inside the
+step, so that it counts against the transfer it overlaps; "overhead" in a breakdown. Fitted to the 77 recorded
+fwd+bwd runs of ``benchmarks/data`` (2x H100 and 2x H200, 16K-2M, 1x2 and 2x1; ``tests/planner/
+test_planner_accuracy.py``): 176 µs and 4.7%. Without them every prediction was low (mean -5.5%, -9% to -13% at
+16K-32K, where the fixed part weighs most); the 1-GPU kernel alone is predicted within +-4%
+(``test_single_gpu_times_match_facts``), so the gap is the distribution's. The runs cannot tell a cost per ring step
+from one per kernel call or per pass (all have 2 ring steps or 2 head groups per pass): per ring step is the
+choice that does not penalise head groups and chunks, for which no run shows a cost.
+
+Not modelled (candidates for the accuracy work of issue 3 item 9): how the overheads above grow with the ring size
+(jitter across many ring ranks); kernel
 efficiency vs heads per rank; NCCL PXN routing; whether the P2P floor (0.168 ms on 2x H100) is hidden under
 compute (assumed: yes, only ``α`` is exposed). Blocks smaller than a profile's smallest point get its rate
 (optimistic for very small blocks).
@@ -121,36 +134,31 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from .topology import Fabric, Fit, KernelProfile, Topology
+from . import layout
+from .topology import Fit, KernelProfile, Topology
 from .units import PlannerError, canonical_dtype, dtype_bytes
 
 __all__ = ["Shape", "PassCost", "MemoryCost", "CostModel", "replicated_kv_heads", "head_groups", "PLACEMENTS"]
 
-PLACEMENTS = ("ulysses_inner", "ring_inner")
+PLACEMENTS = layout.PLACEMENTS
 FP32 = 4
 BACKWARD_FLOPS_FACTOR = 2.5
 
 
 def replicated_kv_heads(kv_heads: int, ulysses: int) -> int:
     """``Hkv'``: KV heads after replication for a Ulysses degree (lcm when not divisible) [CORE
-    ``usp.attention.kv_replication``]."""
-    from usp.attention import kv_replication  # lazy: usp imports planner
-
-    return kv_heads * kv_replication(kv_heads, ulysses)
+    ``usp.attention.kv_replication``, restated torch-free in ``planner.layout``]."""
+    return layout.replicated_kv_heads(kv_heads, ulysses)
 
 
 def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -> int:
     """``G``, the head-group pipeline depth [CORE ``usp.ulysses.head_groups``; ``kv_heads`` already replicated]."""
-    from usp.ulysses import head_groups as core_head_groups  # lazy: usp imports planner
-
-    return core_head_groups(heads, kv_heads, ulysses, head_chunks)
+    return layout.head_groups(heads, kv_heads, ulysses, head_chunks)
 
 
 def head_chunk_options(heads: int, kv_heads: int, ulysses: int) -> List[int]:
     """Valid ``head_chunks`` [CORE ``usp.attention.valid_head_chunks``]."""
-    from usp.attention import valid_head_chunks  # lazy: usp imports planner
-
-    return valid_head_chunks(heads, kv_heads, ulysses)
+    return layout.valid_head_chunks(heads, kv_heads, ulysses)
 
 
 @dataclass(frozen=True)
@@ -189,7 +197,7 @@ class Shape:
 class PassCost:
     """Predicted time of one pass (forward or backward) of one layer, seconds, with its parts.
 
-    ``total = all_to_all + compute + merge + ring_exposed``. Counts are per rank: ``a2a_calls``/``a2a_bytes`` (bytes
+    ``total = all_to_all + compute + merge + ring_exposed + overhead``. Counts are per rank: ``a2a_calls``/``a2a_bytes`` (bytes
     sent), ``ring_transfers``/``ring_bytes`` (bytes sent to the ring neighbour).
     """
 
@@ -197,6 +205,7 @@ class PassCost:
     merge: float = 0.0
     all_to_all: float = 0.0
     ring_exposed: float = 0.0
+    overhead: float = 0.0
     a2a_calls: int = 0
     a2a_bytes: float = 0.0
     ring_transfers: int = 0
@@ -206,11 +215,11 @@ class PassCost:
 
     @property
     def total(self) -> float:
-        return self.compute + self.merge + self.all_to_all + self.ring_exposed
+        return self.compute + self.merge + self.all_to_all + self.ring_exposed + self.overhead
 
     def to_dict(self) -> dict:
         return {"total_s": self.total, "compute_s": self.compute, "merge_s": self.merge,
-                "all_to_all_s": self.all_to_all,
+                "all_to_all_s": self.all_to_all, "overhead_s": self.overhead,
                 "ring_exposed_s": self.ring_exposed, "flops": self.flops, "kernel_calls": self.kernel_calls,
                 "a2a_calls": self.a2a_calls, "a2a_bytes": self.a2a_bytes, "ring_transfers": self.ring_transfers,
                 "ring_bytes": self.ring_bytes}
@@ -218,7 +227,7 @@ class PassCost:
     @classmethod
     def from_dict(cls, data: dict) -> "PassCost":
         return cls(compute=data["compute_s"], merge=data.get("merge_s", 0.0), all_to_all=data["all_to_all_s"],
-                   ring_exposed=data["ring_exposed_s"],
+                   ring_exposed=data["ring_exposed_s"], overhead=data.get("overhead_s", 0.0),
                    a2a_calls=data.get("a2a_calls", 0), a2a_bytes=data.get("a2a_bytes", 0.0),
                    ring_transfers=data.get("ring_transfers", 0), ring_bytes=data.get("ring_bytes", 0.0),
                    kernel_calls=data.get("kernel_calls", 0), flops=data.get("flops", 0.0))
@@ -262,6 +271,14 @@ class _Block:
         return math.sqrt(self.q * self.k)
 
 
+def _step_weights(ring: int) -> List[Tuple[int, int]]:
+    """``[(step index, how many steps it stands for)]``: steps 0, 1, R-2 and R-1 differ from the others (diagonal
+    block, merges, first and last transfers); steps 2..R-3 are alike and stand for each other."""
+    if ring <= 5:
+        return [(i, 1) for i in range(ring)]
+    return [(0, 1), (1, 1), (2, ring - 4), (ring - 2, 1), (ring - 1, 1)]
+
+
 class CostModel:
     """Evaluates candidates on one topology for one world size; caches link-pattern costs across shapes."""
 
@@ -269,15 +286,21 @@ class CostModel:
         self.topology = topology
         self.world_size = world_size
         self.sp_size = sequence_parallel_size or world_size
-        self.fabric: Fabric = topology.fabric(world_size)
+        topology.check_world(world_size)
+        # compact form: link loads per host class (cost independent of the world size); explicit graph: networkx
+        self._classes = topology.host_classes(world_size) if topology.graph_spec is None else None
 
-    # ------------------------------------------------------------------ groups (rank layout from usp.mesh)
+    @property
+    def fabric(self):
+        """The networkx graph of the world (built on first use: for inspection and explicit graphs)."""
+        return self.topology.fabric(self.world_size)
+
+    # ------------------------------------------------------------------ groups (rank layout of usp.mesh)
     def rank_grid(self, ulysses: int, ring: int, placement: str) -> List[List[List[int]]]:
         """``grid[block][ring_rank][ulysses_rank]`` global ranks over the whole world (every data-parallel
-        replica runs the same pattern at the same time, so all of them load the links)."""
-        from usp.mesh import Placement, sequence_parallel_rank_grid  # lazy: usp imports planner
-
-        return sequence_parallel_rank_grid(self.world_size, ulysses, ring, Placement.parse(placement))
+        replica runs the same pattern at the same time, so all of them load the links). O(world): for tests and
+        explicit graphs; the compact form never lists the ranks."""
+        return layout.rank_grid(self.world_size, ulysses, ring, layout.parse_placement(placement))
 
     def ulysses_groups(self, ulysses: int, ring: int, placement: str) -> List[List[int]]:
         return [row for block in self.rank_grid(ulysses, ring, placement) for row in block]
@@ -287,45 +310,59 @@ class CostModel:
         return [[block[r][u] for r in range(ring)] for block in grid for u in range(ulysses)]
 
     def hosts_spanned(self, group: List[int]) -> int:
+        if self._classes is not None:
+            return len({self._classes.host_of(r) for r in group})
         return len({self.fabric.host_of(r) for r in group})
 
+    def ulysses_hosts(self, ulysses: int, ring: int, placement: str) -> Tuple[int, bool]:
+        """(hosts the first Ulysses group spans, whether any Ulysses group spans more than one host)."""
+        if self._classes is not None:
+            return self._classes.ulysses_hosts(ulysses, ring, placement)
+        groups = self.ulysses_groups(ulysses, ring, placement)
+        return self.hosts_spanned(groups[0]), any(self.hosts_spanned(g) > 1 for g in groups)
+
     # ------------------------------------------------------------------ communication
+    def _pattern(self, kind: str, ulysses: int, ring: int, placement: str) -> Tuple[float, float]:
+        if self._classes is not None:
+            return self._classes.layout_pattern(kind, ulysses, ring, placement)
+        if kind == "a2a":
+            flows = ((a, b) for g in self.ulysses_groups(ulysses, ring, placement) for a in g for b in g if a != b)
+        else:
+            flows = ((g[i], g[(i + 1) % len(g)]) for g in self.ring_groups(ulysses, ring, placement)
+                     for i in range(len(g)))
+        return self.fabric.pattern((kind, ulysses, ring, placement), flows)
+
     def a2a_time(self, ulysses: int, ring: int, placement: str, buffer_bytes: float) -> float:
         """One all_to_all_single of a ``buffer_bytes`` buffer per rank in every Ulysses group at once."""
         if ulysses == 1:
             return 0.0
-        groups = self.ulysses_groups(ulysses, ring, placement)
-        contiguous = all(g == list(range(g[0], g[0] + len(g))) for g in groups)
-        if contiguous:
-            measured = self.topology.measured_a2a(ulysses, self.hosts_spanned(groups[0]))
+        if placement == "ulysses_inner" or ring == 1:  # contiguous groups: a probe's fit may apply
+            measured = self.topology.measured_a2a(ulysses, self.ulysses_hosts(ulysses, ring, placement)[0])
             if measured is not None:
                 return measured.time(buffer_bytes)
-        spb, path_latency = self.fabric.pattern(
-            ("a2a", ulysses, ring, placement),
-            ((a, b) for g in groups for a in g for b in g if a != b))
+        spb, path_latency = self._pattern("a2a", ulysses, ring, placement)
         coll = self.topology.collectives
         return max(coll.a2a_floor, coll.a2a_latency + path_latency + buffer_bytes / ulysses * spb)
 
     def p2p_fit(self, ulysses: int, ring: int, placement: str) -> Fit:
         """Isolated ring-step time as a Fit: ``max(floor, α + n / bandwidth)`` for ``n`` bytes per rank."""
-        groups = self.ring_groups(ulysses, ring, placement)
-        spb, path_latency = self.fabric.pattern(
-            ("p2p", ulysses, ring, placement),
-            ((g[i], g[(i + 1) % len(g)]) for g in groups for i in range(len(g))))
+        spb, path_latency = self._pattern("p2p", ulysses, ring, placement)
         coll = self.topology.collectives
         return Fit(latency=coll.p2p_latency + path_latency, bandwidth=1.0 / spb if spb > 0 else math.inf,
                    floor=coll.p2p_floor)
 
     # ------------------------------------------------------------------ compute
     @staticmethod
-    def blocks(shape: Shape, ring: int) -> List[_Block]:
+    def blocks(shape: Shape, ring: int, limit: Optional[int] = None) -> List[_Block]:
+        """The block of each ring step, or of the first ``limit`` steps."""
         s = shape.seqlen
         if ring == 1:
             return [_Block(s, s, shape.causal)]
         local = s / ring
+        count = ring if limit is None else min(ring, limit)
         if not shape.causal:
-            return [_Block(local, local, False) for _ in range(ring)]
-        return [_Block(local, local, True)] + [_Block(local, local / 2, False, 0.75) for _ in range(ring - 1)]
+            return [_Block(local, local, False) for _ in range(count)]
+        return [_Block(local, local, True)] + [_Block(local, local / 2, False, 0.75) for _ in range(count - 1)]
 
     # ------------------------------------------------------------------ the model
     def evaluate(self, shape: Shape, ulysses: int, ring: int, placement: str,
@@ -354,43 +391,71 @@ class CostModel:
                     pc.a2a_calls += G
                     pc.a2a_bytes += G * (ulysses - 1) / ulysses * buf
 
-        # --- compute per ring step
-        blocks = self.blocks(shape, ring)
+        # --- compute per ring step. Steps 2..R-3 are alike (same block, merge and transfers), so they are
+        # evaluated once and weighted: the cost of a candidate does not grow with the ring degree.
+        steps = _step_weights(ring)
+        blocks = self.blocks(shape, ring, limit=5)  # steps >= 1 all have the block of step 1
+
+        def block(i: int) -> _Block:
+            return blocks[min(i, len(blocks) - 1)]
+
         per_call = heads_per_rank / (G * C)  # query heads of one kernel call
-        c_fwd = [blk.flops(shape, heads_per_rank) / kernel.rate(False, blk.causal, blk.side, per_call)
-                 for blk in blocks]
-        c_bwd = [BACKWARD_FLOPS_FACTOR * blk.flops(shape, heads_per_rank) / kernel.rate(True, blk.causal, blk.side,
-                                                                                          per_call)
-                 for blk in blocks]
-        fwd.compute, bwd.compute = sum(c_fwd), sum(c_bwd)
-        fwd.flops = sum(blk.flops(shape, heads_per_rank) for blk in blocks)
+        rates = {}
+
+        def kernel_time(i: int, backward: bool) -> float:
+            blk = block(i)
+            key = (blk.q, blk.k, blk.causal, backward)
+            if key not in rates:
+                rates[key] = kernel.rate(backward, blk.causal, blk.side, per_call)
+            factor = BACKWARD_FLOPS_FACTOR if backward else 1.0
+            return factor * blk.flops(shape, heads_per_rank) / rates[key]
+
+        # Distributed overheads (module docstring): kernels slowed by concurrent NCCL kernels, and a fixed cost per
+        # ring step of the layer (stream waits, launches) on the compute stream
+        slow = 1.0 + self.topology.collectives.compute_slowdown if P > 1 else 1.0
+        per_step = self.topology.collectives.step_overhead if P > 1 else 0.0
+        c_fwd = {i: slow * kernel_time(i, False) for i, _ in steps}
+        c_bwd = {i: slow * kernel_time(i, True) for i, _ in steps}
+        fwd.compute = sum(w * c_fwd[i] for i, w in steps)
+        bwd.compute = sum(w * c_bwd[i] for i, w in steps)
+        fwd.flops = sum(w * block(i).flops(shape, heads_per_rank) for i, w in steps)
         bwd.flops = BACKWARD_FLOPS_FACTOR * fwd.flops
-        fwd.kernel_calls = bwd.kernel_calls = G * C * len(blocks)
+        fwd.kernel_calls = bwd.kernel_calls = G * C * ring
+        fwd.overhead = bwd.overhead = per_step * ring
         # --- sums of the ring (GPU-memory traffic on the compute stream; usp/ring.py, usp/merge.py)
         narrow = ring == 2
+        m_fwd = {i: 0.0 for i, _ in steps}
+        m_bwd = {i: 0.0 for i, _ in steps}
         if ring > 1 and hbm:
             q_h = b * (s / ring) * heads_per_rank * d
             kv2_h = 2 * b * (s / ring) * (kv / ulysses) * d  # dK + dV elements
             if narrow:
-                m_fwd = [0.0, 3 * B * q_h * blocks[1].rows / hbm]
-                m_bwd = [3 * B * (q_h * blocks[1].rows + kv2_h) / hbm, 0.0]  # both adds land at step 0
+                m_fwd[1] = 3 * B * q_h * block(1).rows / hbm
+                m_bwd[0] = 3 * B * (q_h * block(1).rows + kv2_h) / hbm  # both adds land at step 0
             else:
                 g_h = q_h + kv2_h
-                m_fwd = [0.0] + [(8 + B) * q_h * blk.rows / hbm for blk in blocks[1:]]
+                for i, _ in steps:
+                    m_fwd[i] = 0.0 if i == 0 else (8 + B) * q_h * block(i).rows / hbm
+                    m_bwd[i] = (8 + B) * g_h * block(i).rows / hbm  # add_ into dq and the travelling dKV
                 m_fwd[1] += (B + 4) * q_h / hbm       # step 0's output promoted to the fp32 accumulator
-                m_fwd[-1] += (4 + B) * q_h / hbm      # final cast
-                m_bwd = [(8 + B) * g_h * blk.rows / hbm for blk in blocks]  # add_ into dq and the travelling dKV
-                m_bwd[-1] += (4 + B) * g_h / hbm      # fp32 dq and dKV sums created (first walked step)
+                m_fwd[ring - 1] += (4 + B) * q_h / hbm  # final cast
+                m_bwd[ring - 1] += (4 + B) * g_h / hbm  # fp32 dq and dKV sums created (first walked step)
                 m_bwd[0] += (4 + B) * g_h / hbm       # final casts of dq and (at the owner) dK, dV after step 0
-            fwd.merge, bwd.merge = sum(m_fwd), sum(m_bwd)
-            c_fwd = [c + m for c, m in zip(c_fwd, m_fwd)]
-            c_bwd = [c + m for c, m in zip(c_bwd, m_bwd)]
+            fwd.merge = sum(w * m_fwd[i] for i, w in steps)
+            bwd.merge = sum(w * m_bwd[i] for i, w in steps)
+            c_fwd = {i: c_fwd[i] + m_fwd[i] for i, _ in steps}
+            c_bwd = {i: c_bwd[i] + m_bwd[i] for i, _ in steps}
+
+        c_fwd = {i: c_fwd[i] + per_step for i, _ in steps}
+        c_bwd = {i: c_bwd[i] + per_step for i, _ in steps}
 
         # --- ring with double-buffered overlap, once per head group and chunk (each on 1/(G·C) of the heads)
         GC = G * C
         # chunks beyond the K/V heads of a group share one K/V head each and all carry it round the ring
         kv_split = G * min(C, max(1, kv // (ulysses * G)))
-        t_fwd, t_bwd = sum(c_fwd) / G, sum(c_bwd) / G  # one group's ring time (R == 1: compute + merge)
+        # one group's ring time (R == 1: compute + merge)
+        t_fwd = sum(w * c_fwd[i] for i, w in steps) / G
+        t_bwd = sum(w * c_bwd[i] for i, w in steps) / G
         if ring > 1:
             n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B / kv_split
             n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * (B if narrow and C <= kv // ulysses else FP32) / kv_split
@@ -401,20 +466,20 @@ class CostModel:
                     return compute
                 return rotations * fit.latency + max(compute, fit.floor - fit.latency, nbytes / fit.bandwidth)
 
-            t_chunk = sum(step(c / GC, n_kv, 1) if i < ring - 1 else c / GC for i, c in enumerate(c_fwd))
+            t_chunk = sum(w * (step(c_fwd[i] / GC, n_kv, 1) if i < ring - 1 else c_fwd[i] / GC) for i, w in steps)
             t_fwd = C * t_chunk
-            fwd.ring_exposed = G * t_fwd - fwd.compute - fwd.merge
+            fwd.ring_exposed = G * t_fwd - fwd.compute - fwd.merge - fwd.overhead
             fwd.ring_transfers, fwd.ring_bytes = GC * (ring - 1), GC * (ring - 1) * n_kv
             t_chunk = 0.0
-            for j, c in enumerate(c_bwd):  # order does not change the sum; step j as in the docstring
+            for j, w in steps:  # order does not change the sum; step j as in the docstring
                 kv_out, dkv_in = j >= 2, j <= ring - 2
-                t_chunk += step(c / GC, n_kv * kv_out + n_dkv * dkv_in, kv_out + dkv_in)
+                t_chunk += w * step(c_bwd[j] / GC, n_kv * kv_out + n_dkv * dkv_in, kv_out + dkv_in)
             kv_transfers = ring - 2
             if C > 1:  # Note [head chunks]: each chunk first fetches the block the forward ended on, exposed
                 t_chunk += fit.latency + max(fit.floor - fit.latency, n_kv / fit.bandwidth)
                 kv_transfers = ring - 1
             t_bwd = C * t_chunk
-            bwd.ring_exposed = G * t_bwd - bwd.compute - bwd.merge
+            bwd.ring_exposed = G * t_bwd - bwd.compute - bwd.merge - bwd.overhead
             bwd.ring_transfers = GC * (kv_transfers + (ring - 1))
             bwd.ring_bytes = GC * (kv_transfers * n_kv + (ring - 1) * n_dkv)
 

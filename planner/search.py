@@ -17,16 +17,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
+from . import layout
 from .cost import PLACEMENTS, CostModel, MemoryCost, PassCost, Shape, head_chunk_options, replicated_kv_heads
 from .topology import DEFAULT_PRESET, Topology, load_topology
-from .units import PlannerError, canonical_dtype, format_bytes, format_seconds, parse_memory_limit, parse_seqlen
+from .units import (PlannerError, canonical_dtype, format_bytes, format_in_unit, parse_memory_limit, parse_seqlen,
+                    seconds_unit)
 
-__all__ = ["Candidate", "Plan", "plan", "predict", "sweep", "required_seqlen_multiple", "default_sweep_lengths"]
+__all__ = ["Candidate", "Plan", "plan", "predict", "sweep", "required_seqlen_multiple", "default_sweep_lengths",
+           "equivalent"]
+
+
+#: head_dim the GPU kernels of usp run: (lowest, highest, multiple of), from ``head_dim_range_reason`` in
+#: ``usp/kernels/flash_attn.py`` and ``usp/kernels/sdpa.py``
+KERNEL_HEAD_DIMS = (8, 256, 8)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -147,13 +156,52 @@ class Plan:
     def label(self) -> str:
         return f"U{self.ulysses}xR{self.ring}"
 
+    @property
+    def runner_up(self) -> Optional[Candidate]:
+        """The best feasible candidate that is not equivalent to the pick (:func:`equivalent`), or None."""
+        if not self.candidates:
+            return None
+        pick = self.candidates[0]
+        return next((c for c in self.candidates[1:] if c.feasible and not equivalent(c, pick)), None)
+
+    def explain(self) -> Optional[dict]:
+        """Why this split: the margin to the runner-up and the cost term that decides it.
+
+        ``terms_s`` is runner-up minus pick for each part of the predicted time (``compute``, ``merge``,
+        ``all_to_all``, ``ring_exposed``, ``overhead``; forward only when ``forward_only``): positive where the pick is faster.
+        ``deciding_term`` is the one where the pick gains the most. None when nothing else is feasible."""
+        second = self.runner_up
+        if second is None:
+            return None
+        pick = self.candidates[0]
+        passes = (lambda c: (c.forward,)) if self.forward_only else (lambda c: (c.forward, c.backward))
+        terms = {name: sum(getattr(p, name) for p in passes(second)) - sum(getattr(p, name) for p in passes(pick))
+                 for name in ("compute", "merge", "all_to_all", "ring_exposed", "overhead")}
+        mine, theirs = _time(pick, self.forward_only), _time(second, self.forward_only)
+        return {"runner_up": f"{second.label} {second.placement}", "runner_up_s": theirs,
+                "margin": theirs / mine - 1, "margin_s": theirs - mine,
+                "deciding_term": max(terms, key=lambda k: terms[k]), "terms_s": terms}
+
+    def why(self) -> str:
+        """One line from :meth:`explain`."""
+        info = self.explain()
+        if info is None:
+            return "the only feasible split"
+        unit = seconds_unit([abs(v) for v in info["terms_s"].values()] + [abs(info["margin_s"])])
+        term = info["deciding_term"].replace("_", " ").replace("all to all", "all-to-all")
+        gain = info["terms_s"][info["deciding_term"]]
+        return (f"the runner-up {info['runner_up']} is {100 * info['margin']:.1f}% "
+                f"({format_in_unit(info['margin_s'], unit)} {unit}) slower; the pick wins on {term} "
+                f"({format_in_unit(gain, unit)} {unit} less)")
+
     def summary(self) -> str:
-        """One line: the pick and its predicted cost."""
+        """One line: the pick and its predicted cost (one unit for the line)."""
+        unit = seconds_unit([self.forward.total, self.backward.total, self.total])
         if self.forward_only:
-            time = f"fwd {format_seconds(self.forward.total)} per layer (forward only)"
+            time = f"fwd {format_in_unit(self.forward.total, unit)} {unit} per layer (forward only)"
         else:
-            time = (f"fwd {format_seconds(self.forward.total)} + bwd {format_seconds(self.backward.total)} = "
-                    f"{format_seconds(self.total)} per layer")
+            time = (f"fwd {format_in_unit(self.forward.total, unit)} + bwd {format_in_unit(self.backward.total, unit)}"
+                    f" = {format_in_unit(self.total, unit)} {unit} per layer")
         chunks = f", head_chunks={self.head_chunks}" if self.head_chunks > 1 else ""
         return (f"Ulysses {self.ulysses} x ring {self.ring} ({self.placement}{chunks}): {time}, "
                 f"{format_bytes(self.memory_bytes)} per GPU")
@@ -161,18 +209,18 @@ class Plan:
     def snippet(self) -> str:
         """Ready-to-paste code that builds this plan's mesh and attention module."""
         s = self.shape
-        call = (f"plan = usp.plan(world_size={self.world_size}, seqlen={s.seqlen}, heads={s.heads}, "
-                f"kv_heads={s.kv_heads}, head_dim={s.head_dim},\n                batch={s.batch}, "
-                f"dtype=torch.{s.dtype}, causal={s.causal}")
+        args = [f"world_size={self.world_size}", f"seqlen={s.seqlen}", f"heads={s.heads}", f"kv_heads={s.kv_heads}",
+                f"head_dim={s.head_dim}", f"batch={s.batch}", f"dtype=torch.{s.dtype}", f"causal={s.causal}"]
         if self.sequence_parallel_size != self.world_size:
-            call += f", sequence_parallel_size={self.sequence_parallel_size}"
+            args.append(f"sequence_parallel_size={self.sequence_parallel_size}")
         if self.topology_source:
-            call += f", topology={self.topology_source!r}"
+            args.append(f"topology={self.topology_source!r}")
         if self.memory_limit is not None:
-            call += f", memory_limit={int(self.memory_limit)}"
+            args.append(f"memory_limit={int(self.memory_limit)}")
         if self.forward_only:
-            call += ", forward_only=True"
-        call += ")"
+            args.append("forward_only=True")
+        call = "\n".join(textwrap.wrap("plan = usp.plan(" + ", ".join(args) + ")", 79, subsequent_indent=" " * 16,
+                                       break_long_words=False, break_on_hyphens=False))
         lines = ["import torch", "import usp", "", "# after torch.distributed.init_process_group(...) on every rank"]
         if self.topology_source is not None:
             lines += [call, f"# -> Ulysses {self.ulysses} x ring {self.ring}, placement {self.placement!r}"]
@@ -194,6 +242,7 @@ class Plan:
             "total_s": self.total, "forward": self.forward.to_dict(), "backward": self.backward.to_dict(),
             "memory": self.memory.to_dict(), "memory_limit_bytes": self.memory_limit,
             "forward_only": self.forward_only, "notes": list(self.notes), "head_chunks": self.head_chunks,
+            "why": self.explain(),
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
@@ -290,7 +339,17 @@ def _request(world_size: Any, shape: Shape, topology: Any, memory_limit: Any, se
         topo = topo.with_gpus_per_host(gpus_per_node)
         source = None if source is None else _with_param(source, "gpus_per_host", gpus_per_node)
     limit = parse_memory_limit(memory_limit)
-    topo.fabric(world_size)  # validates that the world fits the topology
+    if gpus_per_node is not None and world_size > gpus_per_node and world_size % gpus_per_node:
+        raise PlannerError(f"gpus_per_node={gpus_per_node} does not divide world_size={world_size}: torchrun starts "
+                           "the same number of ranks on every node; valid values: "
+                           + ", ".join(str(d) for d in layout.divisors(world_size)))
+    if not (KERNEL_HEAD_DIMS[0] <= shape.head_dim <= KERNEL_HEAD_DIMS[1] and shape.head_dim % KERNEL_HEAD_DIMS[2] == 0) \
+            and all(k.head_dim != shape.head_dim for k in topo.kernels):
+        low, high, multiple = KERNEL_HEAD_DIMS
+        raise PlannerError(f"head_dim={shape.head_dim} is not supported by any of usp's GPU attention kernels "
+                           f"(fa4, fa2, cudnn, torch_flash: {low}..{high}, a multiple of {multiple}; usp/kernels) and "
+                           f"topology {topo.name!r} has no kernel measured at it")
+    topo.check_world(world_size)  # validates that the world fits the topology
     topo.kernel(kernel, shape.dtype, shape.head_dim)  # validates the kernel name
     return _Request(world_size, sp, shape, topo, source, limit, kernel, forward_only)
 
@@ -348,6 +407,22 @@ def _placements(ulysses: int, ring: int) -> Tuple[str, ...]:
 TIE_TOLERANCE = 0.01
 
 
+def equivalent(a: Candidate, b: Candidate) -> bool:
+    """Same split, same predictions, same memory and verdict: two placements the model cannot tell apart (on one
+    host, ``ulysses_inner`` and ``ring_inner`` of a split often load the same links the same way)."""
+    if (a.ulysses, a.ring, a.feasible, a.reason, a.head_chunks) != (b.ulysses, b.ring, b.feasible, b.reason,
+                                                                     b.head_chunks):
+        return False
+    if a.forward is None or b.forward is None:
+        return a.forward is b.forward
+
+    def close(x: float, y: float) -> bool:
+        return abs(x - y) <= 1e-9 * max(abs(x), abs(y))
+
+    return (close(a.forward.total, b.forward.total) and close(a.backward.total, b.backward.total)
+            and close(a.memory.peak, b.memory.peak))
+
+
 def _time(c: Candidate, forward_only: bool) -> float:
     return c.forward.total if forward_only else c.total
 
@@ -364,8 +439,7 @@ def _break_ties(ranked: List[Candidate], model: CostModel, forward_only: bool) -
     tied = [c for c in ranked if _time(c, forward_only) <= fastest * (1 + TIE_TOLERANCE)]
 
     def preference(c: Candidate) -> tuple:
-        groups = model.ulysses_groups(c.ulysses, c.ring, c.placement)
-        crosses_hosts = any(model.hosts_spanned(g) > 1 for g in groups)
+        crosses_hosts = model.ulysses_hosts(c.ulysses, c.ring, c.placement)[1]
         return (crosses_hosts, PLACEMENTS.index(c.placement), _time(c, forward_only))
 
     pick = min(tied, key=preference)
@@ -395,7 +469,12 @@ def _search(req: _Request, model: Optional[CostModel] = None) -> Plan:
             raise PlannerError(f"{what} of {format_bytes(cap)} is too small: the smallest candidate "
                                f"({smallest.label} {smallest.placement}) needs {format_bytes(smallest.memory.peak)} "
                                "per GPU")
-        reasons = "; ".join(f"{c.label}: {c.reason}" for c in rejected)
+        by_reason: dict = {}
+        for c in rejected:  # both placements of a split fail for the same reason: say it once
+            labels = by_reason.setdefault(c.reason, [])
+            if c.label not in labels:
+                labels.append(c.label)
+        reasons = "; ".join(f"{', '.join(labels)}: {reason}" for reason, labels in by_reason.items())
         raise PlannerError(f"no Ulysses x ring split of {req.sp_size} GPUs works for this shape: {reasons}")
     best = feasible[0]
     return Plan(ulysses=best.ulysses, ring=best.ring, placement=best.placement, world_size=req.world_size,
@@ -407,7 +486,7 @@ def _search(req: _Request, model: Optional[CostModel] = None) -> Plan:
 
 
 def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    return layout.divisors(n)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -472,13 +551,8 @@ def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_hea
 
 def _placement(value: Any) -> str:
     """A placement name from a string, an alias ("head_first") or a ``usp.mesh.Placement``."""
-    text = getattr(value, "value", value)
-    if isinstance(text, str) and text in PLACEMENTS:
-        return text
-    from usp.mesh import Placement  # lazy: usp imports planner
-
     try:
-        return Placement.parse(value).value
+        return layout.parse_placement(value)
     except ValueError as exc:
         raise PlannerError(str(exc)) from None
 

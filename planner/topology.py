@@ -29,6 +29,8 @@ kernel rates TFLOP/s. Two forms describe the links:
     collectives:                # software cost of one operation (launch, handshake), independent of size
       p2p: {latency_us: 47, floor_us: 168}         # one ring step (batched isend/irecv)
       all_to_all: {latency_us: 25, floor_us: 60}   # one all_to_all_single
+      step_overhead_us: 176     # optional: per ring step of a distributed run (planner.cost); default 176
+      compute_slowdown: 0.047   # optional: kernels slowed by concurrent NCCL kernels; default 0.047
     kernels:                    # attention kernel rates vs block size (tokens per side of the attention block)
       - name: fa4
         dtype: bfloat16
@@ -73,7 +75,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-import networkx as nx
 import yaml
 
 from .units import PlannerError, canonical_dtype
@@ -85,6 +86,7 @@ __all__ = [
     "Fit",
     "Topology",
     "Fabric",
+    "HostClassFabric",
     "PRESETS_DIR",
     "DEFAULT_PRESET",
     "list_presets",
@@ -100,6 +102,12 @@ DEFAULT_PRESET = "dgx-h100-cluster"
 GB = 1e9
 US = 1e-6
 TFLOPS = 1e12
+
+#: Distributed overheads (``planner.cost``): defaults fitted to the recorded 2-GPU runs of ``benchmarks/data``
+#: (``tests/planner/test_planner_accuracy.py``); a topology YAML may set its own (``collectives.step_overhead_us``,
+#: ``collectives.compute_slowdown``).
+STEP_OVERHEAD_US = 176.0
+COMPUTE_SLOWDOWN = 0.047
 
 HOST_FABRIC_KINDS = ("nvswitch", "switch", "nvlink", "pcie")
 NETWORK_KINDS = ("infiniband", "roce", "ethernet")
@@ -445,16 +453,26 @@ class MeasuredCollective:
 # ----------------------------------------------------------------------------------------------- topology
 @dataclass(frozen=True)
 class Collectives:
-    """Size-independent software cost of one P2P ring step and one all-to-all (seconds)."""
+    """Size-independent software cost of one P2P ring step and one all-to-all (seconds), and what running
+    distributed costs the compute stream (``planner.cost``, "Distributed overheads")."""
 
     p2p_latency: float = 20 * US
     p2p_floor: float = 0.0
     a2a_latency: float = 20 * US
     a2a_floor: float = 0.0
+    #: per ring step of a sequence-parallel run: waits on the communication streams, launches between steps
+    step_overhead: float = STEP_OVERHEAD_US * US
+    #: relative slowdown of the attention kernels while NCCL kernels share the GPU (sequence-parallel runs)
+    compute_slowdown: float = COMPUTE_SLOWDOWN
 
     def to_dict(self) -> dict:
-        return {"p2p": {"latency_us": _r(self.p2p_latency / US), "floor_us": _r(self.p2p_floor / US)},
-                "all_to_all": {"latency_us": _r(self.a2a_latency / US), "floor_us": _r(self.a2a_floor / US)}}
+        out = {"p2p": {"latency_us": _r(self.p2p_latency / US), "floor_us": _r(self.p2p_floor / US)},
+               "all_to_all": {"latency_us": _r(self.a2a_latency / US), "floor_us": _r(self.a2a_floor / US)}}
+        if self.step_overhead != STEP_OVERHEAD_US * US:
+            out["step_overhead_us"] = _r(self.step_overhead / US)
+        if self.compute_slowdown != COMPUTE_SLOWDOWN:
+            out["compute_slowdown"] = _r(self.compute_slowdown)
+        return out
 
 
 @dataclass
@@ -482,7 +500,7 @@ class Topology:
     measured_info: Dict[str, Any] = field(default_factory=dict)
     origin: str = ""                       # file path or "preset NAME", for messages
     memory_bandwidth: Optional[float] = None  # bytes/s of GPU memory (HBM) for copies and fp32 merges
-    _fabrics: Dict[int, "Fabric"] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _fabrics: Dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -512,6 +530,8 @@ class Topology:
             p2p_floor=p2p.number("floor_us", 0.0, strict=False) * US,
             a2a_latency=a2a.number("latency_us", 20.0, strict=False) * US,
             a2a_floor=a2a.number("floor_us", 0.0, strict=False) * US,
+            step_overhead=coll.number("step_overhead_us", STEP_OVERHEAD_US, strict=False) * US,
+            compute_slowdown=coll.number("compute_slowdown", COMPUTE_SLOWDOWN, strict=False),
         )
         for r in (p2p, a2a):
             r.done(extra_allowed=("note",))
@@ -688,7 +708,27 @@ class Topology:
         return self.hosts * self.gpus_per_host
 
     def fabric(self, world_size: int) -> "Fabric":
-        """The concrete graph holding ``world_size`` ranks (rank r on host r // gpus_per_host, like torchrun)."""
+        """The concrete graph holding ``world_size`` ranks (rank r on host r // gpus_per_host, like torchrun).
+
+        Builds a networkx graph of every GPU: for inspection and explicit graphs. The cost model of a compact
+        topology uses :meth:`host_classes` instead, whose cost does not grow with the world size."""
+        self.check_world(world_size)
+        if world_size not in self._fabrics:
+            self._fabrics[world_size] = Fabric(self, world_size)
+        return self._fabrics[world_size]
+
+    def host_classes(self, world_size: int) -> "HostClassFabric":
+        """Link loads per host class (Note [host classes]); compact form only."""
+        if self.graph_spec is not None:
+            raise TopologyError(f"topology {self.name!r} is an explicit graph; it has no host classes")
+        self.check_world(world_size)
+        key = ("classes", world_size)
+        if key not in self._fabrics:
+            self._fabrics[key] = HostClassFabric(self, world_size)
+        return self._fabrics[key]
+
+    def check_world(self, world_size: int) -> None:
+        """Raise PlannerError unless ``world_size`` ranks fit this topology (a network for several hosts)."""
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise PlannerError(f"world_size must be a positive integer, got {world_size!r}")
         capacity = self.max_gpus()
@@ -698,9 +738,9 @@ class Topology:
             raise PlannerError(f"world_size={world_size} does not fit topology {self.name!r}: it has {capacity} GPUs "
                                f"({where}); use a multi-host topology (e.g. '{DEFAULT_PRESET}') or probe the "
                                "machine")
-        if world_size not in self._fabrics:
-            self._fabrics[world_size] = Fabric(self, world_size)
-        return self._fabrics[world_size]
+        if self.graph_spec is None and self.network is None and -(-world_size // self.gpus_per_host) > 1:
+            raise PlannerError(f"world_size={world_size} needs {-(-world_size // self.gpus_per_host)} hosts but "
+                               f"topology {self.name!r} has no network section")
 
     def kernel(self, name: str = "auto", dtype: str = "bfloat16",
                head_dim: int = 128) -> Tuple[KernelProfile, List[str]]:
@@ -834,6 +874,8 @@ class Fabric:
     """
 
     def __init__(self, topology: Topology, world_size: int):
+        import networkx as nx  # lazy: only explicit graphs and inspection need it (0.2 s to import)
+
         self.topology = topology
         self.world_size = world_size
         self.graph = nx.DiGraph()
@@ -925,6 +967,8 @@ class Fabric:
                 def weight(u: str, v: str, attrs: dict) -> float:
                     return _GPU_ENTRY_WEIGHT if self.graph.nodes[v]["kind"] == "gpu" else 1.0
 
+                import networkx as nx
+
                 self._sources[src] = nx.single_source_dijkstra_path(self.graph, self.rank_nodes[src], weight=weight)
             nodes = self._sources[src].get(self.rank_nodes[dst])
             if nodes is None:
@@ -956,6 +1000,229 @@ class Fabric:
 
     def link_types(self, src: int, dst: int) -> List[str]:
         return [self.graph.edges[e]["type"] for e in self.path(src, dst)[0]]
+
+
+# ----------------------------------------------------------------------------------------------- host classes
+class HostClassFabric:
+    """Link loads of the compact form computed per host class, without a graph: cost independent of the world size.
+
+    Note [host classes]
+    -------------------
+    In the compact form every host is alike, and the rank layout of ``planner.layout`` is affine, so a pattern
+    (the flows of every Ulysses group's all-to-all, or of every ring's step) loads the links of two hosts the same
+    way whenever the two hosts see the same flows relative to their own GPUs: their *views* are equal. Every link
+    belongs to one host (GPU-switch, PCIe switch uplinks, CPU-CPU, GPU-NIC, NIC-network), and a link's load
+    depends only on its host's view, so the pattern's bottleneck is the largest load over one host of each view.
+    Which hosts to look at:
+      * the pattern repeats every ``Q = lcm(P, gpus_per_host)`` ranks (``P = U * R``: blocks map to blocks and
+        hosts to hosts), except at the end of the world (a partly filled last host): hosts in ``[0, Q)`` and the
+        last hosts stand for all;
+      * away from the block boundaries (multiples of ``P``), the groups repeat every ``inner`` ranks (``U`` for
+        ``ulysses_inner``, ``R`` for ``ring_inner``; block starts are multiples of it), so the view of a host
+        there depends only on its first rank modulo ``lcm(inner, gpus_per_host)``: one period of interior hosts
+        of the first block stands for every interior host;
+      * the hosts within reach of a block boundary (the ring's wrap-around reaches ``U`` ranks back with
+        ``ulysses_inner``; with ``ring_inner`` nothing crosses a boundary but the hosts that straddle one) are
+        evaluated one by one, for every boundary in ``[0, Q]``.
+    The work is ``O(gpus_per_host · (boundaries + period))`` per pattern, not ``O(world)``: 65,536 GPUs on hosts
+    of 8 take the same time as 64. Routing is the one of :class:`Fabric` (traffic inside a host stays on the host
+    fabric; between hosts it goes GPU -> its rail NIC -> network -> NIC -> GPU) and the loads, bandwidths and
+    latencies are the same floating-point expressions, so the results are identical to the graph's
+    (``tests/planner/test_planner_topology.py`` compares them). One deliberate difference: on a PCIe host with a
+    network, the graph's fewest-hops routing sent traffic between the two CPU sockets of one host out through the
+    NICs and back (4 hops instead of 5); here it stays on the host's PCIe tree and CPU link, as NCCL keeps
+    intra-node traffic (no shipped preset has that combination).
+    """
+
+    def __init__(self, topology: "Topology", world_size: int):
+        self.topology = topology
+        self.world_size = world_size
+        self.gph = topology.gpus_per_host
+        self.hosts = -(-world_size // self.gph)
+        fab, net = topology.host_fabric, topology.network
+        self.kind = fab["kind"]
+        self.fab_bw = fab["bandwidth_GBps"] * GB
+        half = (fab["latency_us"] / 2) * US
+        if self.kind == "nvlink":
+            self._lat_same_switch = 0 + fab["latency_us"] * US
+        else:
+            self._lat_same_switch = 0 + half + half
+        if self.kind == "pcie":
+            self.per_switch = fab["gpus_per_switch"]
+            self.per_socket = fab["gpus_per_switch"] * fab["switches_per_socket"]
+            self.uplink_bw = fab["uplink_GBps"] * GB
+            self.socket_bw = fab["inter_socket_GBps"] * GB
+            up, sock = fab["uplink_latency_us"] * US, fab["inter_socket_latency_us"] * US
+            self._lat_same_socket = 0 + half + up + up + half
+            self._lat_cross_socket = 0 + half + up + sock + up + half
+        self.networked = net is not None and self.hosts > 1
+        if self.networked:
+            self.nics = net["nics_per_host"]
+            self.nic_bw = net["nic_bandwidth_GBps"] * GB
+            hop = (net["latency_us"] / 2) * US
+            self._lat_inter = 0 + 0.0 * US + hop + hop + 0.0 * US
+        self._patterns: Dict[Any, Tuple[float, float]] = {}
+
+    def host_of(self, rank: int) -> int:
+        return rank // self.gph
+
+    # ------------------------------------------------------------------ flows of one rank
+    def _a2a_partners(self, x: int, ulysses: int, ring: int, placement: str) -> Tuple[List[int], int]:
+        """Same-host partners (ranks) of rank ``x`` in its Ulysses group, and the number of off-host ones."""
+        sp, gph = ulysses * ring, self.gph
+        h = x // gph
+        lo, hi = h * gph, min((h + 1) * gph, self.world_size)
+        if placement == "ulysses_inner" or ring == 1:
+            start = x - x % ulysses
+            same = range(max(start, lo), min(start + ulysses, hi))
+        else:
+            base = x - x % sp
+            lo, hi = max(lo, base), min(hi, base + sp)
+            first = lo + (x - lo) % ring
+            same = range(first, hi, ring)
+        partners = [y for y in same if y != x]
+        return partners, ulysses - 1 - len(partners)
+
+    @staticmethod
+    def _ring_next(x: int, ulysses: int, ring: int, placement: str, step: int) -> int:
+        sp = ulysses * ring
+        if placement == "ulysses_inner" or ulysses == 1:
+            base = x - x % sp
+            return base + (x - base + step * ulysses) % sp
+        chunk = x - x % ring
+        return chunk + (x - chunk + step) % ring
+
+    # ------------------------------------------------------------------ loads of one host
+    def _host_load(self, h: int, kind: str, ulysses: int, ring: int, placement: str) -> Tuple[float, float]:
+        """(max over this host's links of flows / bandwidth, largest path latency) of the pattern's flows that
+        start or end on host ``h``."""
+        gph = self.gph
+        lo, hi = h * gph, min((h + 1) * gph, self.world_size)
+        out_intra: Dict[int, List[int]] = {}
+        in_intra: Dict[int, int] = {}
+        out_inter: Dict[int, int] = {}
+        in_inter: Dict[int, int] = {}
+        for x in range(lo, hi):
+            if kind == "a2a":
+                same, off = self._a2a_partners(x, ulysses, ring, placement)
+                out_intra[x], out_inter[x] = same, off
+                in_inter[x] = off
+                for y in same:
+                    in_intra[y] = in_intra.get(y, 0) + 1
+            else:
+                nxt = self._ring_next(x, ulysses, ring, placement, 1)
+                prv = self._ring_next(x, ulysses, ring, placement, -1)
+                if nxt == x:
+                    out_intra[x], out_inter[x], in_inter[x] = [], 0, 0
+                    continue
+                if nxt // gph == h:
+                    out_intra[x], out_inter[x] = [nxt], 0
+                    in_intra[nxt] = in_intra.get(nxt, 0) + 1
+                else:
+                    out_intra[x], out_inter[x] = [], 1
+                in_inter[x] = 0 if prv // gph == h else 1
+        spb, latency = 0.0, 0.0
+        flows_intra = [(x, y) for x, ys in out_intra.items() for y in ys]
+        if flows_intra:
+            if self.kind == "nvlink":
+                spb = max(spb, 1 / self.fab_bw)
+            else:
+                spb = max(spb, max(len(ys) for ys in out_intra.values()) / self.fab_bw,
+                          max(in_intra.values()) / self.fab_bw)
+            if self.kind != "pcie":
+                latency = self._lat_same_switch
+            else:
+                up_out: Dict[int, int] = {}
+                up_in: Dict[int, int] = {}
+                sockets: Dict[Tuple[int, int], int] = {}
+                for x, y in flows_intra:
+                    i, j = x - lo, y - lo
+                    if i // self.per_switch == j // self.per_switch:
+                        latency = max(latency, self._lat_same_switch)
+                        continue
+                    up_out[i // self.per_switch] = up_out.get(i // self.per_switch, 0) + 1
+                    up_in[j // self.per_switch] = up_in.get(j // self.per_switch, 0) + 1
+                    a, b = i // self.per_socket, j // self.per_socket
+                    if a == b:
+                        latency = max(latency, self._lat_same_socket)
+                    else:
+                        latency = max(latency, self._lat_cross_socket)
+                        sockets[(a, b)] = sockets.get((a, b), 0) + 1
+                for count in list(up_out.values()) + list(up_in.values()):
+                    spb = max(spb, count / self.uplink_bw)
+                for count in sockets.values():
+                    spb = max(spb, count / self.socket_bw)
+        if self.networked and (any(out_inter.values()) or any(in_inter.values())):
+            latency = max(latency, self._lat_inter)
+            nic_out: Dict[int, int] = {}
+            nic_in: Dict[int, int] = {}
+            for x in range(lo, hi):
+                nic = (x - lo) * self.nics // gph
+                nic_out[nic] = nic_out.get(nic, 0) + out_inter[x]
+                nic_in[nic] = nic_in.get(nic, 0) + in_inter[x]
+            for count in (list(out_inter.values()) + list(in_inter.values()) + list(nic_out.values())
+                          + list(nic_in.values())):
+                spb = max(spb, count / self.nic_bw)
+        return spb, latency
+
+    # ------------------------------------------------------------------ which hosts
+    def representative_hosts(self, ulysses: int, ring: int, placement: str) -> List[int]:
+        """Hosts whose views cover every host's view for this layout (Note [host classes])."""
+        gph, hosts = self.gph, self.hosts
+        sp = ulysses * ring
+        period = math.lcm(sp, gph)
+        period_hosts = min(hosts, period // gph)
+        inner = ulysses if placement == "ulysses_inner" else ring
+        margin = (-(-ulysses // gph) if placement == "ulysses_inner" else 0) + 1
+        block_hosts = sp // gph
+        chosen = set(range(max(0, hosts - margin - 1), hosts))
+        for b in range(period // sp + 1):  # hosts within reach of each block boundary of one period
+            edge = b * sp
+            chosen.update(range(max(0, edge // gph - margin), min(hosts, (edge - 1) // gph + margin + 1)))
+        if inner >= 4 * gph and block_hosts >= 2 * margin + inner // gph + 2:
+            # a long inner axis: interior hosts differ only next to a multiple of it (a group edge or a chunk's
+            # wrap-around); all the others see the same flows (one host far from any edge stands for them)
+            for m in range(0, min(sp, math.lcm(inner, gph)) + 1, inner):
+                chosen.update((m // gph - 1, m // gph, m // gph + 1))
+            chosen.add((inner + inner // 2) // gph)
+        else:
+            interior = math.lcm(inner, gph) // gph
+            if block_hosts >= 2 * margin + interior + 2:
+                chosen.update(range(margin + 1, margin + 1 + interior))
+            else:
+                chosen.update(range(period_hosts))
+        return sorted(h for h in chosen if 0 <= h < hosts)
+
+    def layout_pattern(self, kind: str, ulysses: int, ring: int, placement: str) -> Tuple[float, float]:
+        """``(seconds_per_byte, latency)`` of every Ulysses group's all-to-all (``kind="a2a"``) or every ring's
+        step (``kind="p2p"``) at once, over the whole world (see :meth:`Fabric.pattern`)."""
+        if ulysses == 1 or ring == 1:
+            placement = "ulysses_inner"  # one layout
+        key = (kind, ulysses, ring, placement)
+        if key not in self._patterns:
+            spb, latency = 0.0, 0.0
+            for h in self.representative_hosts(ulysses, ring, placement):
+                s, lat = self._host_load(h, kind, ulysses, ring, placement)
+                spb, latency = max(spb, s), max(latency, lat)
+            self._patterns[key] = (spb, latency)
+        return self._patterns[key]
+
+    def ulysses_hosts(self, ulysses: int, ring: int, placement: str) -> Tuple[int, bool]:
+        """(hosts spanned by the first Ulysses group, whether any Ulysses group spans more than one host)."""
+        gph = self.gph
+        if ulysses == 1 or ring == 1:
+            placement = "ulysses_inner"
+        stride = 1 if placement == "ulysses_inner" else ring
+        spanned = len({(k * stride) // gph for k in range(ulysses)})
+        if placement == "ulysses_inner":
+            crosses = any((s // gph) != ((s + ulysses - 1) // gph)
+                          for s in range(0, min(self.world_size, math.lcm(ulysses, gph)), ulysses))
+        else:
+            crosses = ulysses > 1 and (ring >= gph or any(
+                len({(b * ulysses * ring + u * ring + r) // gph for u in range(ulysses)}) > 1
+                for b in range(min(self.world_size, math.lcm(ulysses * ring, gph)) // (ulysses * ring))
+                for r in range(ring)))
+        return spanned, crosses
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -19,6 +19,8 @@ __all__ = [
     "format_tokens",
     "format_bytes",
     "format_seconds",
+    "seconds_unit",
+    "format_in_unit",
 ]
 
 
@@ -162,3 +164,21 @@ def format_seconds(seconds: Optional[float]) -> str:
     if ms >= 10:
         return f"{ms:.1f} ms"
     return f"{ms:.2f} ms"
+
+
+def seconds_unit(values) -> str:
+    """One unit for a column or a line of times: "s" when the largest is 10 s or more, else "ms"."""
+    largest = max((v for v in values if v is not None), default=0.0)
+    return "s" if largest >= 10 else "ms"
+
+
+def format_in_unit(seconds: Optional[float], unit: str) -> str:
+    """A time in ``unit`` ("ms" or "s") with about 3 significant digits and no unit suffix ('6228', '16.8')."""
+    if seconds is None:
+        return "-"
+    value = seconds * (1e3 if unit == "ms" else 1.0)
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"

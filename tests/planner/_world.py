@@ -11,7 +11,7 @@ from distributed import run_world  # noqa: E402,F401  (re-exported for the tests
 
 def probe_worker(rank: int, world: int, tmp: str, gpus_per_host) -> tuple:
     """Two probes in one world: a full one written to ``tmp`` and a quick one without the kernel timing."""
-    import planner
+    from usp import planner
 
     out = f"{tmp}/probe-{world}.yaml"
     topo = planner.probe(output=out, name=f"cpu-{world}", message_sizes=[4096, 65536, 262144], iters=2, warmup=1,

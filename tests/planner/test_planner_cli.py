@@ -1,6 +1,7 @@
 """usp-plan: JSON/YAML/table output, sweep, probe subcommand parsing, bad input -> exit 2 with one line."""
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -8,8 +9,8 @@ import sys
 import pytest
 import yaml
 
-import planner
-from planner.cli import build_parser, build_probe_parser, main
+from usp import planner
+from usp.planner.cli import build_parser, build_probe_parser, main
 
 
 def run(capsys, *argv):
@@ -142,10 +143,128 @@ def test_cli_surface_is_pinned():
 @pytest.mark.timeout(60)
 def test_console_script_dry_run():
     exe = shutil.which("usp-plan")
-    cmd = [exe] if exe else [sys.executable, "-m", "planner.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "usp.planner.cli"]
     result = subprocess.run(cmd + list(BASE), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "pick (*): Ulysses 8 x ring 8 (ulysses_inner)" in result.stdout
     bad = subprocess.run(cmd + ["--world-size", "8", "--seqlen", "32k", "--heads", "0"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------------------------- issue 16
+def _cli(*argv, columns=80):
+    exe = shutil.which("usp-plan")
+    cmd = ([exe] if exe else [sys.executable, "-m", "usp.planner.cli"]) + list(argv)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "COLUMNS": str(columns)})
+
+
+@pytest.mark.timeout(60)
+def test_closed_pipe_ends_quietly():
+    exe = shutil.which("usp-plan") or f"{sys.executable} -m usp.planner.cli"
+    result = subprocess.run(f"{exe} {' '.join(BASE)} --world-size 4096 | head -2", shell=True, capture_output=True,
+                            text=True, timeout=60, executable="/bin/bash")
+    assert len(result.stdout.splitlines()) == 2
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [BASE, ("--world-size", "8", "--seqlen", "32k", "--heads", "32", "--kv-heads", "8",
+                                          "--topology", "l20-pcie", "--forward-only", "--memory-limit", "40GiB"),
+                                  ("--world-size", "16", "--heads", "32", "--kv-heads", "8", "--sweep")])
+def test_table_fits_80_columns(monkeypatch, capsys, argv):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "…" not in out
+
+
+def test_rich_table_fits_80_columns(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("COLUMNS", "80")
+    buffer = Tty()
+    monkeypatch.setattr(sys, "stdout", buffer)
+    assert main(list(BASE)) == 0
+    text = __import__("re").sub(r"\x1b\[[0-9;]*m", "", buffer.getvalue())
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert "total ms" in text and "764" in text
+
+
+def test_wide_table_has_the_breakdown_and_one_unit_per_column(capsys):
+    code, out, _ = run(capsys, "--world-size", "8", "--seqlen", "1M", "--heads", "32", "--kv-heads", "8",
+                       "--topology", "dgx-h100", "--wide")
+    header = next(line for line in out.splitlines() if line.startswith("   U  R"))
+    for column in ("compute ms", "merge ms", "all-to-all ms", "ring exp. ms", "overhead ms", "fwd ms", "bwd ms",
+                   "total ms"):
+        assert column in header
+    rows = [line for line in out.splitlines() if re.match(r"^[*x ]\s+\d+\s+\d+\s", line)]
+    assert rows and " s " not in header and not any(" ms" in row for row in rows)  # no unit inside the cells
+    assert "fwd 1637 + bwd 4405 = 6042 ms per layer" in " ".join(out.split())  # one unit on the summary line
+
+
+def test_equivalent_placements_are_merged(capsys):
+    code, out, _ = run(capsys, "--world-size", "8", "--seqlen", "128k", "--heads", "32", "--kv-heads", "8",
+                       "--topology", "dgx-h100")
+    splits = [m.groups() for m in (re.match(r"^[*x ]\s+(\d+)\s+(\d+)\s", line) for line in out.splitlines()) if m]
+    assert len(splits) == 4 and "either" in out and "both placements predict the same" in " ".join(out.split())
+    assert len(splits) == len(set(splits)), "one row per split on one node"
+    code, out, _ = run(capsys, "--world-size", "8", "--heads", "32", "--kv-heads", "8", "--topology", "dgx-h100",
+                       "--sweep", "32k,128k", "--format", "json")
+    for entry in json.loads(out)["sweep"]:
+        why = entry["plan"]["why"]
+        pick = entry["plan"]["candidates"][0]
+        assert why["runner_up"] != f"U{pick['ulysses']}xR{pick['ring']} ring_inner" or why["margin"] > 1e-9
+        assert why["margin"] != 0
+
+
+def test_sweep_runner_up_is_never_the_picks_twin(capsys):
+    code, out, _ = run(capsys, "--world-size", "8", "--heads", "32", "--kv-heads", "8", "--topology", "dgx-h100",
+                       "--sweep")
+    assert code == 0 and "+0.0%" not in out
+
+
+def test_why_in_table_json_and_yaml(capsys):
+    code, out, _ = run(capsys, *BASE)
+    out = " ".join(out.split())
+    assert "why: the runner-up U16xR4 ulysses_inner is 0.5%" in out and "the pick wins on all-to-all" in out
+    code, out, _ = run(capsys, *BASE, "--format", "json")
+    why = json.loads(out)["why"]
+    assert why["runner_up"] == "U16xR4 ulysses_inner" and why["deciding_term"] == "all_to_all"
+    assert why["margin"] == pytest.approx(why["margin_s"] / json.loads(out)["total_s"])
+    assert set(why["terms_s"]) == {"compute", "merge", "all_to_all", "ring_exposed", "overhead"}
+    code, out, _ = run(capsys, *BASE, "--format", "yaml")
+    assert yaml.safe_load(out)["why"]["deciding_term"] == "all_to_all"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--world-size", "8", "--seqlen", "32k", "--heads", "32", "--head-dim", "1000"),
+     "head_dim=1000 is not supported by any of usp's GPU attention kernels"),
+    (("--world-size", "8", "--seqlen", "32k", "--heads", "32", "--gpus-per-node", "3"),
+     "gpus_per_node=3 does not divide world_size=8: torchrun starts the same number of ranks on every node; "
+     "valid values: 1, 2, 4, 8"),
+])
+def test_refused_validation(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err
+
+
+def test_errors_are_listed_once(capsys):
+    code, _, err = run(capsys, "--world-size", "8", "--seqlen", "100", "--heads", "32", "--kv-heads", "8")
+    assert code == 2
+    for label in ("U1xR8", "U2xR4", "U4xR2", "U8xR1"):
+        assert err.count(label) == 1
+    assert err.count("not a multiple of 8 (causal zigzag") == 1
+
+
+def test_usage_names_probe_and_every_flag_has_help(capsys):
+    parser, probe = build_parser(), build_probe_parser()
+    assert "probe" in parser.format_usage()
+    for p in (parser, probe):
+        for action in p._actions:
+            assert action.help, f"{p.prog}: {action.option_strings} has no help"
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "--wide" in out and "probe" in out

@@ -1,20 +1,22 @@
 """The cost model against hand-computed cases (every number below is worked out in the comments)."""
 import pytest
+import usp.layout as layout
 
-from planner.cost import CostModel, Shape, replicated_kv_heads
-from planner.search import predict, required_seqlen_multiple
-from planner.topology import Topology
+from usp.planner.cost import CostModel, Shape, replicated_kv_heads
+from usp.planner.search import predict, required_seqlen_multiple
+from usp.planner.topology import Topology
 
 MiB = 1024**2
 
 
-def toy(memory_bandwidth=None, gpus=4, bandwidth=100):
+def toy(memory_bandwidth=None, gpus=4, bandwidth=100, overhead_us=0, slowdown=0):
     """4 GPUs on a switch, 100 GB/s per GPU link, no link latency; P2P latency 10 us, all-to-all 5 us; a kernel
-    at 100 TFLOP/s forward and 50 TFLOP/s backward at every block size."""
+    at 100 TFLOP/s forward and 50 TFLOP/s backward at every block size; no distributed overheads unless asked."""
     doc = {"name": "toy", "hosts": 1, "gpus_per_host": gpus,
            "gpu": {"model": "toy", "memory_gib": 80},
            "host_fabric": {"kind": "switch", "bandwidth_GBps": bandwidth, "latency_us": 0},
-           "collectives": {"p2p": {"latency_us": 10, "floor_us": 0}, "all_to_all": {"latency_us": 5, "floor_us": 0}},
+           "collectives": {"p2p": {"latency_us": 10, "floor_us": 0}, "all_to_all": {"latency_us": 5, "floor_us": 0},
+                           "step_overhead_us": overhead_us, "compute_slowdown": slowdown},
            "kernels": [{"name": "flat", "points": [{"block": 1024, "forward": 100, "backward": 50}]}]}
     if memory_bandwidth:
         doc["gpu"]["memory_bandwidth_GBps"] = memory_bandwidth
@@ -151,7 +153,6 @@ def test_measured_all_to_all_replaces_the_graph_estimate():
 
 
 def test_seqlen_multiple_matches_the_core():
-    layout = pytest.importorskip("usp.layout")
     for u in range(1, 9):
         for r in range(1, 9):
             for causal in (False, True):
@@ -175,3 +176,20 @@ def test_single_gpu_times_match_facts(seqlen, causal, measured_ms):
     of what the kernel-rate points (16K, 32K) predict, including the extrapolation to 64K and 128K."""
     c = predict(1, 1, seqlen, 32, 32, causal=causal, topology="h100-nvlink-2x", kernel="cudnn", world_size=1)
     assert c.total * 1e3 == pytest.approx(measured_ms, rel=0.05)
+
+
+def test_distributed_overheads_by_hand():
+    """planner.cost "Distributed overheads": kernels (1 + slowdown) slower and a fixed cost per ring step, inside
+    the step (it counts against the transfer the step overlaps)."""
+    fwd0, bwd0, _ = evaluate(toy(), SHAPE, 1, 4)
+    fwd, bwd, _ = evaluate(toy(overhead_us=100, slowdown=0.05), SHAPE, 1, 4)
+    assert fwd.compute == pytest.approx(1.05 * fwd0.compute) and bwd.compute == pytest.approx(1.05 * bwd0.compute)
+    assert fwd.overhead == bwd.overhead == pytest.approx(4 * 100e-6)  # R = 4 steps per pass
+    c = 1.05 * 4 * 8 * 1024 * 1024 * 64 / 100e12 + 100e-6       # one step's kernel + overhead
+    n_kv = 2 * 1024 * 8 * 64 * 2
+    assert fwd.total == pytest.approx(3 * (10e-6 + max(c, n_kv / 100e9)) + c)
+    one, _, _ = CostModel(toy(overhead_us=100, slowdown=0.05), 1).evaluate(SHAPE, 1, 1, "ulysses_inner",
+                                                                           toy().kernel()[0])
+    assert one.overhead == 0 and one.compute == pytest.approx(evaluate(toy(), SHAPE, 1, 1)[0].compute)  # 1 GPU
+    u_fwd, _, _ = evaluate(toy(overhead_us=100), SHAPE, 4, 1)
+    assert u_fwd.overhead == pytest.approx(100e-6)                # R == 1: one step per pass

@@ -4,9 +4,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-import planner
-from planner.probing import classify_host_fabric, kernel_flops, measure_kernel, parse_nvidia_smi_topo, read_infiniband
+from usp import planner
+from usp.planner.probing import classify_host_fabric, kernel_flops, measure_kernel, parse_nvidia_smi_topo, read_infiniband
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the spawned ranks import the helpers by this path
 from _world import probe_worker, run_world  # noqa: E402
@@ -84,7 +85,6 @@ class FakeKernel:
 
 
 def test_measure_kernel_with_a_fake_kernel():
-    torch = pytest.importorskip("torch")
     clock = FakeClock()
     points = measure_kernel(FakeKernel(clock), [64, 128], heads=2, head_dim=16, dtype=torch.float32, device="cpu",
                             iters=2, warmup=1, clock=clock)

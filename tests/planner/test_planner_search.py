@@ -4,10 +4,11 @@ import random
 
 import pytest
 
-import planner
-from planner import Plan, PlannerError, plan, predict, sweep
-from planner.cost import CostModel
-from planner.search import required_seqlen_multiple
+from usp import planner
+import usp.mesh as mesh_module
+from usp.planner import Plan, PlannerError, plan, predict, sweep
+from usp.planner.cost import CostModel
+from usp.planner.search import required_seqlen_multiple
 
 
 def ulysses_hosts(p: Plan, topology):
@@ -56,19 +57,23 @@ def test_pcie_l20_box_published_conditions():
     32K, batch 1, causal zigzag, --fwd_only). What the model reproduces robustly is the PCIe part of that story:
     pure Ulysses and Ulysses across CPU sockets (ring_inner) lose badly to all-to-all contention, and the winners
     are mixed splits with the Ulysses group inside one PCIe switch, U2 x R4 within a few percent of the best.
-    (With the head-group pipelined all-to-all the model picks U4 x R2, U2 x R4 1.6% behind.)"""
+    (With the head-group pipelined all-to-all the model picks U4 x R2; since issue 16's per-ring-step overhead,
+    U2 x R4 is second, 4.2% behind, and pure ring third: see test_pcie_l20_box_picks_u2_r4.)"""
     p = plan(8, "32k", 32, 8, topology="l20-pcie", forward_only=True)
     best = p.objective
     by = {(c.ulysses, c.ring, c.placement): c.forward.total for c in p.candidates}
     assert by[(8, 1, "ulysses_inner")] > 1.3 * best
     assert by[(2, 4, "ring_inner")] > 1.2 * best and by[(4, 2, "ring_inner")] > 1.2 * best
     assert p.placement == "ulysses_inner" and 1 < p.ulysses < 8, "a mixed split, Ulysses inside a PCIe switch"
-    assert by[(2, 4, "ulysses_inner")] < 1.03 * best
+    assert by[(2, 4, "ulysses_inner")] < 1.05 * best
+    assert by[(2, 4, "ulysses_inner")] < by[(1, 8, "ulysses_inner")]
 
 
-@pytest.mark.xfail(strict=True, reason="model gap: with the assumed L20 numbers pure ring (R8) edges out U2xR4 by "
-                   "~2% in forward; the published result needs per-ring-step overheads the model does not have "
-                   "(see the report / planner README section)")
+@pytest.mark.xfail(strict=True, reason="not reproduced, by evidence rather than a known gap (benchmarks/RESULTS.md, "
+                   "'The L20 PCIe crossover'): the model ranks U4xR2, U2xR4 (+4.2%), R8 (+7.4%); yunchang's "
+                   "measurement ran a different implementation (its all-to-all is not overlapped with compute: "
+                   "modelled that way the order is R8, U2xR4 +1.8%, U4xR2 +2.7%) and the preset's L20 numbers are "
+                   "assumed, not probed. The three are within the model's error (up to 9% on measured runs).")
 def test_pcie_l20_box_picks_u2_r4():
     p = plan(8, "32k", 32, 8, topology="l20-pcie", forward_only=True)
     assert (p.ulysses, p.ring) == (2, 4)
@@ -139,7 +144,6 @@ def test_plan_serialises_and_round_trips(tmp_path):
 
 
 def test_plan_builds_the_core_mesh_arguments():
-    mesh_module = pytest.importorskip("usp.mesh")
     p = plan(8, "128k", 32, 8, topology="dgx-h100")
     assert mesh_module.Placement.parse(p.placement).value == p.placement
     snippet = p.snippet()
@@ -165,7 +169,9 @@ def test_predict_matches_the_search():
 
 
 def test_ties_go_to_the_host_local_all_to_all():
-    p = plan(128, "256k", 64, 8, causal=False)  # U32xR4 is <1% faster but its all-to-all crosses four hosts
+    # U16xR4 is <1% faster but its all-to-all crosses two hosts. (Until issue 16 the case was 128 GPUs, 256K,
+    # 64/8 non-causal; with the cost of each ring step, U32xR4 now wins it by more than 1%.)
+    p = plan(64, "1M", 32, 32, causal=False)
     assert ulysses_hosts(p, "dgx-h100-cluster") == {1}
     assert p.candidates[1].total < p.total <= p.candidates[1].total * 1.01
     assert any("within 1% of the fastest" in note for note in p.notes)

@@ -4,7 +4,7 @@ import math
 import networkx as nx
 import pytest
 
-from planner.topology import (DEFAULT_PRESET, GB, Topology, TopologyError, fit_latency_bandwidth, list_presets,
+from usp.planner.topology import (DEFAULT_PRESET, GB, Topology, TopologyError, fit_latency_bandwidth, list_presets,
                               load_topology)
 
 MiB = 1024**2
@@ -205,3 +205,46 @@ def test_preset_parameters_and_gpus_per_host_override():
         Topology.preset("l20-pcie").with_gpus_per_host(3)
     with pytest.raises(TopologyError, match="bad parameter"):
         Topology.preset("dgx-h100:nodes=4")
+
+
+def _graph_pattern(topo, world, kind, ulysses, ring, placement):
+    """The pattern over every GPU pair, routed through the networkx graph (the reference)."""
+    from usp.planner.layout import rank_grid
+
+    grid = rank_grid(world, ulysses, ring, placement)
+    if kind == "a2a":
+        flows = [(a, b) for block in grid for g in block for a in g for b in g if a != b]
+    else:
+        rings = [[block[r][u] for r in range(ring)] for block in grid for u in range(ulysses)]
+        flows = [(g[i], g[(i + 1) % len(g)]) for g in rings for i in range(len(g))]
+    return topo.fabric(world).pattern((kind, ulysses, ring, placement), flows)
+
+
+@pytest.mark.parametrize("preset, gph, world, sp", [
+    ("dgx-h100-cluster", 8, 64, 64), ("dgx-h100-cluster", 8, 48, 24), ("dgx-h100-cluster", 4, 24, 12),
+    ("dgx-h100-cluster", 8, 12, 12), ("dgx-h100-cluster", 16, 96, 32), ("dgx-h100-cluster", 2, 36, 6),
+    ("dgx-h100-cluster", 8, 160, 160), ("dgx-h100-cluster", 8, 128, 4), ("l20-pcie", 8, 8, 8),
+    ("l20-pcie", 8, 8, 4), ("l20-pcie", 4, 4, 4), ("dgx-a100", 8, 8, 8), ("h100-nvlink-2x", 2, 2, 2),
+    ("dgx-h100-cluster", 2, 64, 64), ("dgx-h100-cluster", 2, 96, 48), ("dgx-h100-cluster", 4, 192, 96),
+    ("dgx-h100-cluster", 3, 60, 30)])
+def test_host_classes_match_the_graph(preset, gph, world, sp):
+    """Note [host classes]: the per-host-class loads equal the graph's, for every split and both placements."""
+    topo = Topology.preset(preset)
+    if gph != topo.gpus_per_host:
+        topo = topo.with_gpus_per_host(gph)
+    classes = topo.host_classes(world)
+    for u in [d for d in range(1, sp + 1) if sp % d == 0]:
+        for placement in ("ulysses_inner", "ring_inner"):
+            for kind in ("a2a", "p2p"):
+                got = classes.layout_pattern(kind, u, sp // u, placement)
+                want = _graph_pattern(topo, world, kind, u, sp // u, placement)
+                assert got == want, (kind, u, sp // u, placement)
+
+
+def test_host_classes_look_at_few_hosts():
+    classes = Topology.preset("dgx-h100-cluster").host_classes(65536)
+    for u, r, placement in ((8, 8192, "ulysses_inner"), (32, 2048, "ulysses_inner"), (4, 16384, "ring_inner")):
+        assert len(classes.representative_hosts(u, r, placement)) < 40
+    assert classes.ulysses_hosts(8, 8192, "ulysses_inner") == (1, False)
+    assert classes.ulysses_hosts(16, 4096, "ulysses_inner") == (2, True)
+    assert classes.ulysses_hosts(2, 32768, "ring_inner") == (2, True)

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from planner.units import (PlannerError, canonical_dtype, dtype_bytes, format_tokens, parse_bytes,
+from usp.planner.units import (PlannerError, canonical_dtype, dtype_bytes, format_tokens, parse_bytes,
                            parse_memory_limit, parse_seqlen)
 
 
@@ -41,7 +42,6 @@ def test_dtypes():
 
 
 def test_torch_dtype_accepted():
-    torch = pytest.importorskip("torch")
     assert canonical_dtype(torch.bfloat16) == "bfloat16"
     assert canonical_dtype(torch.float32) == "float32"
 
