@@ -2,7 +2,7 @@
 
 Kept apart from the harness so the report can re-predict old measurements after the cost model changes, without
 running anything on a GPU. A *predictor* is any callable ``record -> {"fwd_ms", "bwd_ms", "fwdbwd_ms", ...} | None``;
-``planner_predictor`` builds one from the ``planner`` package, ``add_predictions`` attaches predictions to records.
+``planner_predictor`` builds one from the ``usp.planner`` package, ``add_predictions`` attaches predictions to records.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ _H100_PAIR_PRESET = "h100-nvlink-2x"
 
 
 def planner_predictor(topology: Optional[str] = None) -> Optional[Predictor]:
-    """A predictor backed by ``planner.predict(ulysses, ring, seqlen, heads, ...)``, or None if it is unavailable.
+    """A predictor backed by ``usp.planner.predict(ulysses, ring, seqlen, heads, ...)``, or None if it is unavailable.
 
     ``topology``: a planner preset name or a YAML path (e.g. written by ``usp-plan probe`` on the GPU machine);
     default: the ``h100-nvlink-2x`` preset for records from 2 H100s, else the planner's default.
     """
     try:
-        import planner
+        from usp import planner
 
         predict = planner.predict
     except Exception:  # planner missing or without predict()

@@ -410,7 +410,7 @@ def main(argv=None) -> int:
 
         predictor = planner_adapter.planner_predictor(args.topology)
         if predictor is None:
-            print("note: planner.predict unavailable; no predicted times", file=sys.stderr)
+            print("note: usp.planner.predict unavailable; no predicted times", file=sys.stderr)
         records = planner_adapter.add_predictions(records, predictor)
     sid = section_id(records)
     suites = sorted({r.get("suite", "?") for r in records})

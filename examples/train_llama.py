@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_CHECKOUT, "usp")):  # run from a checkout: use its usp and planner packages
+if os.path.isdir(os.path.join(_CHECKOUT, "usp")):  # run from a checkout: use its usp package
     sys.path.insert(0, _CHECKOUT)
 
 import usp  # noqa: E402

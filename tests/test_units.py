@@ -196,7 +196,7 @@ def test_import_has_no_side_effects():
     code = (
         "import os, sys; env = dict(os.environ); import usp, torch.distributed as dist; "
         "assert not dist.is_initialized(); assert dict(os.environ) == env; "
-        "assert 'planner' not in sys.modules; print('ok')"
+        "assert 'usp.planner' not in sys.modules; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

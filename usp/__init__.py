@@ -11,7 +11,19 @@ from .mesh import Placement, SequenceParallelMesh
 from .varlen import (LongContextAttentionVarlen, VarlenLayout, gather_varlen, long_context_attention_varlen,
                      padding_mask_varlen, position_ids_varlen, shard_varlen, varlen_layout)
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it from here
+
+# The planner's sources are the repository's top-level planner/ directory; an install places them at usp/planner
+# (setup.py). Imported from a checkout itself (its root first on sys.path, e.g. `python -m pytest` run there), this
+# package is the checkout's usp/, which has no planner/: then the checkout root is searched too, so that
+# `usp.planner` is the checkout's planner/. Nothing is imported here.
+import os as _os  # noqa: E402
+
+_root = _os.path.dirname(_os.path.abspath(__path__[0]))
+if not _os.path.isdir(_os.path.join(__path__[0], "planner")) and all(
+        _os.path.isfile(_os.path.join(_root, *name)) for name in (("pyproject.toml",), ("planner", "__init__.py"))):
+    __path__.append(_root)
+del _os, _root
 
 __all__ = [
     "AttentionKernel",
@@ -36,9 +48,9 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The planner is a sibling top-level package; resolved on first use so `import usp` stays light.
+    # The planner (usp.planner) is imported on first use, so `import usp` stays light.
     if name in ("plan", "Plan"):
-        import planner
+        from . import planner
 
         return getattr(planner, name)
     raise AttributeError(f"module 'usp' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 Nothing is compiled at import or install time: the first merge on a CUDA tensor calls ``fused_merge_op()``, which
 builds ``csrc/`` with ``torch.utils.cpp_extension.load`` (nvcc + ninja; cached under ``TORCH_EXTENSIONS_DIR``, about
-a minute the first time on a machine) and returns the op. If the sources are missing (a non-editable install), the
+a minute the first time on a machine) and returns the op. The sources ship inside the package (``usp/csrc`` in an
+install, see setup.py; ``csrc/`` beside ``usp/`` in a checkout): ``csrc_dir()`` says where. If they are missing, the
 build fails, or ``USP_NO_CSRC=1`` is set, it warns once and returns ``None``; callers then use the PyTorch
 implementation, which computes the same function.
 """
@@ -17,23 +18,34 @@ from typing import Callable, Optional
 import torch
 
 _SOURCES = ("merge_attention.cpp", "merge_attention_kernel.cu")
+_FILES = _SOURCES + ("merge_attention.h",)  # what the build needs: the sources and the header they include
 _lock = threading.Lock()
 _state: dict = {}  # build result, computed once per process: {"op": callable or None, "reason": str}
 
 
-def csrc_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "csrc"
+def _csrc_candidates() -> tuple:
+    package = Path(__file__).parent
+    # an install (setup.py maps the repository's csrc/ to usp/csrc), then a checkout (csrc/ beside usp/)
+    return package / "csrc", package.parent / "csrc"
+
+
+def csrc_dir() -> Optional[Path]:
+    """The directory holding the fused merge's sources and header (all of them), or ``None``. Compiles nothing."""
+    for directory in _csrc_candidates():
+        if all((directory / name).is_file() for name in _FILES):
+            return directory
+    return None
 
 
 def _build() -> Optional[Callable]:
     if os.environ.get("USP_NO_CSRC") == "1":
         _state["reason"] = "USP_NO_CSRC=1"
         return None
-    sources = [csrc_dir() / name for name in _SOURCES]
-    missing = [str(p) for p in sources if not p.is_file()]
-    if missing:
-        _state["reason"] = f"sources not found: {missing}"
+    directory = csrc_dir()
+    if directory is None:
+        _state["reason"] = f"sources {list(_FILES)} not found in {[str(d) for d in _csrc_candidates()]}"
         return None
+    sources = [directory / name for name in _SOURCES]
     from torch.utils import cpp_extension
 
     major, minor = torch.cuda.get_device_capability()
@@ -42,7 +54,7 @@ def _build() -> Optional[Callable]:
         cpp_extension.load(
             name="usp_csrc",
             sources=[str(p) for p in sources],
-            extra_include_paths=[str(csrc_dir())],
+            extra_include_paths=[str(directory)],
             extra_cflags=["-O3"],
             extra_cuda_cflags=["-O3", arch],
             is_python_module=False,
