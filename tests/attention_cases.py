@@ -84,6 +84,25 @@ def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
     }
 
 
+#: ``Case.backend`` values of this form name a kernel wrapped in the contract checker (``usp.kernels.contract``)
+CONTRACT_PREFIX = "contract:"
+
+
+def case_backend(name: str, varlen: bool = False):
+    """The ``backend=`` argument for a case's backend name: the name itself, or for ``"contract:<name>"`` that
+    kernel (dense or varlen) inside the checker that rejects anything Note [kernel contract] forbids."""
+    if not name.startswith(CONTRACT_PREFIX):
+        return name
+    from usp.kernels import BACKENDS
+    from usp.kernels.contract import ContractCheckingKernel, ContractCheckingVarlenKernel
+    from usp.kernels.varlen import VARLEN_BACKENDS
+
+    inner = name[len(CONTRACT_PREFIX):]
+    if varlen:
+        return ContractCheckingVarlenKernel(VARLEN_BACKENDS[inner])
+    return ContractCheckingKernel(BACKENDS[inner])
+
+
 def _max_abs(x: torch.Tensor) -> float:
     return float(x.abs().max()) if x.numel() else 0.0
 
@@ -116,7 +135,8 @@ def run_case(case: Case, mesh, device: torch.device, seed: int = 0) -> dict:
     truth = {"out": out64, "lse": lse64, "dq": dq64, "dk": dk64, "dv": dv64}
 
     # the same kernel, same dtype, one device, whole sequence
-    kernel = resolve_backend(case.backend, device, dtype, case.head_dim)
+    backend = case_backend(case.backend)
+    kernel = resolve_backend(backend, device, dtype, case.head_dim)
     out1, lse1 = kernel.forward(full["q"], full["k"], full["v"], case.causal, scale)
     dq1, dk1, dv1 = kernel.backward(full["dout"], full["q"], full["k"], full["v"], out1, lse1, case.causal, scale)
     single = {"out": out1, "lse": lse1, "dq": dq1, "dk": dk1, "dv": dv1}
@@ -125,7 +145,7 @@ def run_case(case: Case, mesh, device: torch.device, seed: int = 0) -> dict:
     q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
     with count_collectives() as fwd_counts:
         out, lse = usp.long_context_attention(
-            q, k, v, mesh, causal=case.causal, return_lse=True, backend=case.backend, head_chunks=case.head_chunks
+            q, k, v, mesh, causal=case.causal, return_lse=True, backend=backend, head_chunks=case.head_chunks
         )
     fwd_counts = dict(fwd_counts)
     with count_collectives() as bwd_counts:

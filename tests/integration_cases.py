@@ -25,12 +25,32 @@ CONFIG = dict(
 BATCH, SEQLEN = 2, 44
 
 
-def make_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", state_dict=None, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# RoPE whose frequencies depend on the sequence length (Note [length-dependent RoPE] in the integration). The
+# thresholds sit between a shard's largest position and the global one (44): on 1x2 the zigzag shard of rank 1 ends
+# at position 32, on 2x1 rank 0's ends at 21, so each rank alone would choose other frequencies than one process.
+ROPE_MODELS = {
+    # Phi-3 128k-style: long factors when max(position_ids) + 1 > original_max_position_embeddings = 40
+    "phi3 longrope": ("phi3", dict(
+        max_position_embeddings=160, original_max_position_embeddings=40, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                         "long_factor": [1.0 + 0.5 * i for i in range(8)],
+                                         "original_max_position_embeddings": 40})),
+    # dynamic NTK: the base grows once max(position_ids) + 1 > max_position_embeddings = 36
+    "llama dynamic": ("llama", dict(
+        max_position_embeddings=36, rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})),
+}
 
+
+def make_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", state_dict=None,
+               family: str = "llama", **overrides):
+    """The tiny model of ``CONFIG`` (``family`` "llama" or "phi3"), seeded, with ``overrides`` on the config."""
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}
+    config_class, model_class = (getattr(transformers, name) for name in classes[family])
     torch.manual_seed(1234)
-    config = LlamaConfig(**{**CONFIG, **overrides}, attn_implementation=attn_implementation)
-    model = LlamaForCausalLM(config)
+    config = config_class(**{**CONFIG, **overrides}, attn_implementation=attn_implementation)
+    model = model_class(config)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model.to(dtype)
@@ -67,13 +87,14 @@ def enable_checkpointing(model) -> None:
 
 
 def run_sequence_parallel(mesh, state_dict, ids, labels, mode: str = "register", data_parallel_group=None,
-                          checkpointing: bool = False, bucket_bytes: int = 256 * 2 ** 20) -> dict:
-    """One forward + backward of the tiny model on this rank's shard; gradients summed over SP (and averaged
-    over ``data_parallel_group`` if given)."""
+                          checkpointing: bool = False, bucket_bytes: int = 256 * 2 ** 20,
+                          model_kwargs: Optional[dict] = None) -> dict:
+    """One forward + backward of the tiny model (``make_model(**model_kwargs)``) on this rank's shard; gradients
+    summed over SP (and averaged over ``data_parallel_group`` if given)."""
     import usp.integrations.transformers as usp_hf
     from usp.integrations import data
 
-    model = make_model(torch.float32, "sdpa", state_dict)
+    model = make_model(torch.float32, "sdpa", state_dict, **(model_kwargs or {}))
     if checkpointing:
         enable_checkpointing(model)
     usp_hf.enable(model, mesh, mode=mode)
@@ -90,6 +111,37 @@ def run_sequence_parallel(mesh, state_dict, ids, labels, mode: str = "register",
     }
     usp_hf.disable(model)
     return result
+
+
+def shared_config_models(mesh, state_dict, ids) -> dict:
+    """Two models built from ONE config object; enabling the first (either mode) must leave the second as it was:
+    same config object and implementation, same logits, no "was not enabled" error."""
+    import usp.integrations.transformers as usp_hf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = {}
+    for mode in ("register", "replace"):
+        config = LlamaConfig(**CONFIG, attn_implementation="sdpa")
+        first, second = LlamaForCausalLM(config), LlamaForCausalLM(config)
+        first.load_state_dict(state_dict)
+        second.load_state_dict(state_dict)
+        before = second(input_ids=ids).logits.detach()
+        usp_hf.enable(first, mesh, mode=mode)
+        after = guarded(lambda: second(input_ids=ids).logits.detach())
+        out[mode] = {
+            "second_unchanged": isinstance(after, torch.Tensor) and torch.equal(before, after),
+            "second_error": after.get("error") if isinstance(after, dict) else None,
+            "second_config_kept": second.config is config and all(
+                getattr(m, "config", config) is config for m in second.modules()),
+            "second_implementation": second.config._attn_implementation,
+            "first_implementation": first.config._attn_implementation,
+            "first_config_own": first.config is not config and all(
+                getattr(m, "config", None) is not config for m in first.modules()),
+            "shared_config_implementation": config._attn_implementation,
+        }
+        usp_hf.disable(first)
+        out[mode]["first_disabled_implementation"] = first.config._attn_implementation
+    return out
 
 
 # a packed row of 4 documents (44 tokens): shorter and longer than the 2R zigzag chunks, none a multiple of them

@@ -1,6 +1,8 @@
-"""The correctness suite on 2 GPUs with NCCL: meshes 1x2 and 2x1, backends fa4, cudnn and torch_flash.
+"""The correctness suite on 2 GPUs with NCCL: meshes 1x2 and 2x1, every GPU backend "auto" can pick (fa4, fa2, cudnn,
+torch_flash; ``gpu_backends.py`` says how to narrow or require them), dense and head chunks, plus ring-flash-attention's
+own test shapes (seqlen 3816, 5 heads, head_dim 128), and deterministic mode (bitwise over three runs).
 
-Skipped without 2 CUDA devices (CI has none); run on the 2xH100 machine with ``pytest tests/test_gpu.py``.
+Skipped without 2 CUDA devices (CI has none); run on the GPU machine with ``pytest tests/test_gpu.py``.
 Set ``USP_TEST_REPORT=path.json`` to save every case's errors and ratios.
 """
 from __future__ import annotations
@@ -13,12 +15,12 @@ import torch
 
 from attention_cases import Case, check_result, run_cases
 from distributed import run_world
+from gpu_backends import gpu_backends, skip_unless_required
 
 needs_two_gpus = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on the GPU machine)"
 )
-#: USP_GPU_TEST_BACKENDS=cudnn (comma-separated) narrows a run to some backends
-BACKENDS = tuple(os.environ.get("USP_GPU_TEST_BACKENDS", "fa4,cudnn,torch_flash").split(","))
+BACKENDS = gpu_backends()
 
 
 def _gpu_cases(backend):
@@ -37,20 +39,60 @@ def _gpu_cases(backend):
         # more chunks than K/V heads per rank: chunks share a K/V head and sum its dK/dV in float32
         cases.append(Case(u, r, False, "bfloat16", 1, required_multiple(u, r, False) * 389, 16, 4, 64, backend,
                           head_chunks=8 // u))
+    for causal in (True, False):  # ring-flash-attention's test shapes (5 heads: ring only)
+        cases.append(Case(1, 2, causal, "bfloat16", 1, 3816, 5, 5, 128, backend))
     return cases
 
 
+def _deterministic_runs(mesh, backend, device, runs=3):
+    """Dense and packed, bf16, sizes where atomic accumulation would show: ``{mode: bitwise equal over runs}`` for
+    deterministic=True, and for the default (False) as a record of whether the kernel is non-deterministic at all."""
+    import usp
+
+    gen = torch.Generator().manual_seed(3)
+    seqlen, lengths = 8192, [3001, 17, 1203, 2999, 972]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    dense = [torch.randn(1, seqlen, 16, 128, generator=gen).bfloat16().to(device) for _ in range(4)]
+    packed = [torch.randn(cu[-1], 16, 128, generator=gen).bfloat16().to(device) for _ in range(4)]
+    dense_local = [usp.shard(t, mesh) for t in dense]
+    packed_local = [usp.shard_varlen(t, cu, mesh) for t in packed]
+    report = {}
+    for deterministic in (True, False):
+        for path, local in (("dense", dense_local), ("packed", packed_local)):
+            outputs = []
+            for _ in range(runs):
+                q, k, v = (t.clone().requires_grad_() for t in local[:3])
+                if path == "dense":
+                    out = usp.long_context_attention(q, k, v, mesh, backend=backend, deterministic=deterministic)
+                else:
+                    out = usp.long_context_attention_varlen(q, k, v, cu, None, mesh, backend=backend,
+                                                            deterministic=deterministic)
+                out.backward(local[3])
+                outputs.append([out.detach(), q.grad, k.grad, v.grad])
+            same = all(torch.equal(a, b) for other in outputs[1:] for a, b in zip(outputs[0], other))
+            report[f"{path} deterministic={deterministic}"] = same
+    return report
+
+
 def _gpu_world(rank, world_size, backends):
+    import usp
     from usp.kernels import BACKENDS as ALL
 
     device = torch.device("cuda", rank)
     results = {}
+    meshes = {}
     for backend in backends:
         if not ALL[backend].is_available():
             results[backend] = None
             continue
         try:
-            results[backend] = run_cases(_gpu_cases(backend), device)
+            results[backend] = {"cases": run_cases(_gpu_cases(backend), device), "deterministic": {}}
+            if ALL[backend].deterministic_backward:
+                for u, r in ((1, 2), (2, 1)):
+                    mesh = meshes.setdefault((u, r), usp.SequenceParallelMesh(ulysses=u, ring=r))
+                    results[backend]["deterministic"][f"{u}x{r}"] = _deterministic_runs(mesh, backend, device)
         except Exception:  # one broken backend must not hide the others' results
             import traceback
 
@@ -112,14 +154,11 @@ def gpu_results():
 @pytest.mark.timeout(1000)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_backend_matches_fp64_reference(gpu_results, backend):
-    if gpu_results[0][backend] is None:
-        pytest.skip(f"backend {backend} not installed on this machine")
-    for rank, results in enumerate(gpu_results):
-        assert not isinstance(results[backend], str), f"rank {rank} crashed:\n{results[backend]}"
+    _results_for(gpu_results, backend)
     failures = []
     worst = {}
     for rank, results in enumerate(gpu_results):
-        for result in results[backend]:
+        for result in results[backend]["cases"]:
             case = Case(**result["case"])
             assert result["kernel"] == backend
             failures += [f"rank {rank} {case.name()}: {p}" for p in check_result(result)]
@@ -129,3 +168,33 @@ def test_gpu_backend_matches_fp64_reference(gpu_results, backend):
     print(f"\n{backend}: worst error ratio (usp / single-GPU kernel, vs fp64):",
           json.dumps({k: round(v, 3) for k, v in sorted(worst.items())}))
     assert not failures, "\n".join(failures[:30])
+
+
+def _results_for(gpu_results, backend):
+    if gpu_results[0][backend] is None:
+        skip_unless_required(backend, "not installed on this machine")
+    for rank, results in enumerate(gpu_results):
+        assert not isinstance(results[backend], str), f"rank {rank} crashed:\n{results[backend]}"
+    return [results[backend] for results in gpu_results]
+
+
+@needs_two_gpus
+@pytest.mark.timeout(1000)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_deterministic_mode_is_bitwise_over_three_runs(gpu_results, backend):
+    from usp.kernels import BACKENDS as ALL
+
+    per_rank = _results_for(gpu_results, backend)
+    if not ALL[backend].deterministic_backward:
+        with pytest.raises(ValueError, match="has no deterministic backward"):
+            from usp.kernels import resolve_backend
+
+            resolve_backend(backend, "cuda", torch.bfloat16, 128, deterministic=True)
+        return
+    print(f"\n{backend} bitwise over 3 runs:", json.dumps(per_rank[0]["deterministic"]))
+    for rank, results in enumerate(per_rank):
+        assert set(results["deterministic"]) == {"1x2", "2x1"}
+        for mesh, report in results["deterministic"].items():
+            for mode, same in report.items():
+                if "deterministic=True" in mode:
+                    assert same, f"rank {rank} {backend} {mesh} {mode}: runs differ"

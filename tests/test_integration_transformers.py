@@ -27,6 +27,7 @@ from integration_cases import (  # noqa: E402
     guarded,
     make_batch,
     make_model,
+    ROPE_MODELS,
     make_packed,
     packed_reference,
     matches,
@@ -35,13 +36,14 @@ from integration_cases import (  # noqa: E402
     restore,
     run_packed,
     run_sequence_parallel,
+    shared_config_models,
 )
 
 WORLD_TIMEOUT = 240
 
 
 # ---------------------------------------------------------------------------------------------- worlds
-def _world2(rank, world_size, state_dict, batches, packed):
+def _world2(rank, world_size, state_dict, batches, packed, rope_states):
     import torch.nn as nn
 
     import usp
@@ -70,6 +72,13 @@ def _world2(rank, world_size, state_dict, batches, packed):
     results["packed"] = {name: guarded(run_packed, mesh, state_dict, *packed)
                          for name, mesh in (("1x2", mesh12), ("2x1", mesh21))} if has_varlen else None
     results["bystander_implementation"] = bystander.config._attn_implementation
+    # enabling one model leaves a model built from the same config object alone
+    results["shared_config"] = guarded(shared_config_models, mesh12, state_dict, ids)
+    # RoPE whose frequencies depend on the sequence length sees the global length
+    results["rope"] = {
+        f"{name} {mesh_name}": guarded(run_sequence_parallel, mesh, rope_states[name], ids, labels,
+                                       model_kwargs=dict(family=ROPE_MODELS[name][0], **ROPE_MODELS[name][1]))
+        for name in ROPE_MODELS for mesh_name, mesh in (("1x2", mesh12), ("2x1", mesh21))}
 
     # transformers' own loss with the pre-shifted labels and the global count equals causal_lm_loss
     model = usp_hf.enable(make_model(torch.float32, "sdpa", state_dict), mesh12)
@@ -208,9 +217,23 @@ def references():
 
 
 @pytest.fixture(scope="module")
-def world2(references):
+def rope_references(references):
+    """Per length-dependent RoPE model: fp32 weights, fp64 truth and fp32 single-process result on batch 0."""
+    _, batches, _, _, _ = references
+    out = {}
+    for name, (family, overrides) in ROPE_MODELS.items():
+        model32 = make_model(torch.float32, family=family, **overrides)
+        state_dict = {k: v.clone() for k, v in model32.state_dict().items()}
+        model64 = make_model(torch.float64, state_dict=state_dict, family=family, **overrides)
+        out[name] = (state_dict, reference(model64, *batches[0]), reference(model32, *batches[0]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world2(references, rope_references):
     state_dict, batches, _, _, packed = references
-    return restore(run_world(2, _world2, state_dict, batches, packed, timeout=WORLD_TIMEOUT))
+    rope_states = {name: value[0] for name, value in rope_references.items()}
+    return restore(run_world(2, _world2, state_dict, batches, packed, rope_states, timeout=WORLD_TIMEOUT))
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +314,50 @@ def test_replace_mode_leaves_other_models_alone(world2):
         assert results["bystander_unchanged"]
         assert results["bystander_implementation"] == "sdpa"
         assert results["disabled_implementation"] == "sdpa"
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_enable_leaves_models_sharing_the_config_alone(world2):
+    """Models built from one config object: enabling one (either mode) changes nothing about the other."""
+    for rank, results in enumerate(world2):
+        shared = results["shared_config"]
+        assert "error" not in shared, f"rank {rank}: {shared.get('error')}"
+        for mode, record in shared.items():
+            assert record["second_error"] is None, f"rank {rank} {mode}: {record['second_error']}"
+            assert record["second_unchanged"] and record["second_config_kept"], (rank, mode, record)
+            assert record["second_implementation"] == record["shared_config_implementation"] == "sdpa"
+            assert record["first_config_own"], (rank, mode)
+            assert record["first_implementation"] == ("usp" if mode == "register" else "sdpa")
+            assert record["first_disabled_implementation"] == "sdpa"
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_length_dependent_rope_matches_single_process(world2, rope_references):
+    """longrope (Phi-3) and dynamic NTK (Llama): loss and gradients on 1x2 and 2x1 match one process."""
+    problems = []
+    for rank, results in enumerate(world2):
+        assert set(results["rope"]) == {f"{n} {m}" for n in ROPE_MODELS for m in ("1x2", "2x1")}
+        for case, result in results["rope"].items():
+            _, truth, single = rope_references[case.rsplit(" ", 1)[0]]
+            if "error" in result:
+                problems.append(f"rank {rank} {case}: raised\n{result['error'][-1500:]}")
+            else:
+                problems += [f"rank {rank} {case}: {p}" for p in compare(result, truth, single)]
+    assert not problems, "\n".join(problems)
+
+
+def test_rope_models_are_length_dependent_at_these_sizes():
+    """The rope test would catch a rank choosing its own frequencies: the cos/sin of a shard's positions differ
+    between the shard's own largest position (1x2 rank 1: 32, 2x1 rank 0: 21) and the global one (43)."""
+    def cos(family, overrides, positions):  # a fresh model each time: dynamic RoPE keeps state
+        rotary = make_model(torch.float32, family=family, **overrides).model.rotary_emb
+        return rotary(torch.zeros(1), position_ids=positions[None])[0]
+
+    for name, (family, overrides) in ROPE_MODELS.items():
+        for shard_end in (33, 22):
+            local = cos(family, overrides, torch.arange(shard_end))
+            whole = cos(family, overrides, torch.arange(SEQLEN))[:, :shard_end]
+            assert not torch.allclose(local, whole), (name, shard_end)
 
 
 @pytest.mark.timeout(WORLD_TIMEOUT + 60)

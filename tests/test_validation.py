@@ -58,6 +58,14 @@ def _bad_calls(mesh_u, mesh_r):
         ("mesh wrong type", "TypeError", r"mesh must be", lambda: attn(q, k, v, "mesh")),
         ("causal not bool", "TypeError", r"causal", lambda: attn(q, k, v, mesh, causal="yes")),
         ("bad softmax_scale", "ValueError", r"softmax_scale", lambda: attn(q, k, v, mesh, softmax_scale=-1.0)),
+        ("softmax_scale inf", "ValueError", r"softmax_scale must be None .*or a finite positive float, got inf",
+         lambda: attn(q, k, v, mesh, softmax_scale=float("inf"))),
+        ("softmax_scale nan", "ValueError", r"finite positive float, got nan",
+         lambda: attn(q, k, v, mesh, softmax_scale=float("nan"))),
+        ("softmax_scale zero", "ValueError", r"finite positive float, got 0",
+         lambda: attn(q, k, v, mesh, softmax_scale=0)),
+        ("head_dim zero", "ValueError", r"head_dim \(q.shape\[3\]\) must be positive",
+         lambda: attn(t(1, 4, 4, 0), t(1, 4, 2, 0), t(1, 4, 2, 0), mesh)),
         ("head_chunks not fitting the heads", "ValueError", r"head_chunks=3 .*valid values: \[1, 2(, 4)?\]",
          lambda: attn(q, k, v, mesh, head_chunks=3)),
         ("head_chunks zero", "ValueError", r"head_chunks=0", lambda: attn(q, k, v, mesh, head_chunks=0)),
@@ -94,6 +102,13 @@ def _validation_world(rank, world_size, mesh_u, mesh_r):
     q = usp.shard(torch.randn(1, 8, 4, 16), mesh, causal=True)
     out = usp.long_context_attention(q, q, q, mesh, causal=True)
     outcomes.append(("good call afterwards", "ok" if out.shape == q.shape else "wrong shape"))
+    # the LSE is float32, float64 for float64 inputs (README, docstrings)
+    dtypes = {}
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = q.to(dtype)
+        dtypes[dtype] = usp.long_context_attention(x, x, x, mesh, causal=True, return_lse=True)[1].dtype
+    expected = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32}
+    outcomes.append(("lse dtype", "ok" if dtypes == expected else f"lse dtypes {dtypes}"))
     return outcomes
 
 
@@ -104,4 +119,4 @@ def test_bad_inputs_raise_on_every_rank(mesh_u, mesh_r):
     assert per_rank[0] == per_rank[1], "ranks disagreed"
     failures = [f"{d}: {o}" for d, o in per_rank[0] if o != "ok"]
     assert not failures, "\n".join(failures)
-    assert len(per_rank[0]) == 28
+    assert len(per_rank[0]) == 33

@@ -178,8 +178,8 @@ def test_block_kernel_enforces_empty_sequence_semantics():
             lse[:, :2] = float("inf")
             return out, lse
 
-        def backward(self, *args):
-            dq, dk, dv = super().backward(*args)
+        def backward(self, *args, **kwargs):
+            dq, dk, dv = super().backward(*args, **kwargs)
             dq[:2], dk[4:], dv[4:] = 7.0, float("nan"), 3.0
             return dq, dk, dv
 
@@ -228,7 +228,7 @@ def test_block_rejects_uncovered_rows():
 
 def test_resolve_varlen_backend_names_valid_values():
     assert resolve_varlen_backend("auto", torch.device("cpu"), torch.float32, 64).name == "reference"
-    with pytest.raises(ValueError, match=r"backend='fa2' has no varlen kernel; valid values .*'reference'"):
-        resolve_varlen_backend("fa2", torch.device("cpu"), torch.float32, 64)
+    with pytest.raises(ValueError, match=r"backend='fa3' has no varlen kernel; valid values .*'fa2'.*'reference'"):
+        resolve_varlen_backend("fa3", torch.device("cpu"), torch.float32, 64)
     with pytest.raises(TypeError, match="backend must be a str or usp.kernels.varlen.VarlenKernel"):
         resolve_varlen_backend(3, torch.device("cpu"), torch.float32, 64)

@@ -1,8 +1,9 @@
-"""The varlen path on 2 GPUs with NCCL: meshes 1x2 and 2x1, varlen backends fa4, torch_flash and cudnn, against the
+"""The varlen path on 2 GPUs with NCCL: meshes 1x2 and 2x1, every GPU varlen backend (fa4, fa2, torch_flash, cudnn;
+``gpu_backends.py`` says how to narrow or require them), against the
 per-document fp64 reference (cases and pass rule in ``varlen_cases.py``); and every GPU varlen kernel alone on one
 GPU with empty sequences on either side (the semantics ``VarlenBlockKernel`` promises whatever the kernel writes),
 length-1 and odd lengths, causal and not, GQA/MQA, bf16 and fp16, head_dim 64 and 128. A backend that reports itself
-unavailable is skipped with its reason.
+unavailable is skipped with its reason, unless the run requires it (``USP_GPU_REQUIRE``).
 
 Skipped without 2 CUDA devices (CI has none). On the GPU machine: ``pytest tests/test_varlen_gpu.py -s`` (it starts
 its two NCCL ranks itself, like ``test_gpu.py``). ``USP_TEST_REPORT=path.json`` saves every case's errors.
@@ -16,12 +17,13 @@ import pytest
 import torch
 
 from distributed import run_world
+from gpu_backends import gpu_backends, skip_unless_required
 from varlen_cases import VarlenCase, check_varlen_result, run_varlen_case
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on the GPU machine)"
 )
-BACKENDS = ("fa4", "torch_flash", "cudnn")
+BACKENDS = gpu_backends()
 #: kernel alone vs fp64 (relative Frobenius); FA-style kernels round P to bf16, ~3e-3 is typical (fp16 less)
 KERNEL_TOLERANCE = 2e-2
 
@@ -136,7 +138,7 @@ def gpu_results():
 def _results_for(gpu_results, backend):
     first = gpu_results[0][backend]
     if isinstance(first, dict) and "unavailable" in first:
-        pytest.skip(f"varlen backend {backend} unavailable here: {first['unavailable']}")
+        skip_unless_required(backend, first["unavailable"])
     for rank, results in enumerate(gpu_results):
         assert not isinstance(results[backend], str), f"rank {rank} crashed:\n{results[backend]}"
     return [results[backend] for results in gpu_results]

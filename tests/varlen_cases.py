@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from usp.kernels.reference import ReferenceKernel
+from attention_cases import case_backend
 from usp.kernels.varlen import VarlenSeqs, resolve_varlen_backend
 
 FP32_ULP = torch.finfo(torch.float32).eps
@@ -119,7 +120,8 @@ def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
     truth = per_document_reference(*(full[n].double() for n in ("q", "k", "v", "dout")), lengths, case.causal, scale)
 
     # the same kernel, same dtype, one device, the whole packed batch
-    kernel = resolve_varlen_backend(case.backend, device, dtype, case.head_dim)
+    backend = case_backend(case.backend, varlen=True)
+    kernel = resolve_varlen_backend(backend, device, dtype, case.head_dim)
     nonempty = [n for n in lengths if n]
     seqs = VarlenSeqs(nonempty, nonempty)
     out1, lse1 = kernel.forward(full["q"], full["k"], full["v"], seqs, case.causal, scale)
@@ -130,7 +132,7 @@ def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
     q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
     with count_collectives() as fwd_counts:
         out, lse = uv.long_context_attention_varlen(
-            q, k, v, cu_seqlens, max(lengths), mesh, causal=case.causal, return_lse=True, backend=case.backend
+            q, k, v, cu_seqlens, max(lengths), mesh, causal=case.causal, return_lse=True, backend=backend
         )
     fwd_counts = dict(fwd_counts)
     with count_collectives() as bwd_counts:
@@ -232,7 +234,7 @@ def validation_checks(mesh) -> Dict[str, Tuple[str, str]]:
         "mesh": attn(q, k, v, cu, None, "mesh"),
         "causal": attn(q, k, v, cu, None, mesh, causal=1),
         "softmax_scale": attn(q, k, v, cu, None, mesh, softmax_scale=-1.0),
-        "backend unknown": attn(q, k, v, cu, None, mesh, backend="fa2"),
+        "backend unknown": attn(q, k, v, cu, None, mesh, backend="fa3"),
         "backend unavailable": attn(q, k, v, cu, None, mesh, backend="fa4"),
         "cudnn unavailable": attn(q, k, v, cu, None, mesh, backend="cudnn"),
         "shard length": lambda: uv.shard_varlen(torch.randn(11, 4), cu, mesh),
@@ -267,9 +269,10 @@ EXPECTED_ERRORS = {
     "head_dim": ("ValueError", r"head_dim mismatch"),
     "mesh": ("TypeError", r"mesh must be a usp.SequenceParallelMesh"),
     "causal": ("TypeError", r"causal must be a bool"),
-    "softmax_scale": ("ValueError", r"softmax_scale must be None or a positive float"),
+    "softmax_scale": ("ValueError", r"softmax_scale must be None \(head_dim \*\* -0.5\) or a finite positive float"),
     "backend unknown": (
-        "ValueError", r"backend='fa2' has no varlen kernel; valid values .*'fa4'.*'torch_flash'.*'cudnn'.*'reference'"
+        "ValueError",
+        r"backend='fa3' has no varlen kernel; valid values .*'fa4'.*'fa2'.*'torch_flash'.*'cudnn'.*'reference'"
     ),
     "backend unavailable": ("ValueError", r"backend='fa4' cannot run here"),
     "cudnn unavailable": ("ValueError", r"backend='cudnn' cannot run here: varlen backend 'cudnn'"),

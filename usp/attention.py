@@ -10,19 +10,21 @@ Data flow for a mesh of ``U`` (Ulysses) x ``R`` (ring), local shards ``q [b, s/P
 Steps 1-3 run per head group so that the trades overlap the attention (``usp.ulysses``, Note [head-group
 pipeline]).
 
-Every argument is validated before the first collective, from shapes alone, so every rank raises the same error.
+Every argument is validated before the first collective, and the ranks agree that they made the same call
+(``usp.consistency``, Note [call agreement]), so a bad or differing call raises on every rank instead of hanging.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .comm.all_to_all import _heads_to_seq
+from .consistency import agree
 from .kernels import AttentionKernel, resolve_backend
 from .layout import check_sequence_length, schedule_for
 from .mesh import SequenceParallelMesh
@@ -86,6 +88,8 @@ def check_qkv(q, k, v, mesh, causal, dims: Tuple[str, ...]) -> None:
     h, d, kv_heads = q.shape[heads_axis], q.shape[dim_axis], k.shape[heads_axis]
     if k.shape[dim_axis] != d:
         raise ValueError(f"head_dim mismatch: q.shape[{dim_axis}]={d}, k.shape[{dim_axis}]={k.shape[dim_axis]}")
+    if d == 0:
+        raise ValueError(f"head_dim (q.shape[{dim_axis}]) must be positive, got q shape {tuple(q.shape)}")
     if h == 0 or kv_heads == 0 or h % kv_heads:
         raise ValueError(
             f"heads (q.shape[{heads_axis}]={h}) must be a positive multiple of kv_heads "
@@ -124,8 +128,31 @@ def check_head_chunks(head_chunks, heads: int, kv_heads: int, ulysses: int) -> N
         )
 
 
-def _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks) -> Tuple[AttentionKernel, float]:
-    check_qkv(q, k, v, mesh, causal, ("batch", "seq_local", "heads", "head_dim"))
+_DENSE_DIMS = ("batch", "seq_local", "heads", "head_dim")
+
+
+def call_fields(q, k, v, mesh, dims, causal, scale, return_lse, kernel) -> Dict[str, Any]:
+    """What every rank of the sequence-parallel group must agree on for a validated call, shared by the dense and
+    the packed path (``usp.consistency``, Note [call agreement]): everything that sizes a collective or changes
+    the math, including whether a backward (with its own collectives) will follow."""
+    fields: Dict[str, Any] = dict(zip(dims[:-2], q.shape[:-2]))
+    fields.update(
+        heads=q.shape[-2], kv_heads=k.shape[-2], head_dim=q.shape[-1], dtype=q.dtype, device=q.device.type,
+        mesh=f"{mesh.ulysses}x{mesh.ring} {mesh.placement.value}", causal=causal, softmax_scale=scale,
+        return_lse=return_lse, backend=kernel.name,
+        backward=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+    )
+    return fields
+
+
+def check_deterministic(deterministic) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+
+
+def _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks,
+              deterministic=False) -> Tuple[AttentionKernel, float]:
+    check_qkv(q, k, v, mesh, causal, _DENSE_DIMS)
     check_head_chunks(head_chunks, q.shape[2], k.shape[2], mesh.ulysses)
     b, s, h, d = q.shape
     if s == 0:
@@ -135,7 +162,8 @@ def _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks) -> Tup
         argument=f"sequence length (q.shape[1] * ulysses * ring = {s} * {mesh.ulysses} * {mesh.ring})",
     )
     scale = resolve_scale(softmax_scale, d)
-    kernel = resolve_backend(backend, q.device, q.dtype, d)
+    check_deterministic(deterministic)
+    kernel = resolve_backend(backend, q.device, q.dtype, d, deterministic)
     check_device_matches_mesh(q, mesh)
     return kernel, scale
 
@@ -144,9 +172,10 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
     """``softmax_scale`` validated, or the default ``head_dim ** -0.5``."""
     if softmax_scale is None:
         return head_dim ** -0.5
-    if isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool) and softmax_scale > 0:
+    if (isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool)
+            and 0 < softmax_scale < math.inf):
         return float(softmax_scale)
-    raise ValueError(f"softmax_scale must be None or a positive float, got {softmax_scale!r}")
+    raise ValueError(f"softmax_scale must be None (head_dim ** -0.5) or a finite positive float, got {softmax_scale!r}")
 
 
 def check_device_matches_mesh(q: Tensor, mesh: SequenceParallelMesh) -> None:
@@ -171,6 +200,7 @@ def long_context_attention(
     return_lse: bool = False,
     backend: Union[str, AttentionKernel] = "auto",
     head_chunks: int = 1,
+    deterministic: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Exact attention over a sequence sharded across ``mesh`` (Ulysses x ring).
 
@@ -181,23 +211,33 @@ def long_context_attention(
         causal: causal (lower-triangular) mask over *global* positions; the shards must be in the layout that
             ``usp.shard(..., causal=causal)`` makes (zigzag when causal and ring > 1).
         softmax_scale: score scale, default ``head_dim ** -0.5``.
-        return_lse: also return the log-sum-exp ``[batch, heads, seq_local]`` (float32; not differentiable).
+        return_lse: also return the log-sum-exp ``[batch, heads, seq_local]`` (float32 (float64 for float64
+            inputs); not differentiable).
         backend: "auto" (fastest available), "fa4", "fa2", "cudnn", "torch_flash", "reference", or a kernel.
         head_chunks: run the ring once per group of ``heads / (ulysses * head_chunks)`` heads to cut the working
             memory by that factor at the same bytes moved (``usp.ring``, Note [head chunks]); for the longest
             sequences. Must divide the query and K/V heads each Ulysses rank gets; 1 (default) = one pass.
+        deterministic: bitwise-identical out and gradients on repeated runs on the same mesh: the kernels'
+            deterministic backward (backends without one are refused; "auto" picks the fastest that has one).
+            usp's own sums always run in a fixed order.
 
     Returns:
         ``out [batch, seq_local, heads, head_dim]`` in the input dtype (and ``lse`` if asked), equal to slicing
         single-device attention over the gathered sequence. Differentiable with respect to q, k, v.
     """
-    kernel, scale = _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks)
+    kernel, scale = agree(  # every rank validated and made the same call (Note [call agreement])
+        mesh, "long_context_attention",
+        lambda: _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks, deterministic),
+        lambda checked: dict(call_fields(q, k, v, mesh, _DENSE_DIMS, causal, checked[1], return_lse, checked[0]),
+                             head_chunks=head_chunks, deterministic=deterministic),
+    )
     out, lse = sequence_parallel_attention(q, k, v, mesh, kernel, schedule_for(causal), scale, return_lse,
-                                           head_chunks)
+                                           head_chunks, deterministic)
     return (out, lse) if return_lse else out
 
 
-def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse, head_chunks=1):
+def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse, head_chunks=1,
+                                deterministic=False):
     """Steps 1-3 of the module docstring on validated ``[b, s_local, h, d]`` shards, for any kernel and schedule
     (the dense path and the packed-document path share it). Returns ``(out, lse [b, h, s_local] or None)``."""
     ulysses = mesh.ulysses
@@ -207,9 +247,10 @@ def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_l
             k = _ReplicateKVHeads.apply(k, repeat)
             v = _ReplicateKVHeads.apply(v, repeat)
         groups = head_groups(q.shape[2], k.shape[2], ulysses, head_chunks)
-        out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks)
+        out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks,
+                                             deterministic)
     else:
-        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule, scale, head_chunks)
+        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic)
     if not return_lse:
         return out, None
     if ulysses > 1:
@@ -229,6 +270,7 @@ class LongContextAttention(nn.Module):
         backend: kernel choice, "auto" by default; ``resolved_backend(q)`` tells which kernel runs.
         head_chunks: ring passes per Ulysses head group, to cut working memory (see ``long_context_attention``);
             dense inputs only.
+        deterministic: bitwise-repeatable out and gradients (see ``long_context_attention``).
     """
 
     def __init__(
@@ -238,6 +280,7 @@ class LongContextAttention(nn.Module):
         softmax_scale: Optional[float] = None,
         backend: Union[str, AttentionKernel] = "auto",
         head_chunks: int = 1,
+        deterministic: bool = False,
     ):
         super().__init__()
         if not isinstance(mesh, SequenceParallelMesh):
@@ -247,10 +290,11 @@ class LongContextAttention(nn.Module):
         self.softmax_scale = softmax_scale
         self.backend = backend
         self.head_chunks = head_chunks
+        self.deterministic = deterministic
 
     def resolved_backend(self, q: Tensor) -> AttentionKernel:
         """The kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
-        return resolve_backend(self.backend, q.device, q.dtype, q.shape[-1])
+        return resolve_backend(self.backend, q.device, q.dtype, q.shape[-1], self.deterministic)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, max_seqlen: Optional[int] = None) -> Tensor:
         """Dense: ``q [b, s_local, h, d]``, ``k, v [b, s_local, h_kv, d]`` -> ``[b, s_local, h, d]``.
@@ -265,14 +309,16 @@ class LongContextAttention(nn.Module):
             from .varlen import long_context_attention_varlen  # lazy: varlen imports this module
 
             return long_context_attention_varlen(q, k, v, cu_seqlens, max_seqlen, self.mesh, causal=self.causal,
-                                                 softmax_scale=self.softmax_scale, backend=self.backend)
+                                                 softmax_scale=self.softmax_scale, backend=self.backend,
+                                                 deterministic=self.deterministic)
         if max_seqlen is not None:
             raise ValueError("max_seqlen is only for packed batches: pass cu_seqlens too (or neither)")
         return long_context_attention(
             q, k, v, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend,
-            head_chunks=self.head_chunks,
+            head_chunks=self.head_chunks, deterministic=self.deterministic,
         )
 
     def extra_repr(self) -> str:
         chunks = f", head_chunks={self.head_chunks}" if self.head_chunks != 1 else ""
-        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}{chunks}"
+        deterministic = ", deterministic=True" if self.deterministic else ""
+        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}{chunks}{deterministic}"

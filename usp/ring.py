@@ -44,7 +44,27 @@ def _rows(x: Tensor, rows: slice) -> Tensor:
 
 
 def _lse_rows(lse: Tensor, rows: slice) -> Tensor:
+    """Row slice of a ``[b, h, s]`` LSE as a view (for merging into it)."""
     return lse if rows == slice(None) else lse[:, :, rows]
+
+
+class _KernelLse:
+    """The final LSE in the form Note [kernel contract] promises a kernel's backward: contiguous, per row slice.
+
+    A row slice of ``[b, h, s]`` (the zigzag half blocks) or a head-chunk slice of it is strided; flash-attn 2 reads
+    the LSE by pointer as a dense array and computes wrong gradients from a strided one without any error. Each
+    distinct slice is copied once per backward pass (the LSE is ``1 / d`` of the queries' size).
+    """
+
+    def __init__(self, lse: Tensor):
+        self.lse = lse
+        self._slices = {}
+
+    def rows(self, rows: slice) -> Tensor:
+        key = (rows.start, rows.stop, rows.step)
+        if key not in self._slices:
+            self._slices[key] = _lse_rows(self.lse, rows).contiguous()
+        return self._slices[key]
 
 
 def _rotation(mesh: SequenceParallelMesh, tag: int, forward: bool = True) -> RingRotation:
@@ -79,10 +99,13 @@ def ring_forward(
 def ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, last_kv: List[Tensor],
     mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float, head_chunks: int = 1,
+    deterministic: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``ring_forward`` (same ``head_chunks``); ``last_kv`` as it returned."""
+    """Gradients of ``ring_forward`` (same ``head_chunks``); ``last_kv`` as it returned. ``deterministic``: the
+    kernels' deterministic backward (every sum usp does itself has a fixed order already)."""
     if head_chunks == 1:
-        return _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale)
+        return _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale,
+                                   deterministic=deterministic)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -93,6 +116,7 @@ def ring_backward(
         _, dk_c, dv_c = _ring_backward_pass(
             dout[:, :, heads], q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], out[:, :, heads],
             lse[:, heads], [], mesh, kernel, schedule, scale, dq_out=dq[:, :, heads], wide_dkv=shared,
+            deterministic=deterministic,
         )
         if not shared:
             dk[:, :, kv_heads], dv[:, :, kv_heads] = dk_c, dv_c
@@ -207,7 +231,7 @@ class _GradientSum:
 
 
 def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale, dq_out=None,
-                        wide_dkv=False):
+                        wide_dkv=False, deterministic=False):
     """Gradients of one ``_ring_forward_pass``, walking the forward's steps in reverse. ``dq_out``: write dQ there
     (a slice of the caller's gradient) instead of a new tensor; ``wide_dkv``: sum dK/dV in float32 and return
     them unrounded (head chunks sharing a K/V head add theirs up before the one rounding).
@@ -221,9 +245,11 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
     chunks) the first block is fetched from the next rank first: one K/V transfer more, exposed.
     """
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
+    kernel_lse = _KernelLse(lse)
     if ring_size == 1:
         task = schedule.block(0, 0, 1, local_len)
-        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, task.kernel_mask, scale)
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, kernel_lse.rows(task.q_rows), task.kernel_mask, scale,
+                                     deterministic=deterministic)
         if dq_out is not None:
             dq = dq_out.copy_(dq)
         if wide_dkv:
@@ -249,8 +275,8 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
         if task is not None:
             block_dq, block_dk, block_dv = kernel.backward(
                 _rows(dout, task.q_rows), _rows(q, task.q_rows), _rows(blocks[0], task.kv_rows),
-                _rows(blocks[1], task.kv_rows), _rows(out, task.q_rows), _lse_rows(lse, task.q_rows),
-                task.kernel_mask, scale,
+                _rows(blocks[1], task.kv_rows), _rows(out, task.q_rows), kernel_lse.rows(task.q_rows),
+                task.kernel_mask, scale, deterministic=deterministic,
             )
             dq.add(task.q_rows, block_dq)
         if step == 1:
@@ -285,22 +311,36 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
     return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
+def refuse_double_backward() -> None:
+    """Called first in every usp backward. The autograd engine runs a backward with grad mode on exactly when the
+    caller asked for ``create_graph=True``; usp's backward is not itself differentiable (its kernels and collectives
+    record no graph), so second-order gradients would come back silently wrong or missing. Refuse them."""
+    if torch.is_grad_enabled():
+        raise ValueError(
+            "create_graph=True: usp attention has no double backward (its backward is not differentiable), so "
+            "second-order gradients through it are refused; call backward / torch.autograd.grad with "
+            "create_graph=False"
+        )
+
+
 class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(q, k, v, mesh, kernel, schedule, scale, head_chunks) -> (out, lse)``; lse not
-    differentiable."""
+    """Autograd wrapper: ``apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic) -> (out,
+    lse)``; lse not differentiable; no double backward (``refuse_double_backward``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, head_chunks=1):
+    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, head_chunks=1, deterministic=False):
         out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale, head_chunks)
         saved_kv = last_kv if mesh.ring > 1 else []
         ctx.save_for_backward(q, k, v, out, lse, *saved_kv)
         ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale, ctx.head_chunks = mesh, kernel, schedule, scale, head_chunks
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        refuse_double_backward()
         q, k, v, out, lse, *last_kv = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, last_kv, ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale,
-                                   ctx.head_chunks)
-        return dq, dk, dv, None, None, None, None, None
+                                   ctx.head_chunks, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None

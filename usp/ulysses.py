@@ -16,7 +16,7 @@ import torch
 
 from .comm.all_to_all import (pack_heads_to_seq, pack_seq_to_heads, start_all_to_all, unpack_heads_to_seq_into,
                               unpack_seq_to_heads)
-from .ring import ring_backward, ring_forward
+from .ring import refuse_double_backward, ring_backward, ring_forward
 
 
 def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -> int:
@@ -33,14 +33,14 @@ def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -
 
 
 class UlyssesRingFunction(torch.autograd.Function):
-    """``apply(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks)
-    -> (out [b, s/P, h, d], lse [b, h/U, s/R])``.
+    """``apply(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks, deterministic)
+    -> (out [b, s/P, h, d], lse [b, h/U, s/R])``; no double backward (``usp.ring.refuse_double_backward``).
 
     ``k, v`` must already have a K/V head count divisible by ``U * groups * head_chunks`` (see ``usp.attention``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, groups, head_chunks=1):
+    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, groups, head_chunks=1, deterministic=False):
         world, comm = mesh.ulysses, mesh.ulysses_group
         incoming = [[start_all_to_all(pack_seq_to_heads(x, world, groups, g), comm) for x in (q, k, v)]
                     for g in range(groups)]
@@ -58,7 +58,7 @@ class UlyssesRingFunction(torch.autograd.Function):
             unpack_heads_to_seq_into(recv, out, groups, g)
         ctx.save_for_backward(*saved)
         ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale, ctx.groups = mesh, kernel, schedule, scale, groups
-        ctx.head_chunks = head_chunks
+        ctx.head_chunks, ctx.deterministic = head_chunks, deterministic
         ctx.shapes = (q.shape, k.shape)
         lse = torch.cat(lses, dim=1) if groups > 1 else lses[0]
         ctx.mark_non_differentiable(lse)
@@ -66,6 +66,7 @@ class UlyssesRingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        refuse_double_backward()
         mesh, groups = ctx.mesh, ctx.groups
         world, comm = mesh.ulysses, mesh.ulysses_group
         saved = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing allows one unpack per backward
@@ -80,13 +81,13 @@ class UlyssesRingFunction(torch.autograd.Function):
             q_g, k_g, v_g, out_g, lse_g, *last_kv = saved[g * per_group:(g + 1) * per_group]
             dout_g = _arrived(*incoming[g])
             block_grads = ring_backward(dout_g, q_g, k_g, v_g, out_g, lse_g, last_kv, mesh, ctx.kernel,
-                                        ctx.schedule, ctx.scale, ctx.head_chunks)
+                                        ctx.schedule, ctx.scale, ctx.head_chunks, ctx.deterministic)
             outgoing.append([start_all_to_all(pack_heads_to_seq(t, world), comm) for t in block_grads])
         for g, trades in enumerate(outgoing):
             for (recv, work), dest in zip(trades, grads):
                 work.wait()
                 unpack_heads_to_seq_into(recv, dest, groups, g)
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
 
 
 def _arrived(recv: torch.Tensor, work) -> torch.Tensor:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import numbers
 import weakref
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .attention import check_device_matches_mesh, check_qkv, resolve_scale, sequence_parallel_attention
+from .attention import (call_fields, check_deterministic, check_device_matches_mesh, check_qkv, resolve_scale,
+                        sequence_parallel_attention)
+from .consistency import agree
 from .kernels.varlen import (
     VarlenBlock,
     VarlenBlockKernel,
@@ -411,9 +414,22 @@ def _schedule_for_layout(layout: VarlenLayout) -> VarlenSchedule:
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend):
+_VARLEN_DIMS = ("total_local_tokens", "heads", "head_dim")
+
+
+@functools.lru_cache(maxsize=64)
+def _documents(layout: VarlenLayout) -> str:
+    """The packed batch as the ranks agree on it (``usp.consistency``): readable, plus a digest of every document
+    boundary (``cu_seqlens`` that differ only in empty documents give the same layout and the same result)."""
+    boundaries = repr((layout.doc_starts, layout.doc_lengths, layout.total)).encode()
+    digest = hashlib.blake2b(boundaries, digest_size=8).hexdigest()
+    lengths = ", ".join(map(str, layout.doc_lengths[:8])) + (", ..." if len(layout.doc_lengths) > 8 else "")
+    return f"[{len(layout.doc_lengths)} documents of lengths {lengths}; {layout.total} tokens; digest {digest}]"
+
+
+def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend, deterministic=False):
     _check_mesh(mesh)
-    check_qkv(q, k, v, mesh, causal, ("total_local_tokens", "heads", "head_dim"))
+    check_qkv(q, k, v, mesh, causal, _VARLEN_DIMS)
     t, h, d = q.shape
     layout = _build_layout(_cu_seqlens_tuple(cu_seqlens), mesh.ulysses, mesh.ring, causal)
     longest = max(layout.doc_lengths)
@@ -434,7 +450,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, back
             f"rank; shard the packed batch with usp.shard_varlen(x, cu_seqlens, mesh, causal={causal})"
         )
     scale = resolve_scale(softmax_scale, d)
-    kernel = resolve_varlen_backend(backend, q.device, q.dtype, d)
+    check_deterministic(deterministic)
+    kernel = resolve_varlen_backend(backend, q.device, q.dtype, d, deterministic)
     check_device_matches_mesh(q, mesh)
     return layout, kernel, scale
 
@@ -450,6 +467,7 @@ def long_context_attention_varlen(
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     backend: Union[str, VarlenKernel] = "auto",
+    deterministic: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Exact attention over packed documents sharded across ``mesh`` (Ulysses x ring), no attention across documents.
 
@@ -464,19 +482,25 @@ def long_context_attention_varlen(
         mesh: the ``usp.SequenceParallelMesh``; ``heads`` must be divisible by ``mesh.ulysses``.
         causal: causal mask inside each document, over positions in the document.
         softmax_scale: score scale, default ``head_dim ** -0.5``.
-        return_lse: also return the LSE ``[heads, total_local_tokens]`` (float32, -inf at padding rows; the
-            flash-attn varlen layout; not differentiable).
+        return_lse: also return the LSE ``[heads, total_local_tokens]`` (float32 (float64 for float64 inputs), -inf
+            at padding rows; the flash-attn varlen layout; not differentiable).
         backend: "auto" (fa4, then torch_flash, cudnn, reference), a name of ``usp.kernels.varlen.VARLEN_BACKENDS``,
             or a ``VarlenKernel``.
+        deterministic: bitwise-repeatable out and gradients (see ``usp.long_context_attention``).
 
     Returns:
         ``out [total_local_tokens, heads, head_dim]`` in the input dtype (zero at padding rows), and ``lse`` if asked.
         Differentiable with respect to q, k, v (zero gradient at padding rows).
     """
-    layout, kernel, scale = _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend)
+    layout, kernel, scale = agree(  # every rank validated and made the same call (Note [call agreement])
+        mesh, "long_context_attention_varlen",
+        lambda: _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend, deterministic),
+        lambda checked: dict(call_fields(q, k, v, mesh, _VARLEN_DIMS, causal, checked[2], return_lse, checked[1]),
+                             documents=_documents(checked[0]), deterministic=deterministic),
+    )
     out, lse = sequence_parallel_attention(  # one packed row: [1, t, h, d]
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mesh, VarlenBlockKernel(kernel),
-        _schedule_for_layout(layout), scale, return_lse,
+        _schedule_for_layout(layout), scale, return_lse, deterministic=deterministic,
     )
     out = out[0]
     padding = _device_padding(layout, mesh.ulysses_rank, mesh.ring_rank, out.device)
@@ -499,6 +523,7 @@ class LongContextAttentionVarlen(nn.Module):
         causal: causal mask inside each document.
         softmax_scale: default ``head_dim ** -0.5``.
         backend: varlen kernel choice, "auto" by default; ``resolved_backend(q)`` tells which kernel runs.
+        deterministic: bitwise-repeatable out and gradients (see ``usp.long_context_attention``).
     """
 
     def __init__(
@@ -507,25 +532,29 @@ class LongContextAttentionVarlen(nn.Module):
         causal: bool = True,
         softmax_scale: Optional[float] = None,
         backend: Union[str, VarlenKernel] = "auto",
+        deterministic: bool = False,
     ):
         super().__init__()
         _check_mesh(mesh)
         _check_causal(causal)
+        check_deterministic(deterministic)
         self.mesh = mesh
         self.causal = causal
         self.softmax_scale = softmax_scale
         self.backend = backend
+        self.deterministic = deterministic
 
     def resolved_backend(self, q: Tensor) -> VarlenKernel:
         """The varlen kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
-        return resolve_varlen_backend(self.backend, q.device, q.dtype, q.shape[-1])
+        return resolve_varlen_backend(self.backend, q.device, q.dtype, q.shape[-1], self.deterministic)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, max_seqlen: Optional[int] = None) -> Tensor:
         """``q [t_local, h, d]``, ``k, v [t_local, h_kv, d]``, global ``cu_seqlens`` -> ``[t_local, h, d]``."""
         return long_context_attention_varlen(
             q, k, v, cu_seqlens, max_seqlen, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale,
-            backend=self.backend,
+            backend=self.backend, deterministic=self.deterministic,
         )
 
     def extra_repr(self) -> str:
-        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}"
+        deterministic = ", deterministic=True" if self.deterministic else ""
+        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}{deterministic}"

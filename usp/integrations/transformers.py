@@ -34,6 +34,21 @@ Note [masks]. usp applies the causal mask inside the kernel over *global* positi
 would attend to padding, so padded or packed batches must go through the varlen path. Without a registered mask
 function transformers would skip mask creation and silently drop the padding mask; that is why one is registered.
 
+Note [own config]. Models built from one config object share it, and the attention implementation lives on the
+config. So ``enable`` first gives the model its own copies of its config objects (``model.config`` and every
+submodule's ``config``, deep-copied together so that sub-configs stay shared inside the model) and only then
+switches the copy: every other model keeps its config, its implementation and its masks. ``disable`` switches the
+copy back; the model keeps its copy.
+
+Note [length-dependent RoPE]. Some rotary embeddings choose their frequencies from the sequence length they see:
+``rope_type="dynamic"`` (NTK scaling grows with ``max(position_ids) + 1``) and ``"longrope"`` (long or short
+factors by whether ``max(position_ids) + 1`` exceeds ``original_max_position_embeddings``). On a shard each rank
+would see only its own positions and pick other frequencies than one process does. ``enable`` therefore hooks
+those rotary modules: before each call the largest position id over the sequence-parallel group (one all-reduce
+MAX of one integer per forward) is appended to ``position_ids`` as one extra column, so the frequency update sees
+exactly the length one process would see; the extra column's cos/sin are dropped from the output. cos/sin are per
+position, so the local rows are the ones one process computes.
+
 Note [input checks]. A sharded model given no ``position_ids`` would silently use local positions ``0..S/P-1`` for
 RoPE, and one given packed position ids (restarting per document) without ``cu_seq_lens_*`` would silently attend
 across documents. So ``enable`` adds a forward pre-hook on the model that checks, once per forward, that
@@ -42,12 +57,14 @@ turns it off).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import layout
@@ -84,6 +101,7 @@ class _Binding:
     mode: str
     previous_implementation: Any = None
     hook: Any = field(default=None, repr=False)
+    rope_hooks: list = field(default_factory=list, repr=False)
 
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) (EMA, accelerate) shares the mesh: process groups cannot be copied
@@ -333,6 +351,90 @@ def _set_attn_implementation(model: nn.Module, name: str) -> None:
         model.config._attn_implementation = name
 
 
+def _own_configs(model: nn.Module) -> None:
+    """Give ``model`` its own copies of its config objects (Note [own config])."""
+    from transformers import PretrainedConfig
+
+    memo: dict = {}  # one memo: a config shared by several submodules (or a sub-config) stays shared in the copy
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if isinstance(config, PretrainedConfig):
+            module.config = copy.deepcopy(config, memo)
+
+
+# ---------------------------------------------------------------------------------------------- length-dependent RoPE
+#: rope types whose frequencies depend on the largest position id (transformers' ``dynamic_rope_update``)
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _length_dependent(rope_type: Any) -> bool:
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]
+    return any(isinstance(t, str) and ("dynamic" in t or t == "longrope") for t in types)
+
+
+class _GlobalLengthRope:
+    """Hooks of one rotary module: the frequency update sees the global largest position (Note [length-dependent
+    RoPE]). The pre-hook appends that position as one extra column of ``position_ids``; the forward hook drops
+    the extra column from every output (cos, sin: ``position_ids.shape + [dim]``)."""
+
+    def __init__(self, binding: _Binding):
+        self.binding = binding
+        self.shape = None  # the caller's position_ids shape, between the two hooks
+
+    @staticmethod
+    def _positions(args, kwargs):
+        if "position_ids" in kwargs:
+            return kwargs["position_ids"], None
+        return (args[1], 1) if len(args) > 1 else (None, None)
+
+    def before(self, module, args, kwargs):
+        positions, index = self._positions(args, kwargs)
+        if not isinstance(positions, torch.Tensor) or positions.ndim == 0 or positions.numel() == 0:
+            self.shape = None
+            return None
+        mesh = self.binding.mesh
+        largest = positions.max().reshape(1)
+        for group, size in ((mesh.ulysses_group, mesh.ulysses), (mesh.ring_group, mesh.ring)):
+            if size > 1:
+                dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+        extra = largest.to(positions.dtype).expand(*positions.shape[:-1], 1)
+        extended = torch.cat([positions, extra], dim=-1)
+        self.shape = tuple(positions.shape)
+        if index is None:
+            return args, {**kwargs, "position_ids": extended}
+        return args[:index] + (extended,) + args[index + 1:], kwargs
+
+    def after(self, module, args, kwargs, output):
+        shape, self.shape = self.shape, None
+        if shape is None:
+            return None
+        dim, extended = len(shape) - 1, shape[:-1] + (shape[-1] + 1,)
+
+        def trim(t):
+            if isinstance(t, torch.Tensor) and tuple(t.shape[:len(shape)]) == extended:
+                return t.narrow(dim, 0, shape[-1])
+            raise RuntimeError(
+                f"usp cannot adapt {type(module).__name__} (rope_type={getattr(module, 'rope_type', None)!r}) to "
+                f"sequence parallelism: its output is not per position (expected tensors of shape {extended} + "
+                f"[...], got {getattr(t, 'shape', type(t).__name__)}); use a rope type whose frequencies do not "
+                f"depend on the sequence length, or run this model without sequence parallelism"
+            )
+
+        if isinstance(output, tuple):
+            return tuple(trim(t) for t in output)
+        return trim(output)
+
+
+def _hook_length_dependent_rope(model: nn.Module, binding: _Binding) -> None:
+    if binding.mesh.sequence_parallel_size == 1:
+        return
+    for module in model.modules():
+        if _length_dependent(getattr(module, "rope_type", None)):
+            hooks = _GlobalLengthRope(binding)
+            binding.rope_hooks.append(module.register_forward_pre_hook(hooks.before, with_kwargs=True))
+            binding.rope_hooks.append(module.register_forward_hook(hooks.after, with_kwargs=True))
+
+
 # ---------------------------------------------------------------------------------------------- input checks
 class _InputCheck:
     """Forward pre-hook: ``position_ids`` must be the layout's global positions (see Note [input checks])."""
@@ -408,7 +510,10 @@ def enable(
 
     Call it on every rank after loading (and after ``.to(device)``), before wrapping in DDP/FSDP. Generation
     (KV caches), attention dropout, sliding windows shorter than the sequence, softcapping and attention sinks
-    raise a clear error at the first forward. ``disable(model)`` undoes it.
+    raise a clear error at the first forward. ``disable(model)`` undoes it. The model gets its own copy of its
+    config objects first (Note [own config]): other models built from the same config are left as they were.
+    Rotary embeddings whose frequencies depend on the sequence length (``rope_type`` "dynamic", "longrope") see
+    the global length, as in one process (Note [length-dependent RoPE]).
     """
     if not isinstance(model, nn.Module) or not hasattr(getattr(model, "config", None), "_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -436,9 +541,11 @@ def enable(
         )
 
     _install(mode)
+    _own_configs(model)
     binding = _Binding(mesh=mesh, backend=backend, causal=causal, mode=mode, previous_implementation=current)
     for module in model.modules():
         module.__dict__[_BINDING_ATTR] = binding
+    _hook_length_dependent_rope(model, binding)
     if mode == "register":
         _set_attn_implementation(model, ATTN_IMPLEMENTATION)
     else:
@@ -456,6 +563,8 @@ def disable(model: nn.Module) -> nn.Module:
         raise ValueError("this model was not enabled with usp.integrations.transformers.enable")
     if binding.hook is not None:
         binding.hook.remove()
+    for hook in binding.rope_hooks:
+        hook.remove()
     if binding.mode == "register":
         _set_attn_implementation(model, binding.previous_implementation)
     else:

@@ -1,6 +1,6 @@
 """Attention kernels behind one interface (see ``base.py``) and the backend choice.
 
-Backends, fastest first on H100 (FACTS.md): ``"fa4"`` (flash-attn-4), ``"fa2"`` (flash-attn 2.x),
+Backends, fastest first on H100 (``benchmarks/RESULTS.md``): ``"fa4"`` (flash-attn-4), ``"fa2"`` (flash-attn 2.x),
 ``"cudnn"``, ``"torch_flash"``, then ``"reference"`` (pure PyTorch, any device, fp64/fp32/bf16/fp16).
 ``"auto"`` takes the first one that supports the device, dtype and head_dim; ``resolve_backend`` tells which.
 """
@@ -30,11 +30,13 @@ def available_backends() -> List[str]:
 
 
 def resolve_backend(
-    backend: Union[str, AttentionKernel], device: torch.device, dtype: torch.dtype, head_dim: int
+    backend: Union[str, AttentionKernel], device: torch.device, dtype: torch.dtype, head_dim: int,
+    deterministic: bool = False,
 ) -> AttentionKernel:
     """Return the kernel for ``backend`` ("auto", a name of ``BACKENDS`` or an ``AttentionKernel``).
 
     Raises ValueError naming the valid values if the name is unknown, or why the backend cannot run
-    ``(device, dtype, head_dim)``.
+    ``(device, dtype, head_dim)`` (with a deterministic backward if ``deterministic``; "auto" then picks the
+    fastest backend that has one).
     """
-    return resolve_kernel(backend, BACKENDS, AttentionKernel, device, dtype, head_dim, "dense")
+    return resolve_kernel(backend, BACKENDS, AttentionKernel, device, dtype, head_dim, "dense", deterministic)

@@ -34,11 +34,16 @@ def _capability_major() -> int:
 
 class FlashAttn4Capabilities:
     """Where flash-attn-4 runs (shared by the dense and the varlen kernel): Hopper or newer, head_dim 8..256 (8..128
-    past Hopper) in steps of 8, fp16/bf16."""
+    past Hopper) in steps of 8, fp16/bf16. Its backward takes ``deterministic=True`` on SM 9x-11x (a fixed
+    order for the dQ and GQA dK/dV accumulation)."""
 
     name = "fa4"
     dtypes = _HALF
     device_types = ("cuda",)
+
+    @property
+    def deterministic_backward(self) -> bool:
+        return _capability_major() in (9, 10, 11)  # flash-attn-4 refuses deterministic=True on SM 12.x
 
     def _interface(self):
         return _import_optional("flash_attn.cute.interface")
@@ -57,15 +62,21 @@ class FlashAttn4Kernel(FlashAttn4Capabilities, AttentionKernel):
         result = self._interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
         return result[0], result[1]
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
-        dq, dk, dv = self._interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal)[:3]
+    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
+        dq, dk, dv = self._interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal,
+                                                       deterministic=deterministic)[:3]
         return dq, dk, dv
 
 
-class FlashAttn2Kernel(AttentionKernel):
+class FlashAttn2Capabilities:
+    """Where flash-attn 2 runs (shared by the dense and the varlen kernel): CUDA, fp16/bf16, head_dim 8..256 in
+    steps of 8 (a build may hold fewer head sizes: it then raises at the call). Its backward takes
+    ``deterministic=True`` (a split dQ accumulator summed in a fixed order)."""
+
     name = "fa2"
     dtypes = _HALF
     device_types = ("cuda",)
+    deterministic_backward = True
 
     def _interface(self):
         return _import_optional("flash_attn.flash_attn_interface")
@@ -77,6 +88,9 @@ class FlashAttn2Kernel(AttentionKernel):
     def _head_dim_reason(self, head_dim: int) -> Optional[str]:
         return head_dim_range_reason(self.name, head_dim, 8, 256, 8)
 
+
+class FlashAttn2Kernel(FlashAttn2Capabilities, AttentionKernel):
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
         out, lse, _, _ = self._interface()._flash_attn_forward(
             q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1,
@@ -84,10 +98,11 @@ class FlashAttn2Kernel(AttentionKernel):
         )
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
+        # lse must be contiguous (Note [kernel contract]): flash-attn 2 reads it by pointer as [b, h, s_q]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         self._interface()._flash_attn_backward(
             dout, q, k, v, out, lse, dq, dk, dv, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=False,
+            window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=deterministic,
         )
         return dq, dk, dv

@@ -36,6 +36,7 @@ class ReferenceKernel(AttentionKernel):
     name = "reference"
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     device_types = ("cpu", "cuda")
+    deterministic_backward = True  # einsums and reductions in a fixed order, no atomics
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
         b, s_q, h, d = q.shape
@@ -48,7 +49,8 @@ class ReferenceKernel(AttentionKernel):
         return out.to(q.dtype), lse.reshape(b, h, s_q)
 
     def backward(
-        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+        self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float,
+        deterministic: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor]:
         b, s_q, h, d = q.shape
         kv_heads = k.shape[2]

@@ -5,6 +5,7 @@ and transpose the results back. Argument orders are pinned here, once (they diff
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -38,15 +39,35 @@ class CudnnKernel(AttentionKernel):
         out, lse = result[0], result[1]
         return out.transpose(1, 2), lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def _nondeterminism_note(self) -> str:
+        return " (PyTorch's cuDNN attention entry point has no deterministic option)"
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
+        assert not deterministic, "cudnn has no deterministic backward: resolve_kernel refuses it"
         b, s_q, h, _ = q.shape
         s_k = k.shape[1]
         philox = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous().unsqueeze(-1),
+            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(-1),
             philox, philox, None, None, None, s_q, s_k, 0.0, causal, scale=scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def torch_deterministic_algorithms(enabled: bool):
+    """PyTorch's flash-attention backward is deterministic exactly when ``torch.use_deterministic_algorithms(True,
+    warn_only=False)`` is in force (aten's ``_flash_attention_backward`` reads that flag); set it around one call
+    and restore the caller's setting."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 class TorchFlashKernel(AttentionKernel):
@@ -55,6 +76,7 @@ class TorchFlashKernel(AttentionKernel):
     name = "torch_flash"
     dtypes = _HALF
     device_types = ("cuda",)
+    deterministic_backward = True
 
     def is_available(self) -> bool:
         return torch.cuda.is_available() and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
@@ -68,12 +90,13 @@ class TorchFlashKernel(AttentionKernel):
         )
         return result[0].transpose(1, 2), result[1]
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
         s_q, s_k = q.shape[1], k.shape[1]
         philox = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused: dropout is 0
         # cum_seq_q/k undefined (None) selects the dense, non-varlen path
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(),
-            None, None, s_q, s_k, 0.0, causal, philox, philox, scale=scale,
-        )
+        with torch_deterministic_algorithms(deterministic):
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse,
+                None, None, s_q, s_k, 0.0, causal, philox, philox, scale=scale,
+            )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

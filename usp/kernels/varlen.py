@@ -6,7 +6,9 @@ Two levels. Shapes: ``t_q``/``t_k`` packed query/key rows, ``h``/``h_kv`` heads,
 * ``VarlenKernel``: one call over packed sequences, the contract of ``flash_attn_varlen_func``.
   ``forward(q, k, v, seqs, causal, scale) -> (out, lse)``: ``q [t_q, h, d]``, ``k, v [t_k, h_kv, d]``,
   ``out [t_q, h, d]`` in ``q.dtype``, ``lse [h, t_q]`` float32 (float64 for float64 inputs).
-  ``backward(dout, q, k, v, out, lse, seqs, causal, scale) -> (dq, dk, dv)``.
+  ``backward(dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False) -> (dq, dk, dv)``.
+  Strides as in Note [kernel contract] (``base.py``): every tensor's last dim contiguous, ``lse`` (backward input)
+  contiguous.
   Query sequence ``i`` (rows ``seqs.cu_q[i]:seqs.cu_q[i+1]``) attends key sequence ``i`` only. A causal mask is
   bottom-right aligned (flash-attn's convention); usp asks for causal only where every query sequence is as long as
   its key sequence, where top-left and bottom-right agree. Sequences may be empty on either side.
@@ -16,8 +18,8 @@ Two levels. Shapes: ``t_q``/``t_k`` packed query/key rows, ``h``/``h_kv`` heads,
   enforces the empty-sequence semantics whatever a kernel writes there: rows of a query sequence with no keys come
   out as ``out = 0``, ``lse = -inf``, ``dq = 0``; rows of a key sequence with no queries get ``dk = dv = 0``.
 
-Backends, in "auto" order: ``"fa4"`` (flash-attn-4 ``_flash_attn_fwd/_bwd`` with ``cu_seqlens_q/k``),
-``"torch_flash"`` (``aten._flash_attention_forward/_backward`` with ``cum_seq_q/k``, FlashAttention-2 in PyTorch),
+Backends, in "auto" order: ``"fa4"`` (flash-attn-4 ``_flash_attn_fwd/_bwd`` with ``cu_seqlens_q/k``), ``"fa2"``
+(flash-attn 2 ``_flash_attn_varlen_forward/_backward``), ``"torch_flash"`` (``aten._flash_attention_forward/_backward`` with ``cum_seq_q/k``, FlashAttention-2 in PyTorch),
 ``"cudnn"`` (``aten._cudnn_attention_forward/_backward`` with ``cum_seq_q/k``, PyTorch's ragged cuDNN path; torch
 >= 2.14 only, see Note [cuDNN ragged attention]) and ``"reference"`` (pure PyTorch, any device and dtype: CPU/CI).
 """
@@ -29,8 +31,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..merge import merge_attention_
-from .base import AttentionKernel, KernelCapabilities, Tensor, head_dim_range_reason, resolve_kernel
-from .flash_attn import FlashAttn4Capabilities
+from .base import (AttentionKernel, KernelCapabilities, Tensor, WrappedKernelCapabilities, head_dim_range_reason,
+                   resolve_kernel)
+from .flash_attn import FlashAttn2Capabilities, FlashAttn4Capabilities
+from .sdpa import torch_deterministic_algorithms
 from .reference import _compute_dtype
 
 __all__ = [
@@ -158,7 +162,8 @@ class VarlenKernel(KernelCapabilities):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, seqs: VarlenSeqs, causal: bool, scale: float):
         raise NotImplementedError
 
-    def backward(self, dout, q, k, v, out, lse, seqs: VarlenSeqs, causal: bool, scale: float):
+    def backward(self, dout, q, k, v, out, lse, seqs: VarlenSeqs, causal: bool, scale: float,
+                 deterministic: bool = False):
         raise NotImplementedError
 
 
@@ -172,6 +177,7 @@ class ReferenceVarlenKernel(VarlenKernel):
     name = "reference"
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     device_types = ("cpu", "cuda")
+    deterministic_backward = True
 
     @staticmethod
     def _mask(seqs: VarlenSeqs, causal: bool, device: torch.device) -> Tensor:
@@ -204,7 +210,7 @@ class ReferenceVarlenKernel(VarlenKernel):
         out = torch.einsum("ngqk,knd->qngd", probs, v.to(ct)).reshape(t_q, h, d)
         return out.to(q.dtype), lse.reshape(h, t_q)
 
-    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
         t_q, h, d = q.shape
         kv_heads = k.shape[1]
         g = h // kv_heads
@@ -233,6 +239,7 @@ class TorchFlashVarlenKernel(VarlenKernel):
     name = "torch_flash"
     dtypes = _HALF
     device_types = ("cuda",)
+    deterministic_backward = True  # through torch_deterministic_algorithms, as the dense kernel
 
     def is_available(self) -> bool:
         return (torch.cuda.is_available() and hasattr(torch.ops.aten, "_flash_attention_forward")
@@ -241,25 +248,51 @@ class TorchFlashVarlenKernel(VarlenKernel):
     def _head_dim_reason(self, head_dim: int) -> Optional[str]:
         return head_dim_range_reason(self.name, head_dim, 8, 256, 8)
 
-    @staticmethod
-    def _max_q(seqs: VarlenSeqs) -> int:
-        # max_seqlen_q is an upper bound (grid size). At exactly 1, FA2's forward takes its decoding shortcut for
-        # GQA (one query per sequence, reshaped per KV head), which is wrong when some query sequences are empty.
-        return max(seqs.max_q, 2)
-
     def forward(self, q, k, v, seqs, causal, scale):
         cu_q, cu_k = seqs.cu_tensors(q.device)
         result = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, self._max_q(seqs), seqs.max_k, 0.0, causal, False, scale=scale
+            q, k, v, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, 0.0, causal, False, scale=scale
         )
         return result[0], result[1]
 
-    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
         cu_q, cu_k = seqs.cu_tensors(q.device)
         philox = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused: dropout is 0
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse.contiguous(), cu_q, cu_k, self._max_q(seqs), seqs.max_k, 0.0, causal,
-            philox, philox, scale=scale,
+        with torch_deterministic_algorithms(deterministic):
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                dout, q, k, v, out, lse, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, 0.0, causal,
+                philox, philox, scale=scale,
+            )
+        return dq, dk, dv
+
+
+def _fa2_max_q(seqs: VarlenSeqs) -> int:
+    """``max_seqlen_q`` for FlashAttention-2 kernels (flash-attn 2 and torch's copy): an upper bound (grid size). At
+    exactly 1, FA2's forward takes its decoding shortcut for GQA (one query per sequence, reshaped per KV head), which
+    is wrong when some query sequences are empty."""
+    return max(seqs.max_q, 2)
+
+
+class FlashAttn2VarlenKernel(FlashAttn2Capabilities, VarlenKernel):
+    """flash-attn 2 ``_flash_attn_varlen_forward/_backward`` (``flash_attn_varlen_func``'s kernels); LSE ``[h, t_q]``
+    float32. For a query sequence with no keys it writes ``out = 0``, ``lse = +inf``; ``VarlenBlockKernel`` fixes
+    that up (module docstring). Only documented keyword arguments are used."""
+
+    def forward(self, q, k, v, seqs, causal, scale):
+        cu_q, cu_k = seqs.cu_tensors(q.device)
+        out, lse, _, _ = self._interface()._flash_attn_varlen_forward(
+            q, k, v, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, dropout_p=0.0, softmax_scale=scale, causal=causal,
+            window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
+        )
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
+        cu_q, cu_k = seqs.cu_tensors(q.device)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        self._interface()._flash_attn_varlen_backward(
+            dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, dropout_p=0.0,
+            softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+            alibi_slopes=None, deterministic=deterministic,
         )
         return dq, dk, dv
 
@@ -276,11 +309,11 @@ class FlashAttn4VarlenKernel(FlashAttn4Capabilities, VarlenKernel):
         )
         return result[0], result[1]
 
-    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
         cu_q, cu_k = seqs.cu_tensors(q.device)
         dq, dk, dv = self._interface()._flash_attn_bwd(
             q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-            max_seqlen_q=seqs.max_q, max_seqlen_k=seqs.max_k,
+            max_seqlen_q=seqs.max_q, max_seqlen_k=seqs.max_k, deterministic=deterministic,
         )[:3]
         return dq, dk, dv
 
@@ -355,11 +388,14 @@ class CudnnVarlenKernel(VarlenKernel):
     def is_available(self) -> bool:
         return self._unavailable_reason() is None
 
-    def unsupported_reason(self, device, dtype, head_dim):
+    def _input_reason(self, device, dtype, head_dim):
         reason = self._unavailable_reason()
         if reason:
             return f"{self.label} {self.name!r} is not available: {reason}"
-        return super().unsupported_reason(device, dtype, head_dim)
+        return super()._input_reason(device, dtype, head_dim)
+
+    def _nondeterminism_note(self) -> str:
+        return " (PyTorch's cuDNN attention entry point has no deterministic option)"
 
     def _head_dim_reason(self, head_dim: int) -> Optional[str]:
         return head_dim_range_reason(self.name, head_dim, 8, 128, 8)
@@ -421,7 +457,8 @@ class CudnnVarlenKernel(VarlenKernel):
             self._call_forward(probe, probe, probe, VarlenSeqs([2], [2]), False, 0.125)
         return lse.t().contiguous().unsqueeze(-1) if self._lse_ndim == 3 else lse.contiguous()
 
-    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
+        assert not deterministic, "cudnn has no deterministic backward: resolve_kernel refuses it"
         h, d = q.shape[1:]
         h_kv = k.shape[1]
         live, q_rows, k_rows = self._live(seqs, causal, q.device)
@@ -449,7 +486,8 @@ class CudnnVarlenKernel(VarlenKernel):
 #: torch_flash: Note [cuDNN ragged attention] lists why it is neither verified nor known to be faster here.
 VARLEN_BACKENDS: Dict[str, VarlenKernel] = {
     kernel.name: kernel
-    for kernel in (FlashAttn4VarlenKernel(), TorchFlashVarlenKernel(), CudnnVarlenKernel(), ReferenceVarlenKernel())
+    for kernel in (FlashAttn4VarlenKernel(), FlashAttn2VarlenKernel(), TorchFlashVarlenKernel(), CudnnVarlenKernel(),
+                   ReferenceVarlenKernel())
 }
 
 
@@ -459,14 +497,15 @@ def available_varlen_backends() -> List[str]:
 
 
 def resolve_varlen_backend(
-    backend: Union[str, VarlenKernel], device: torch.device, dtype: torch.dtype, head_dim: int
+    backend: Union[str, VarlenKernel], device: torch.device, dtype: torch.dtype, head_dim: int,
+    deterministic: bool = False,
 ) -> VarlenKernel:
     """The varlen kernel for ``backend`` ("auto", a name of ``VARLEN_BACKENDS`` or a ``VarlenKernel``).
 
     Raises ValueError naming the valid values when the name is unknown or the backend cannot run
-    ``(device, dtype, head_dim)``; TypeError for anything else.
+    ``(device, dtype, head_dim)`` (with a deterministic backward if ``deterministic``); TypeError for anything else.
     """
-    return resolve_kernel(backend, VARLEN_BACKENDS, VarlenKernel, device, dtype, head_dim, "varlen")
+    return resolve_kernel(backend, VARLEN_BACKENDS, VarlenKernel, device, dtype, head_dim, "varlen", deterministic)
 
 
 # ---------------------------------------------------------------------------------------------- ring adapter
@@ -537,7 +576,7 @@ def _fix_empty_backward(dq: Tensor, dk: Tensor, dv: Tensor, seqs: VarlenSeqs) ->
         dv.index_fill_(0, k_empty, 0.0)
 
 
-class VarlenBlockKernel(AttentionKernel):
+class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
     """The ring loop's kernel for packed documents: runs the ``VarlenBlock`` it gets as ``causal`` with ``kernel``.
 
     Takes the ring's ``[1, s, h, d]`` tensors and ``[1, h, s]`` LSE (batch 1: the packed rows). A block of one call
@@ -547,15 +586,7 @@ class VarlenBlockKernel(AttentionKernel):
     """
 
     def __init__(self, kernel: VarlenKernel):
-        self.kernel = kernel
-        self.name = f"varlen_{kernel.name}"
-        self.dtypes, self.device_types = kernel.dtypes, kernel.device_types
-
-    def is_available(self) -> bool:
-        return self.kernel.is_available()
-
-    def unsupported_reason(self, device, dtype, head_dim):
-        return self.kernel.unsupported_reason(device, dtype, head_dim)
+        self._wrap(kernel, "varlen_")
 
     @staticmethod
     def _block(block) -> VarlenBlock:
@@ -590,14 +621,15 @@ class VarlenBlockKernel(AttentionKernel):
                 lse[:, call.q].copy_(call_lse)
         return out.unsqueeze(0), lse.unsqueeze(0)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
         block = self._block(causal)
         dout0, q0, k0, v0, out0, lse0 = dout[0], q[0], k[0], v[0], out[0], lse[0]
         grads = None
         for call in block.calls:
+            # a column slice of the [h, t] LSE is strided: the contract promises kernels a contiguous one
             dq, dk, dv = self.kernel.backward(
-                dout0[call.q], q0[call.q], k0[call.k], v0[call.k], out0[call.q], lse0[:, call.q], call.seqs,
-                call.causal, scale,
+                dout0[call.q], q0[call.q], k0[call.k], v0[call.k], out0[call.q], lse0[:, call.q].contiguous(),
+                call.seqs, call.causal, scale, deterministic=deterministic,
             )
             _fix_empty_backward(dq, dk, dv, call.seqs)
             if block.single:

@@ -1,0 +1,151 @@
+"""Kernels that enforce Note [kernel contract] (``usp.kernels.base``): wrap any kernel to reject what the contract
+forbids, in its inputs and in the wrapped kernel's results.
+
+``ContractCheckingKernel(kernel)`` (dense) and ``ContractCheckingVarlenKernel(kernel)`` (packed) behave exactly like
+``kernel`` and raise ``KernelContractError`` naming the argument and the broken rule. The CPU tests run every
+schedule (causal and not, head chunks, Ulysses x ring, packed documents) through them around the reference kernels,
+so a caller that hands a kernel something the contract does not promise fails there, on CPU, instead of inside an
+adapter that happens to tolerate it. Pass one as ``backend=`` to debug a new adapter on a GPU.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+from .base import AttentionKernel, Tensor, WrappedKernelCapabilities
+from .varlen import VarlenKernel, VarlenSeqs
+
+__all__ = ["ContractCheckingKernel", "ContractCheckingVarlenKernel", "KernelContractError"]
+
+
+class KernelContractError(AssertionError):
+    """A kernel received, or returned, something Note [kernel contract] forbids (a bug in usp, not user input)."""
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fail(kernel_name: str, message: str) -> None:
+    raise KernelContractError(f"kernel contract broken around {kernel_name!r}: {message}")
+
+
+def _check_tensor(kernel_name: str, name: str, t, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                  contiguous: bool) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(kernel_name, f"{name} is a {type(t).__name__}, not a tensor")
+    if tuple(t.shape) != tuple(shape):
+        _fail(kernel_name, f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != dtype:
+        _fail(kernel_name, f"{name} has dtype {t.dtype}, expected {dtype}")
+    if t.device != device:
+        _fail(kernel_name, f"{name} is on {t.device}, expected {device}")
+    if contiguous and not t.is_contiguous():
+        _fail(kernel_name, f"{name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+    if t.numel() and t.stride(-1) != 1:
+        _fail(kernel_name, f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+
+
+class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
+    """A dense kernel that checks Note [kernel contract] on every call and then runs ``kernel``."""
+
+    def __init__(self, kernel: AttentionKernel):
+        self._wrap(kernel, "contract_checked_")
+
+    def _check_qkv(self, q, k, v, causal) -> Tuple[int, int, int, int, int, int]:
+        name = self.kernel.name
+        if not isinstance(q, torch.Tensor) or q.ndim != 4:
+            _fail(name, f"q must be a 4-D [b, s_q, h, d] tensor, got {getattr(q, 'shape', q)}")
+        b, s_q, h, d = q.shape
+        if not isinstance(k, torch.Tensor) or k.ndim != 4:
+            _fail(name, f"k must be a 4-D [b, s_k, h_kv, d] tensor, got {getattr(k, 'shape', k)}")
+        s_k, h_kv = k.shape[1], k.shape[2]
+        if h_kv == 0 or h % h_kv:
+            _fail(name, f"query heads {h} must be a multiple of K/V heads {h_kv}")
+        _check_tensor(name, "q", q, (b, s_q, h, d), q.dtype, q.device, contiguous=False)
+        for arg, t in (("k", k), ("v", v)):
+            _check_tensor(name, arg, t, (b, s_k, h_kv, d), q.dtype, q.device, contiguous=False)
+        if not isinstance(causal, bool):
+            _fail(name, f"causal must be a bool, got {type(causal).__name__}")
+        if causal and s_q != s_k:
+            _fail(name, f"causal=True on a non-square block ({s_q} query rows, {s_k} key rows)")
+        return b, s_q, h, d, s_k, h_kv
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+        b, s_q, h, d, _, _ = self._check_qkv(q, k, v, causal)
+        out, lse = self.kernel.forward(q, k, v, causal, scale)
+        name = self.kernel.name
+        _check_tensor(name, "returned out", out, (b, s_q, h, d), q.dtype, q.device, contiguous=False)
+        _check_tensor(name, "returned lse", lse, (b, h, s_q), _lse_dtype(q.dtype), q.device, contiguous=True)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
+        b, s_q, h, d, s_k, h_kv = self._check_qkv(q, k, v, causal)
+        name = self.kernel.name
+        for arg, t in (("out", out), ("dout", dout)):
+            _check_tensor(name, arg, t, (b, s_q, h, d), q.dtype, q.device, contiguous=False)
+        _check_tensor(name, "lse", lse, (b, h, s_q), _lse_dtype(q.dtype), q.device, contiguous=True)
+        if deterministic and not self.kernel.deterministic_backward:
+            _fail(name, "deterministic=True passed to a kernel without a deterministic backward")
+        grads = self.kernel.backward(dout, q, k, v, out, lse, causal, scale, deterministic=deterministic)
+        for arg, t, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+            _check_tensor(name, f"returned {arg}", t, tuple(like.shape), like.dtype, q.device, contiguous=False)
+        return grads
+
+    def __repr__(self) -> str:
+        return f"<contract-checked {self.kernel!r}>"
+
+
+class ContractCheckingVarlenKernel(WrappedKernelCapabilities, VarlenKernel):
+    """A varlen kernel that checks the packed form of Note [kernel contract] and then runs ``kernel``: ``q [t_q, h,
+    d]``, ``k, v [t_k, h_kv, d]`` (rows of ``seqs``), last dim contiguous; ``lse [h, t_q]`` contiguous; ``causal`` only
+    where every query sequence is as long as its key sequence (``usp.kernels.varlen``)."""
+
+    def __init__(self, kernel: VarlenKernel):
+        self._wrap(kernel, "contract_checked_")
+
+    def _check_qkv(self, q, k, v, seqs, causal):
+        name = self.kernel.name
+        if not isinstance(seqs, VarlenSeqs):
+            _fail(name, f"seqs must be a VarlenSeqs, got {type(seqs).__name__}")
+        if not isinstance(q, torch.Tensor) or q.ndim != 3 or not isinstance(k, torch.Tensor) or k.ndim != 3:
+            _fail(name, "q, k, v must be 3-D packed [t, heads, d] tensors")
+        t_q, h, d = q.shape
+        h_kv = k.shape[1]
+        if h_kv == 0 or h % h_kv:
+            _fail(name, f"query heads {h} must be a multiple of K/V heads {h_kv}")
+        if t_q != seqs.total_q or k.shape[0] != seqs.total_k:
+            _fail(name, f"q/k rows ({t_q}, {k.shape[0]}) do not match the sequences ({seqs.total_q}, {seqs.total_k})")
+        _check_tensor(name, "q", q, (t_q, h, d), q.dtype, q.device, contiguous=False)
+        for arg, t in (("k", k), ("v", v)):
+            _check_tensor(name, arg, t, (seqs.total_k, h_kv, d), q.dtype, q.device, contiguous=False)
+        if not isinstance(causal, bool):
+            _fail(name, f"causal must be a bool, got {type(causal).__name__}")
+        if causal and seqs.q_lengths != seqs.k_lengths:
+            _fail(name, f"causal=True with query lengths different from key lengths: {seqs}")
+        return t_q, h, d
+
+    def forward(self, q, k, v, seqs, causal, scale):
+        t_q, h, d = self._check_qkv(q, k, v, seqs, causal)
+        out, lse = self.kernel.forward(q, k, v, seqs, causal, scale)
+        name = self.kernel.name
+        _check_tensor(name, "returned out", out, (t_q, h, d), q.dtype, q.device, contiguous=False)
+        _check_tensor(name, "returned lse", lse, (h, t_q), _lse_dtype(q.dtype), q.device, contiguous=True)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
+        t_q, h, d = self._check_qkv(q, k, v, seqs, causal)
+        name = self.kernel.name
+        for arg, t in (("out", out), ("dout", dout)):
+            _check_tensor(name, arg, t, (t_q, h, d), q.dtype, q.device, contiguous=False)
+        _check_tensor(name, "lse", lse, (h, t_q), _lse_dtype(q.dtype), q.device, contiguous=True)
+        if deterministic and not self.kernel.deterministic_backward:
+            _fail(name, "deterministic=True passed to a kernel without a deterministic backward")
+        grads = self.kernel.backward(dout, q, k, v, out, lse, seqs, causal, scale, deterministic=deterministic)
+        for arg, t, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+            _check_tensor(name, f"returned {arg}", t, tuple(like.shape), like.dtype, q.device, contiguous=False)
+        return grads
+
+    def __repr__(self) -> str:
+        return f"<contract-checked {self.kernel!r}>"
