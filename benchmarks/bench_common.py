@@ -7,7 +7,7 @@ key/value heads, ``d`` head_dim, ``B`` bytes per element of the input dtype, ``P
 
 Note [FLOP count]. Forward attention is two matmuls of ``2·b·h·s²·d`` FLOPs each, so ``4·b·h·s²·d``, halved
 when causal (only the lower triangle is computed). Forward+backward is counted as 3.5x the forward (backward = 2.5x:
-five matmuls instead of two), the convention of FlashAttention's benchmarks and of ``../shared/FACTS.md``.
+five matmuls instead of two), the convention of FlashAttention's benchmarks (``RESULTS.md``, reference measurements).
 TFLOP/s per GPU = FLOPs of the whole problem / (P · time).
 
 Note [analytic minimum memory]. What one attention layer's forward+backward cannot avoid holding per GPU for its
@@ -36,7 +36,7 @@ MiB = 1024**2
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
-#: Single-GPU fwd / fwd+bwd TFLOP/s on one H100 (FACTS.md), used only to *estimate* how long a suite will take.
+#: Single-GPU fwd / fwd+bwd TFLOP/s on one H100 (``RESULTS.md``, reference measurements), used only to *estimate* how long a suite will take.
 NOMINAL_TFLOPS = {
     "fa4": (680.0, 650.0),
     "fa2": (350.0, 320.0),
@@ -125,7 +125,7 @@ def min_memory_bytes(batch: int, seqlen_local: int, heads: int, kv_heads: int, h
 
 def estimate_iteration_seconds(kernel: str, batch: int, heads: int, seqlen: int, head_dim: int, causal: bool,
                                mode: str, gpus: int, efficiency: float = 0.85) -> float:
-    """Rough time of one iteration from FACTS.md kernel rates (for planning suites, never reported)."""
+    """Rough time of one iteration from ``NOMINAL_TFLOPS`` (for planning suites, never reported)."""
     rates = NOMINAL_TFLOPS.get(kernel, NOMINAL_TFLOPS["cudnn"])
     rate = rates[0 if mode == "fwd" else 1] * 1e12
     flops = attention_flops(batch, heads, seqlen, head_dim, causal, mode)

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, List, Optional
 
 Predictor = Callable[[dict], Optional[dict]]
 
-#: the preset that describes the machine of FACTS.md, used when the records come from 2 H100s and none is given
+#: the preset that describes the machine of RESULTS.md's reference measurements, used when the records come from 2 H100s and none is given
 _H100_PAIR_PRESET = "h100-nvlink-2x"
 
 

@@ -10,7 +10,7 @@ torch 2.7 through 2.13):
 * ``enable_load_balance``: head-tail (zigzag) layout for causal attention. ``context_parallel`` turns it on when it is
   on *before* the call and ``seq % (2·P) == 0``; non-causal attention *must* have it off ("Load balancing requires
   is_causal=True"), so we set it per configuration and restore it afterwards.
-* the SDPA backend is forced with ``torch.nn.attention.sdpa_kernel`` (cuDNN by default, the kernel FACTS.md measured).
+* the SDPA backend is forced with ``torch.nn.attention.sdpa_kernel`` (cuDNN by default, the kernel of RESULTS.md's reference measurements).
 
 GQA: SDPA is called with ``enable_gqa=True``; if that path raises (not every torch/cuDNN pairing accepts it), K/V are
 expanded to ``h`` heads before sharding, which is what torchtitan's models do (``repeat_kv``); the record says which.

@@ -9,8 +9,9 @@ Pieces: ``planner.topology`` (the machine: a YAML-described networkx graph with 
 (the per-layer time and memory model; every formula in its docstring), ``planner.search`` (``plan``, ``predict``,
 ``sweep``, ``Plan``), ``planner.probing`` (``planner.probe()`` measures a machine under torchrun and writes a
 topology YAML) and ``planner.cli`` (the ``usp-plan`` command). Importing planner has no side effects and does
-not import torch, and neither does planning (``planner.layout`` restates the core's layout rules, checked
-against it by the tests); the probe imports torch.
+not import torch, and neither does planning: the rules of the core it prices (layouts and sequence multiples,
+placements, head groups, K/V replication, head chunks, collective counts) come from ``usp.spec``, which imports
+nothing from torch; the probe imports torch.
 """
 from .cost import CostModel, MemoryCost, PassCost, Shape
 from .search import Candidate, Plan, plan, predict, sweep

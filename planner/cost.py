@@ -2,7 +2,7 @@
 
 Notation: ``b`` batch, ``s`` global sequence, ``H`` query heads, ``Hkv`` KV heads, ``d`` head_dim, ``B`` bytes per
 element of the input dtype, ``U`` Ulysses degree, ``R`` ring degree, ``P = U * R``. Sources in brackets:
-[FACTS] ``shared/FACTS.md``; [CORE] the core's layout contract (``usp/``); [TE] TransformerEngine
+[RESULTS] ``benchmarks/RESULTS.md``, section "Reference measurements the code cites"; [CORE] the core's layout contract (``usp/``); [TE] TransformerEngine
 ``context_parallel.py``; [DS] DeepSpeed-Ulysses paper; [RFA] ring-flash-attention.
 
 KV replication [CORE]: when ``Hkv % U != 0`` the KV heads are replicated up to ``Hkv' = lcm(Hkv, U)`` before the
@@ -12,7 +12,7 @@ Layout [CORE]: after the Ulysses all-to-all each rank holds ``H/U`` query heads,
 ``s/R`` tokens. Causal with ``R > 1`` uses zigzag: ``2R`` chunks, ring rank ``r`` holds chunks ``r`` and
 ``2R-1-r``.
 
-Compute [FACTS convention]
+Compute [RESULTS, FLOP convention]
   forward FLOPs of a ``q x k`` block: ``4 * b * (H/U) * q * k * d``, halved for a causal (square) block;
   backward FLOPs = 2.5 x forward (fwd+bwd = 3.5 x forward).
   Blocks per rank [CORE]:
@@ -24,15 +24,16 @@ Compute [FACTS convention]
   A block takes ``FLOPs / rate(kind, side)`` where ``rate`` is the topology's kernel rate (forward or backward,
   causal or not) at the block's equivalent square side ``sqrt(q * k)`` (interpolated in log2; see
   ``planner.topology``) and the call's query heads ``H/(U·G·C)`` when the profile was measured at several head
-  counts (work per call: few heads on a small block leave multiprocessors idle). Kernel rates come from [FACTS] (cuDNN ~580, FA4 ~665 TFLOP/s fwd+bwd on H100) or the
+  counts (work per call: few heads on a small block leave multiprocessors idle). Kernel rates come from [RESULTS] (cuDNN ~580, FA4 ~665 TFLOP/s fwd+bwd on H100) or the
   probe.
 
 Head-group pipeline [CORE ``usp/ulysses.py``, Note [head-group pipeline], ``head_groups()``]: the heads of each
 Ulysses rank are cut into ``G`` groups, ``G = 2`` when ``U > 1`` and both ``H/U`` and ``Hkv'/U`` are even, else
 ``G = 1``. Each group runs its own ring (forward and backward) on ``H/(U·G)`` query and ``Hkv'/(U·G)`` KV heads:
 per-group compute, merge traffic and ring bytes are ``1/G`` of the whole, and every ring step's latency ``α`` is
-paid once per group (``G·(R-1)`` forward and ``2·G·(R-1)`` backward P2P batches). Kernel rates depend on the block
-side only, so the per-group compute is exactly ``1/G`` of the ungrouped one.
+paid once per group and head chunk (the calls of ``usp.spec.layer_collectives``: ``G·C·(R-1)`` forward and
+``G·C·(2R-3)`` backward P2P batches, ``G·C·(2R-2)`` when ``C > 1``; ``a2a_calls`` and ``ring_transfers`` of a
+:class:`PassCost` are those counts). Head groups, head-chunk rules and K/V replication are ``usp.spec``'s.
 
 Ulysses all-to-all [DS], per rank, ``4G`` calls per pass, each on ``1/G`` of the buffer:
   forward: Q, K, V in (``b·(s/P)·H·d·B / G`` for Q, ``b·(s/P)·Hkv'·d·B / G`` for K and V) and O out (as Q),
@@ -50,7 +51,7 @@ Ulysses all-to-all [DS], per rank, ``4G`` calls per pass, each on ``1/G`` of the
   bandwidth — PCIe switches, CPU-to-CPU links, NICs). When the topology holds a probe fit for this group size and
   the groups are contiguous ranks (``ulysses_inner`` or ``R == 1``) spanning as many hosts as in the probe, that
   fit replaces the graph estimate: ``max(floor, latency + M / bandwidth)`` (bandwidth in buffer bytes per second,
-  "algbw"; [FACTS] 2x H100: ``max(57 µs, 25 µs + M / 552 GB/s)``).
+  "algbw"; [RESULTS] 2x H100: ``max(57 µs, 25 µs + M / 552 GB/s)``).
 
 GPU-memory traffic (not FLOPs, but time on the compute stream), at the topology's ``memory_bandwidth``
 (HBM; skipped when the topology does not give it):
@@ -75,7 +76,7 @@ compute):
   dKV ``n_dkv = 2·b·(s/R)·(Hkv'/U)·d·4`` (fp32 partial sums; ``·B`` when ``R == 2``, Note [narrow sums]). Each head group moves ``1/G`` of these (``n_kv/G``, ``n_dkv/G``) in its own
   rotations; the ring time of the pass is ``G`` times one group's.
   An isolated transfer of ``n`` bytes takes ``t(n) = max(floor_p2p, α + n · spb)``, ``α = latency_p2p +
-  path_latency``; [FACTS] measured ``max(0.168 ms, 0.047 ms + n / 313 GB/s)`` on 2x H100 NVLink, which fits all
+  path_latency``; [RESULTS] measured ``max(0.168 ms, 0.047 ms + n / 313 GB/s)`` on 2x H100 NVLink, which fits all
   four sizes. A step with ``k`` rotations in flight (each one batched isend/irecv; the core runs KV and dKV as two
   rotations) carrying ``n`` bytes in all, overlapped with compute ``c`` (kernel + merge), costs
   ``k · α + max(c, max(floor_p2p - α, n · spb))``: the latency part (launch + handshake) is exposed, the rest hides
@@ -134,31 +135,18 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from . import layout
+from usp import spec
+# [CORE] rules, from the spec the runtime runs (torch-free): re-exported for the planner's callers
+from usp.spec import PLACEMENTS, head_groups, replicated_kv_heads
+from usp.spec import valid_head_chunks as head_chunk_options
+
 from .topology import Fit, KernelProfile, Topology
 from .units import PlannerError, canonical_dtype, dtype_bytes
 
 __all__ = ["Shape", "PassCost", "MemoryCost", "CostModel", "replicated_kv_heads", "head_groups", "PLACEMENTS"]
 
-PLACEMENTS = layout.PLACEMENTS
 FP32 = 4
 BACKWARD_FLOPS_FACTOR = 2.5
-
-
-def replicated_kv_heads(kv_heads: int, ulysses: int) -> int:
-    """``Hkv'``: KV heads after replication for a Ulysses degree (lcm when not divisible) [CORE
-    ``usp.attention.kv_replication``, restated torch-free in ``planner.layout``]."""
-    return layout.replicated_kv_heads(kv_heads, ulysses)
-
-
-def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -> int:
-    """``G``, the head-group pipeline depth [CORE ``usp.ulysses.head_groups``; ``kv_heads`` already replicated]."""
-    return layout.head_groups(heads, kv_heads, ulysses, head_chunks)
-
-
-def head_chunk_options(heads: int, kv_heads: int, ulysses: int) -> List[int]:
-    """Valid ``head_chunks`` [CORE ``usp.attention.valid_head_chunks``]."""
-    return layout.valid_head_chunks(heads, kv_heads, ulysses)
 
 
 @dataclass(frozen=True)
@@ -178,7 +166,7 @@ class Shape:
         return dtype_bytes(self.dtype)
 
     def total_forward_flops(self) -> float:
-        """``4·b·H·s²·d``, halved when causal [FACTS convention]."""
+        """``4·b·H·s²·d``, halved when causal [RESULTS, FLOP convention]."""
         flops = 4.0 * self.batch * self.heads * self.seqlen**2 * self.head_dim
         return flops / 2 if self.causal else flops
 
@@ -300,7 +288,7 @@ class CostModel:
         """``grid[block][ring_rank][ulysses_rank]`` global ranks over the whole world (every data-parallel
         replica runs the same pattern at the same time, so all of them load the links). O(world): for tests and
         explicit graphs; the compact form never lists the ranks."""
-        return layout.rank_grid(self.world_size, ulysses, ring, layout.parse_placement(placement))
+        return spec.sequence_parallel_rank_grid(self.world_size, ulysses, ring, placement)
 
     def ulysses_groups(self, ulysses: int, ring: int, placement: str) -> List[List[int]]:
         return [row for block in self.rank_grid(ulysses, ring, placement) for row in block]
@@ -380,6 +368,11 @@ class CostModel:
         G = head_groups(H, kv, ulysses, head_chunks)
         C = head_chunks
         fwd, bwd = PassCost(), PassCost()
+        # collective calls: the spec's (usp.spec.layer_collectives, what the runtime makes; a training layer
+        # returns no LSE)
+        calls = spec.layer_collectives(ulysses, ring, H, shape.kv_heads, head_chunks, shape.causal)
+        fwd.a2a_calls, bwd.a2a_calls = calls.forward.all_to_all, calls.backward.all_to_all
+        fwd.ring_transfers, bwd.ring_transfers = calls.forward.p2p, calls.backward.p2p
         # --- Ulysses all-to-all staging and counts: 4 calls per pass and head group, each on 1/G of the buffer
         if ulysses > 1:
             q_buf = b * (s / P) * H * d * B / G
@@ -388,7 +381,6 @@ class CostModel:
                 for buf in (q_buf, kv_buf, kv_buf, q_buf):
                     if hbm:
                         pc.all_to_all += G * 4 * buf / hbm  # staging copies before and after (compute stream)
-                    pc.a2a_calls += G
                     pc.a2a_bytes += G * (ulysses - 1) / ulysses * buf
 
         # --- compute per ring step. Steps 2..R-3 are alike (same block, merge and transfers), so they are
@@ -466,22 +458,26 @@ class CostModel:
                     return compute
                 return rotations * fit.latency + max(compute, fit.floor - fit.latency, nbytes / fit.bandwidth)
 
-            t_chunk = sum(w * (step(c_fwd[i] / GC, n_kv, 1) if i < ring - 1 else c_fwd[i] / GC) for i, w in steps)
+            # the rotations in flight under each step: usp.spec (forward_step_rotations, backward_step_rotations)
+            t_chunk = 0.0
+            for i, w in steps:
+                kv_out = spec.forward_step_rotations(i, ring)
+                t_chunk += w * step(c_fwd[i] / GC, n_kv * kv_out, kv_out)
             t_fwd = C * t_chunk
             fwd.ring_exposed = G * t_fwd - fwd.compute - fwd.merge - fwd.overhead
-            fwd.ring_transfers, fwd.ring_bytes = GC * (ring - 1), GC * (ring - 1) * n_kv
+            fwd.ring_bytes = GC * sum(spec.forward_step_rotations(j, ring) for j in range(ring)) * n_kv
             t_chunk = 0.0
             for j, w in steps:  # order does not change the sum; step j as in the docstring
-                kv_out, dkv_in = j >= 2, j <= ring - 2
+                kv_out, dkv_in = spec.backward_step_rotations(j, ring)
                 t_chunk += w * step(c_bwd[j] / GC, n_kv * kv_out + n_dkv * dkv_in, kv_out + dkv_in)
-            kv_transfers = ring - 2
+            kv_transfers = sum(spec.backward_step_rotations(j, ring)[0] for j in range(ring))
+            dkv_transfers = sum(spec.backward_step_rotations(j, ring)[1] for j in range(ring))
             if C > 1:  # Note [head chunks]: each chunk first fetches the block the forward ended on, exposed
                 t_chunk += fit.latency + max(fit.floor - fit.latency, n_kv / fit.bandwidth)
-                kv_transfers = ring - 1
+                kv_transfers += 1
             t_bwd = C * t_chunk
             bwd.ring_exposed = G * t_bwd - bwd.compute - bwd.merge - bwd.overhead
-            bwd.ring_transfers = GC * (kv_transfers + (ring - 1))
-            bwd.ring_bytes = GC * (kv_transfers * n_kv + (ring - 1) * n_dkv)
+            bwd.ring_bytes = GC * (kv_transfers * n_kv + dkv_transfers * n_dkv)
 
         # --- exposed Ulysses all-to-all time of the head-group pipeline
         if ulysses > 1:

@@ -155,7 +155,7 @@ def _nvml() -> Optional[Dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------- kernel
 def kernel_flops(block: int, heads: int, head_dim: int, causal: bool, batch: int = 1) -> float:
-    """Forward FLOPs of a square block: ``4·b·h·s²·d``, halved when causal (FACTS.md convention)."""
+    """Forward FLOPs of a square block: ``4·b·h·s²·d``, halved when causal (the FLOP convention of benchmarks/RESULTS.md)."""
     flops = 4.0 * batch * heads * block * block * head_dim
     return flops / 2 if causal else flops
 

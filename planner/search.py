@@ -15,19 +15,18 @@ Ulysses groups stay inside one host, then ``ulysses_inner``, then the faster (a 
 from __future__ import annotations
 
 import json
-import math
 import os
 import textwrap
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, List, Optional, Tuple, Union
 
 import yaml
+from usp import spec
 
-from . import layout
 from .cost import PLACEMENTS, CostModel, MemoryCost, PassCost, Shape, head_chunk_options, replicated_kv_heads
 from .topology import DEFAULT_PRESET, Topology, load_topology
-from .units import (PlannerError, canonical_dtype, format_bytes, format_in_unit, parse_memory_limit, parse_seqlen,
-                    seconds_unit)
+from .units import (PlannerError, canonical_dtype, divisors, format_bytes, format_in_unit, parse_memory_limit,
+                    parse_seqlen, seconds_unit)
 
 __all__ = ["Candidate", "Plan", "plan", "predict", "sweep", "required_seqlen_multiple", "default_sweep_lengths",
            "equivalent"]
@@ -44,11 +43,8 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def required_seqlen_multiple(ulysses: int, ring: int, causal: bool) -> int:
-    """What ``seqlen`` must be a multiple of for this split [CORE layout contract]."""
-    if causal and ring > 1:
-        return math.lcm(2 * ring, ring * ulysses)
-    return ulysses * ring
+#: What ``seqlen`` must be a multiple of for a split (U, R, causal): the runtime's rule, ``usp.spec.required_multiple``
+required_seqlen_multiple = spec.required_multiple
 
 
 @dataclass
@@ -342,7 +338,7 @@ def _request(world_size: Any, shape: Shape, topology: Any, memory_limit: Any, se
     if gpus_per_node is not None and world_size > gpus_per_node and world_size % gpus_per_node:
         raise PlannerError(f"gpus_per_node={gpus_per_node} does not divide world_size={world_size}: torchrun starts "
                            "the same number of ranks on every node; valid values: "
-                           + ", ".join(str(d) for d in layout.divisors(world_size)))
+                           + ", ".join(str(d) for d in divisors(world_size)))
     if not (KERNEL_HEAD_DIMS[0] <= shape.head_dim <= KERNEL_HEAD_DIMS[1] and shape.head_dim % KERNEL_HEAD_DIMS[2] == 0) \
             and all(k.head_dim != shape.head_dim for k in topo.kernels):
         low, high, multiple = KERNEL_HEAD_DIMS
@@ -403,7 +399,7 @@ def _placements(ulysses: int, ring: int) -> Tuple[str, ...]:
 
 #: Predictions closer than this (relative) are a tie: the model cannot tell them apart (its inputs are measured or
 #: published numbers good to a few percent). Ties go to the split whose all-to-all stays inside one host, then to
-#: ulysses_inner ("head-first": FACTS.md, LoongTrain, yunchang use_ulysses_low, Megatron hierarchical CP).
+#: ulysses_inner ("head-first": benchmarks/RESULTS.md reference measurements, LoongTrain, yunchang use_ulysses_low, Megatron hierarchical CP).
 TIE_TOLERANCE = 0.01
 
 
@@ -456,7 +452,7 @@ def _search(req: _Request, model: Optional[CostModel] = None) -> Plan:
     profile, notes = req.topology.kernel(req.kernel, req.shape.dtype, req.shape.head_dim)
     cap = req.memory_limit if req.memory_limit is not None else req.topology.gpu_memory
     cands = [_evaluate(model, req, u, req.sp_size // u, pl, profile, cap)
-             for u in _divisors(req.sp_size) for pl in _placements(u, req.sp_size // u)]
+             for u in divisors(req.sp_size) for pl in _placements(u, req.sp_size // u)]
     feasible = sorted((c for c in cands if c.feasible), key=lambda c: _rank_key(c, req.forward_only))
     feasible, tie_notes = _break_ties(feasible, model, req.forward_only)
     notes = notes + tie_notes
@@ -483,10 +479,6 @@ def _search(req: _Request, model: Optional[CostModel] = None) -> Plan:
                 kernel=profile.name, memory_limit=req.memory_limit, forward_only=req.forward_only,
                 candidates=feasible + rejected,
                 notes=notes + best.notes, head_chunks=best.head_chunks)
-
-
-def _divisors(n: int) -> List[int]:
-    return layout.divisors(n)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -552,7 +544,7 @@ def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_hea
 def _placement(value: Any) -> str:
     """A placement name from a string, an alias ("head_first") or a ``usp.mesh.Placement``."""
     try:
-        return layout.parse_placement(value)
+        return spec.Placement.parse(value).value
     except ValueError as exc:
         raise PlannerError(str(exc)) from None
 

@@ -56,11 +56,11 @@ through another GPU); all flows of a pattern run at once; a pattern of flows of 
 ``max(floor, latency + n * max_e(flows_e / bandwidth_e))`` — the bottleneck link, shared equally by the flows that
 cross it (this is how PCIe switches, a CPU-to-CPU link or a NIC shared by several GPUs slow an all-to-all down),
 plus the software latency of the collective and the largest path latency. ``floor`` is the smallest time one
-operation was ever measured to take (FACTS.md: ~0.17 ms per batched P2P step on 2x H100 even at 1 MiB).
+operation was ever measured to take (benchmarks/RESULTS.md, reference measurements: ~0.17 ms per batched P2P step on 2x H100 even at 1 MiB).
 
 A kernel rate for a block is interpolated linearly in ``log2(block)`` between the listed points, clamped outside
 them, never below a smaller block's rate, and for causal blocks beyond the last point the causal shortfall
-shrinks as ``1/block`` (see :meth:`KernelProfile.rate`). ``forward_backward`` is the FACTS.md convention (fwd+bwd
+shrinks as ``1/block`` (see :meth:`KernelProfile.rate`). ``forward_backward`` is the FLOP convention of benchmarks/RESULTS.md (fwd+bwd
 FLOPs counted as 3.5x the forward); the backward rate follows from ``3.5 / r_fb = 1 / r_f + 2.5 / r_b``.
 "lowest-hop path": fewest hops, through switches, CPUs and NICs only; every GPU i reaches another host through its
 own rail NIC (NCCL's PXN, which reroutes through NVLink first, is not modelled).
@@ -222,7 +222,7 @@ class KernelPoint:
 
 
 def _backward_from_total(forward: float, total: float, key: str, reader: _Reader) -> float:
-    # FACTS.md convention: fwd+bwd FLOPs = 3.5 x forward, i.e. backward = 2.5 x forward.
+    # benchmarks/RESULTS.md FLOP convention: fwd+bwd FLOPs = 3.5 x forward, i.e. backward = 2.5 x forward.
     # 3.5 F / r_total = F / r_fwd + 2.5 F / r_bwd  =>  r_bwd = 2.5 / (3.5 / r_total - 1 / r_fwd)
     denominator = 3.5 / total - 1.0 / forward
     if denominator <= 0:
@@ -251,10 +251,10 @@ class KernelProfile:
         Interpolated linearly in log2(block) between the points: usp runs every ring block as one call, so a dip
         measured inside the range (cuDNN at 128K and 256K in the 2x H100 probe) is a real slowdown and is kept.
         Beyond the largest point the rate is the best of the listed points: a dip measured at the last point only
-        (FA4 at 32K in FACTS.md) says nothing of larger blocks and is not extrapolated to all of them. Beyond the
+        (FA4 at 32K in benchmarks/RESULTS.md) says nothing of larger blocks and is not extrapolated to all of them. Beyond the
         largest point a causal block's shortfall against a
         non-causal one shrinks as ``1/block``: it comes from the masked diagonal tiles, whose share of the work is
-        ``tile / block`` (FACTS.md cuDNN: the causal gap is 134, 23, 17 TFLOP/s at 4K, 16K, 32K).
+        ``tile / block`` (benchmarks/RESULTS.md, cuDNN: the causal gap is 134, 23, 17 TFLOP/s at 4K, 16K, 32K).
 
         Kernel efficiency also depends on the work per call: a small block with few heads leaves the GPU's
         multiprocessors idle (too few tiles for a full wave). When the profile was measured at several head counts
@@ -1008,7 +1008,7 @@ class HostClassFabric:
 
     Note [host classes]
     -------------------
-    In the compact form every host is alike, and the rank layout of ``planner.layout`` is affine, so a pattern
+    In the compact form every host is alike, and the rank layout of ``usp.spec`` is affine, so a pattern
     (the flows of every Ulysses group's all-to-all, or of every ring's step) loads the links of two hosts the same
     way whenever the two hosts see the same flows relative to their own GPUs: their *views* are equal. Every link
     belongs to one host (GPU-switch, PCIe switch uplinks, CPU-CPU, GPU-NIC, NIC-network), and a link's load

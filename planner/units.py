@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Union
+from typing import Any, List, Optional, Union
 
 __all__ = [
     "PlannerError",
@@ -21,6 +21,7 @@ __all__ = [
     "format_seconds",
     "seconds_unit",
     "format_in_unit",
+    "divisors",
 ]
 
 
@@ -182,3 +183,16 @@ def format_in_unit(seconds: Optional[float], unit: str) -> str:
     if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
+
+
+def divisors(n: int) -> List[int]:
+    """Divisors of ``n`` in increasing order (O(sqrt n))."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]

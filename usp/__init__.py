@@ -2,14 +2,10 @@
 
 Public API (see README.md): ``SequenceParallelMesh``, ``LongContextAttention``, ``long_context_attention``,
 ``shard``, ``gather``, ``position_ids``, ``plan``, ``Plan``, ``resolve_backend``, ``available_backends``.
-Importing usp has no side effects: no process groups, no CUDA initialisation, no environment changes.
+Importing usp has no side effects: no process groups, no CUDA initialisation, no environment changes. The public
+names are imported on first use (PEP 562), so ``import usp.spec`` and ``import usp.planner`` do not import torch.
 """
-from .attention import LongContextAttention, long_context_attention
-from .kernels import AttentionKernel, available_backends, resolve_backend
-from .layout import gather, position_ids, shard
-from .mesh import Placement, SequenceParallelMesh
-from .varlen import (LongContextAttentionVarlen, VarlenLayout, gather_varlen, long_context_attention_varlen,
-                     padding_mask_varlen, position_ids_varlen, shard_varlen, varlen_layout)
+import importlib as _importlib
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it from here
 
@@ -47,10 +43,29 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
-    # The planner (usp.planner) is imported on first use, so `import usp` stays light.
-    if name in ("plan", "Plan"):
-        from . import planner
+#: public name -> the submodule that defines it (imported on first access; the planner's two as well)
+_PUBLIC = {
+    "LongContextAttention": "attention", "long_context_attention": "attention",
+    "AttentionKernel": "kernels", "available_backends": "kernels", "resolve_backend": "kernels",
+    "gather": "layout", "position_ids": "layout", "shard": "layout",
+    "Placement": "spec", "SequenceParallelMesh": "mesh",
+    **{name: "varlen" for name in ("LongContextAttentionVarlen", "VarlenLayout", "gather_varlen",
+                                   "long_context_attention_varlen", "padding_mask_varlen", "position_ids_varlen",
+                                   "shard_varlen", "varlen_layout")},
+    "plan": "planner", "Plan": "planner",
+}
 
-        return getattr(planner, name)
-    raise AttributeError(f"module 'usp' has no attribute {name!r}")
+
+def __getattr__(name):
+    # PEP 562: the public names come from their submodules on first use, so `import usp` stays light and the
+    # torch-free parts (usp.spec, usp.planner) can be imported without torch. Cached in the module's namespace.
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'usp' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,6 +1,6 @@
 """The cost model against hand-computed cases (every number below is worked out in the comments)."""
 import pytest
-import usp.layout as layout
+import usp.spec as spec
 
 from usp.planner.cost import CostModel, Shape, replicated_kv_heads
 from usp.planner.search import predict, required_seqlen_multiple
@@ -156,7 +156,7 @@ def test_seqlen_multiple_matches_the_core():
     for u in range(1, 9):
         for r in range(1, 9):
             for causal in (False, True):
-                assert required_seqlen_multiple(u, r, causal) == layout.required_multiple(u, r, causal)
+                assert required_seqlen_multiple(u, r, causal) == spec.required_multiple(u, r, causal)
 
 
 def test_exposed_time_is_never_negative():
@@ -172,7 +172,7 @@ def test_exposed_time_is_never_negative():
     ("32k", True, 53.1), ("64k", True, 210.8), ("128k", True, 865.8),
     ("32k", False, 103.1), ("64k", False, 414.6), ("128k", False, 1653.1)])
 def test_single_gpu_times_match_facts(seqlen, causal, measured_ms):
-    """FACTS.md PyTorch CP table, 1-GPU column (cuDNN, bf16, 32 heads, d=128, fwd+bwd): an independent measurement
+    """benchmarks/RESULTS.md reference measurements, PyTorch CP table, 1-GPU column (cuDNN, bf16, 32 heads, d=128, fwd+bwd): an independent measurement
     of what the kernel-rate points (16K, 32K) predict, including the extrapolation to 64K and 128K."""
     c = predict(1, 1, seqlen, 32, 32, causal=causal, topology="h100-nvlink-2x", kernel="cudnn", world_size=1)
     assert c.total * 1e3 == pytest.approx(measured_ms, rel=0.05)

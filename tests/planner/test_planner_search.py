@@ -47,7 +47,7 @@ def test_ulysses_inside_a_node_with_fewer_gpus_per_node():
 
 
 def test_a100_nvlink_prefers_ulysses_when_heads_allow():
-    # FACTS.md (yunchang README): on 8x A100 NVLink, Ulysses 4-8 won when heads allowed
+    # benchmarks/RESULTS.md reference measurements (yunchang README): on 8x A100 NVLink, Ulysses 4-8 won when heads allowed
     for seqlen in ("32k", "128k"):
         assert plan(8, seqlen, 32, 32, topology="dgx-a100").ulysses in (4, 8)
 

@@ -94,7 +94,7 @@ def test_unknown_preset_lists_valid_ones():
 
 
 def test_fit_reproduces_facts_p2p_numbers():
-    # FACTS.md, 2x H100 NVLink, batched isend+irecv ring step
+    # benchmarks/RESULTS.md reference measurements, 2x H100 NVLink, batched isend+irecv ring step
     samples = [(1 * MiB, 0.168e-3), (16 * MiB, 0.168e-3), (64 * MiB, 0.261e-3), (256 * MiB, 0.904e-3)]
     fit = fit_latency_bandwidth(samples)
     assert fit.floor == pytest.approx(0.168e-3)
@@ -122,7 +122,7 @@ def test_measurement_preset_is_consistent_with_its_samples():
 def test_kernel_rates_interpolate_keep_measured_dips_and_do_not_extrapolate_them():
     kernel, notes = Topology.preset("h100-nvlink-2x").kernel("cudnn")
     assert notes == []
-    # FACTS cuDNN fwd 4K non-causal 647, causal 513; 16K causal 624
+    # benchmarks/RESULTS.md (reference measurements): cuDNN fwd 4K non-causal 647, causal 513; 16K causal 624
     assert kernel.rate(False, False, 4096) == pytest.approx(647e12)
     assert kernel.rate(False, True, 4096) == pytest.approx(513e12)
     mid = kernel.rate(False, True, 8192)
@@ -209,7 +209,7 @@ def test_preset_parameters_and_gpus_per_host_override():
 
 def _graph_pattern(topo, world, kind, ulysses, ring, placement):
     """The pattern over every GPU pair, routed through the networkx graph (the reference)."""
-    from usp.planner.layout import rank_grid
+    from usp.spec import sequence_parallel_rank_grid as rank_grid
 
     grid = rank_grid(world, ulysses, ring, placement)
     if kind == "a2a":

@@ -31,8 +31,6 @@ class RingRotation:
         self._requests: Optional[list] = None
         self._incoming: Optional[List[torch.Tensor]] = None
         self._spare: Optional[List[torch.Tensor]] = None
-        #: number of rotations started (tests assert it against the schedule)
-        self.count = 0
 
     def start(self, tensors: Sequence[torch.Tensor]) -> None:
         if self._requests is not None:
@@ -45,7 +43,6 @@ class RingRotation:
         ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group, self.tag) for t in incoming]
         self._requests = dist.batch_isend_irecv(ops)
         self._incoming = incoming
-        self.count += 1
 
     def wait(self) -> List[torch.Tensor]:
         if self._requests is None:
