@@ -5,11 +5,13 @@ dq/dk/dv, and compares them with an fp64 reference computed on the same (dtype-r
 the distributed error (relative Frobenius norm, ||x - ref|| / ||ref||) is at most twice the error that the same
 kernel in the same dtype has on one device against that reference, plus one float32 ulp (the accumulators are
 float32). Max-abs errors are recorded too.
-Collective calls are counted for every forward and backward and compared with what the schedule implies.
+Collective calls are counted for every forward and backward and compared with the spec's counts
+(``usp.spec.layer_collectives``) and with the planner's (``PassCost.a2a_calls``, ``ring_transfers``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
@@ -68,20 +70,29 @@ def count_collectives():
 
 
 def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
-    """Per layer, G head groups (Note [head-group pipeline]): forward q, k, v in and out back, backward dout in
-    and dq, dk, dv back, per group; ring, per group and head chunk: R - 1 K/V rotations in forward, R - 2 K/V and
-    R - 1 dK/dV in backward (Note [reverse backward]), one K/V more when chunked (Note [head chunks])."""
-    from usp.attention import kv_replication
-    from usp.ulysses import head_groups
+    """The collective calls of one case's layer (it returns the LSE) as the spec states them
+    (``usp.spec.layer_collectives``), keyed as ``count_collectives`` counts them."""
+    from usp.spec import layer_collectives
 
-    u, r, chunks = case.ulysses, case.ring, case.head_chunks
-    groups = head_groups(case.heads, case.kv_heads * kv_replication(case.kv_heads, u), u, chunks)
-    a2a = 4 * groups if u > 1 else 0
-    backward_p2p = 0 if r == 1 else (2 * r - 3 if chunks == 1 else 2 * r - 2)
-    return {
-        "forward": {"all_to_all_single": a2a + (1 if u > 1 else 0), "batch_isend_irecv": groups * chunks * (r - 1)},
-        "backward": {"all_to_all_single": a2a, "batch_isend_irecv": groups * chunks * backward_p2p},
-    }
+    calls = layer_collectives(case.ulysses, case.ring, case.heads, case.kv_heads, case.head_chunks, case.causal,
+                              return_lse=True)
+    return {phase: {"all_to_all_single": getattr(calls, phase).all_to_all,
+                    "batch_isend_irecv": getattr(calls, phase).p2p} for phase in ("forward", "backward")}
+
+
+@functools.lru_cache(maxsize=None)
+def planner_collectives(case: Case) -> Dict[str, Dict[str, int]]:
+    """The collective calls the planner prices for the case's split (``PassCost.a2a_calls``, ``ring_transfers``),
+    plus the forward's LSE trade the case asks for (a training layer returns none, so the planner leaves it out)."""
+    from usp.planner import predict
+
+    cand = predict(case.ulysses, case.ring, case.seqlen, case.heads, case.kv_heads, case.head_dim, case.batch,
+                   causal=case.causal, head_chunks=case.head_chunks)
+    lse = 1 if case.ulysses > 1 else 0
+    return {"forward": {"all_to_all_single": cand.forward.a2a_calls + lse,
+                        "batch_isend_irecv": cand.forward.ring_transfers},
+            "backward": {"all_to_all_single": cand.backward.a2a_calls,
+                         "batch_isend_irecv": cand.backward.ring_transfers}}
 
 
 #: ``Case.backend`` values of this form name a kernel wrapped in the contract checker (``usp.kernels.contract``)
@@ -197,10 +208,12 @@ def check_result(result: dict) -> List[str]:
                 f"{name}: error {t['error']:.3e} > bound {t['bound']:.3e} "
                 f"(single-device error {t['single_device_error']:.3e}, ratio {t['ratio']:.2f})"
             )
-    expected = expected_collectives(case)
+    expected, priced = expected_collectives(case), planner_collectives(case)
     for phase in ("forward", "backward"):
         if result["collectives"][phase] != expected[phase]:
-            problems.append(f"{phase} collectives {result['collectives'][phase]} != expected {expected[phase]}")
+            problems.append(f"{phase} collectives {result['collectives'][phase]} != usp.spec's {expected[phase]}")
+        if result["collectives"][phase] != priced[phase]:
+            problems.append(f"{phase} collectives {result['collectives'][phase]} != the planner's {priced[phase]}")
     return problems
 
 
@@ -222,7 +235,7 @@ def standard_cases(ulysses: int, ring: int, dtypes=("float32", "bfloat16"), back
                    head_dims=(64, 80), heads: int = 8, base_len: Optional[int] = None) -> List[Case]:
     """The CPU matrix for one mesh: causal and not, MHA and GQA (kv_heads 1, 2 and < U), two head_dims, two
     sequence lengths chosen so the local shard (and each zigzag chunk) has an odd length."""
-    from usp.layout import required_multiple
+    from usp.spec import required_multiple
 
     cases = []
     kv_options = [heads, 2, 1]
@@ -235,3 +248,21 @@ def standard_cases(ulysses: int, ring: int, dtypes=("float32", "bfloat16"), back
                 cases.append(Case(ulysses, ring, causal, dtype, batch=1 + i % 2, seqlen=multiple * odd,
                                   heads=heads, kv_heads=kv_heads, head_dim=head_dim, backend=backend))
     return cases
+
+
+def expected_mask_collectives(case: Case, schedule, ring_rank: int, local_len: int) -> Dict[str, Dict[str, int]]:
+    """``expected_collectives`` for a masked layer: the same all-to-alls, and the ring's P2P calls as the ring
+    schedule states them (a ``usp.layout.WindowSchedule``'s ``collectives`` for this ring rank: only the steps its
+    window reaches; the dense schedules as above), per head group and head chunk."""
+    counts = expected_collectives(case)
+    if not getattr(schedule, "sparse", False):
+        return counts
+    from usp.attention import kv_replication
+    from usp.ulysses import head_groups
+
+    u = case.ulysses
+    groups = head_groups(case.heads, case.kv_heads * kv_replication(case.kv_heads, u), u, case.head_chunks)
+    forward, backward = schedule.collectives(ring_rank, case.ring, local_len, case.head_chunks)
+    counts["forward"]["batch_isend_irecv"] = groups * case.head_chunks * forward
+    counts["backward"]["batch_isend_irecv"] = groups * case.head_chunks * backward
+    return counts

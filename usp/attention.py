@@ -26,19 +26,16 @@ from torch import nn
 from .comm.all_to_all import _heads_to_seq
 from .consistency import agree
 from .kernels import AttentionKernel, resolve_backend
-from .layout import check_sequence_length, schedule_for
+from .kernels.base import MaskNeeds
+from .layout import WindowSchedule, check_sequence_length, normalize_window, schedule_for
 from .mesh import SequenceParallelMesh
 from .ring import RingAttentionFunction
 from .ulysses import UlyssesRingFunction, head_groups
+from .spec import kv_replication, valid_head_chunks  # the head rules live in usp.spec
 
 __all__ = ["long_context_attention", "LongContextAttention", "kv_replication"]
 
 Tensor = torch.Tensor
-
-
-def kv_replication(kv_heads: int, ulysses: int) -> int:
-    """How many times each K/V head is repeated so that ``ulysses`` divides the K/V head count (1 = none)."""
-    return math.lcm(kv_heads, ulysses) // kv_heads
 
 
 class _ReplicateKVHeads(torch.autograd.Function):
@@ -76,8 +73,9 @@ def check_qkv(q, k, v, mesh, causal, dims: Tuple[str, ...]) -> None:
         raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must have the same shape except the head_dim (v's may differ: multi-head latent "
+                         f"attention), got k {tuple(k.shape)}, v {tuple(v.shape)}")
     heads_axis, dim_axis = len(dims) - 2, len(dims) - 1
     for axis in range(heads_axis):
         if k.shape[axis] != q.shape[axis]:
@@ -90,6 +88,8 @@ def check_qkv(q, k, v, mesh, causal, dims: Tuple[str, ...]) -> None:
         raise ValueError(f"head_dim mismatch: q.shape[{dim_axis}]={d}, k.shape[{dim_axis}]={k.shape[dim_axis]}")
     if d == 0:
         raise ValueError(f"head_dim (q.shape[{dim_axis}]) must be positive, got q shape {tuple(q.shape)}")
+    if v.shape[-1] == 0:
+        raise ValueError(f"v's head_dim (v.shape[-1]) must be positive, got v shape {tuple(v.shape)}")
     if h == 0 or kv_heads == 0 or h % kv_heads:
         raise ValueError(
             f"heads (q.shape[{heads_axis}]={h}) must be a positive multiple of kv_heads "
@@ -101,18 +101,6 @@ def check_qkv(q, k, v, mesh, causal, dims: Tuple[str, ...]) -> None:
             f"heads (q.shape[{heads_axis}]={h}) must be divisible by the Ulysses degree ulysses={mesh.ulysses}; "
             f"Ulysses degrees valid for {h} heads: {valid}"
         )
-
-
-def valid_head_chunks(heads: int, kv_heads: int, ulysses: int) -> List[int]:
-    """The ``head_chunks`` values that split the heads each Ulysses rank gets evenly: divisors of its query heads
-    that divide its K/V heads (after replication) or are a multiple of them (several chunks per K/V head). Chunks
-    that share a K/V head round their dK/dV partial sums once more; replicated K/V heads (``kv_heads % ulysses !=
-    0``) round them once more again when the replicas are summed, which is more than the accuracy usp promises, so
-    sharing is left out there."""
-    replicated = kv_replication(kv_heads, ulysses) > 1
-    q_local, kv_local = heads // ulysses, kv_heads * kv_replication(kv_heads, ulysses) // ulysses
-    return [c for c in range(1, q_local + 1)
-            if q_local % c == 0 and (kv_local % c == 0 or (c % kv_local == 0 and not replicated))]
 
 
 def check_head_chunks(head_chunks, heads: int, kv_heads: int, ulysses: int) -> None:
@@ -129,6 +117,47 @@ def check_head_chunks(head_chunks, heads: int, kv_heads: int, ulysses: int) -> N
 
 
 _DENSE_DIMS = ("batch", "seq_local", "heads", "head_dim")
+
+
+def check_mask_options(window_size, softcap, sinks, q: Tensor, causal: bool) -> Tuple[Tuple[int, int], float]:
+    """``window_size``, ``softcap`` and ``sinks`` validated (shapes only, no collective); returns ``(window, softcap)``
+    as ``(int, int)`` and float."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in window_size)
+            or any(x < -1 for x in window_size)):
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unbounded; flash-attn's "
+                         f"meaning over global positions), got {window_size!r}")
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal and right > 0:
+        raise ValueError(f"window_size={window_size!r} with causal=True: a causal window has right = 0 (or -1); "
+                         f"pass causal=False for a window that looks {right} tokens ahead")
+    if not (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool) and 0 <= softcap < math.inf):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if sinks is not None:
+        heads = q.shape[-2]
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(f"sinks must be a torch.Tensor [heads] or None, got {type(sinks).__name__}")
+        if sinks.ndim != 1 or sinks.shape[0] != heads:
+            raise ValueError(f"sinks must have shape [heads] = [{heads}] (one logit per query head), got "
+                             f"{tuple(sinks.shape)}")
+        if not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating-point tensor, got dtype {sinks.dtype}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    return (left, right), float(softcap)
+
+
+def mask_needs(schedule, softcap: float, q: Tensor, v: Tensor) -> MaskNeeds:
+    """What the kernel must support for this call (``usp.kernels.base.MaskNeeds``)."""
+    return MaskNeeds(window=isinstance(schedule, WindowSchedule), softcap=softcap > 0,
+                     v_head_dim=v.shape[-1] if v.shape[-1] != q.shape[-1] else None)
+
+
+def mask_fields(window, softcap, sinks, v) -> Dict[str, Any]:
+    """The mask options every rank must agree on (added to ``call_fields``)."""
+    return dict(window_size=tuple(window), softcap=softcap, v_head_dim=v.shape[-1],
+                sinks=None if sinks is None else f"{tuple(sinks.shape)} {sinks.dtype} "
+                                                 f"grad={bool(sinks.requires_grad and torch.is_grad_enabled())}")
 
 
 def call_fields(q, k, v, mesh, dims, causal, scale, return_lse, kernel) -> Dict[str, Any]:
@@ -151,8 +180,10 @@ def check_deterministic(deterministic) -> None:
 
 
 def _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks,
-              deterministic=False) -> Tuple[AttentionKernel, float]:
+              deterministic=False, window_size=(-1, -1), softcap=0.0, sinks=None):
+    """Everything checked before any collective: ``(kernel, scale, schedule, window, softcap)``."""
     check_qkv(q, k, v, mesh, causal, _DENSE_DIMS)
+    window, softcap = check_mask_options(window_size, softcap, sinks, q, causal)
     check_head_chunks(head_chunks, q.shape[2], k.shape[2], mesh.ulysses)
     b, s, h, d = q.shape
     if s == 0:
@@ -163,9 +194,11 @@ def _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks,
     )
     scale = resolve_scale(softmax_scale, d)
     check_deterministic(deterministic)
-    kernel = resolve_backend(backend, q.device, q.dtype, d, deterministic)
+    window = normalize_window(window, causal, s * mesh.ulysses * mesh.ring)
+    schedule = schedule_for(causal, window, softcap)
+    kernel = resolve_backend(backend, q.device, q.dtype, d, deterministic, mask_needs(schedule, softcap, q, v))
     check_device_matches_mesh(q, mesh)
-    return kernel, scale
+    return kernel, scale, schedule, window, softcap
 
 
 def resolve_scale(softmax_scale, head_dim: int) -> float:
@@ -201,6 +234,9 @@ def long_context_attention(
     backend: Union[str, AttentionKernel] = "auto",
     head_chunks: int = 1,
     deterministic: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Exact attention over a sequence sharded across ``mesh`` (Ulysses x ring).
 
@@ -220,24 +256,63 @@ def long_context_attention(
         deterministic: bitwise-identical out and gradients on repeated runs on the same mesh: the kernels'
             deterministic backward (backends without one are refused; "auto" picks the fastest that has one).
             usp's own sums always run in a fixed order.
+        window_size: sliding window ``(left, right)`` over *global* token positions, flash-attn's meaning: query
+            ``i`` sees key ``j`` iff ``i - left <= j <= i + right`` (-1 = unbounded; with ``causal`` right is 0).
+            Same shards as without a window; the ring computes and transfers only the blocks and halo rows the
+            window reaches (``usp.layout.WindowSchedule``, Note [sparse ring] in ``usp.ring``). Needs a kernel
+            with window support ("auto" picks one; a named backend without it is refused).
+        softcap: logit soft-capping, scores = ``softcap * tanh(q.k * scale / softcap)`` (0 = off); needs a kernel
+            with softcap support.
+        sinks: ``[heads]`` learnable logits (gpt-oss ``s_aux``), one per query head, added to every row's softmax
+            denominator with no value (Note [attention sinks] in ``usp.ring``); any kernel. Differentiable: its
+            gradient is this rank's partial sum (its rows, its heads), so like any parameter under sequence
+            parallelism it must be summed over the sequence-parallel ranks. With ``return_lse`` the LSE includes
+            the sink.
+        ``v`` may have a head_dim different from q/k's (multi-head latent attention, e.g. 192/128) on kernels that
+        support it (reference, fa4); ``out`` then has v's head_dim.
 
     Returns:
-        ``out [batch, seq_local, heads, head_dim]`` in the input dtype (and ``lse`` if asked), equal to slicing
-        single-device attention over the gathered sequence. Differentiable with respect to q, k, v.
+        ``out [batch, seq_local, heads, v_head_dim]`` in the input dtype (and ``lse`` if asked), equal to slicing
+        single-device attention over the gathered sequence. Differentiable with respect to q, k, v and sinks.
     """
-    kernel, scale = agree(  # every rank validated and made the same call (Note [call agreement])
-        mesh, "long_context_attention",
-        lambda: _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks, deterministic),
-        lambda checked: dict(call_fields(q, k, v, mesh, _DENSE_DIMS, causal, checked[1], return_lse, checked[0]),
-                             head_chunks=head_chunks, deterministic=deterministic),
-    )
-    out, lse = sequence_parallel_attention(q, k, v, mesh, kernel, schedule_for(causal), scale, return_lse,
-                                           head_chunks, deterministic)
+    if torch.compiler.is_compiling():  # one custom op for dynamo (Note [compiled attention] in usp.compiled)
+        from .compiled import compiled_attention
+
+        refuse_compiled_masks(window_size, softcap, sinks)
+        return compiled_attention(q, k, v, mesh, None, dict(
+            causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
+            head_chunks=head_chunks, deterministic=deterministic))
+    kernel, scale, schedule = agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend, head_chunks,
+                                          deterministic, window_size, softcap, sinks, with_schedule=True)
+    out, lse = sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse,
+                                           head_chunks, deterministic, sinks)
     return (out, lse) if return_lse else out
 
 
+def refuse_compiled_masks(window_size, softcap, sinks) -> None:
+    """The compiled path (``usp.compiled``) does not carry the mask options yet: refuse rather than drop them."""
+    if tuple(window_size) != (-1, -1) or softcap or sinks is not None:
+        raise ValueError("window_size/softcap/sinks under torch.compile: not supported by usp.compiled yet; run "
+                         "the attention eagerly (torch.compiler.disable) for masked layers")
+
+
+def agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend, head_chunks,
+                deterministic, window_size=(-1, -1), softcap=0.0, sinks=None, with_schedule=False):
+    """Validate a dense call and agree on it across the ranks (Note [call agreement]): ``(kernel, scale)``
+    (and the ring schedule of its mask when ``with_schedule``)."""
+    kernel, scale, schedule, _, _ = agree(  # every rank validated and made the same call
+        mesh, "long_context_attention",
+        lambda: _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks, deterministic, window_size,
+                          softcap, sinks),
+        lambda checked: dict(call_fields(q, k, v, mesh, _DENSE_DIMS, causal, checked[1], return_lse, checked[0]),
+                             head_chunks=head_chunks, deterministic=deterministic,
+                             **mask_fields(checked[3], checked[4], sinks, v)),
+    )
+    return (kernel, scale, schedule) if with_schedule else (kernel, scale)
+
+
 def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse, head_chunks=1,
-                                deterministic=False):
+                                deterministic=False, sinks=None):
     """Steps 1-3 of the module docstring on validated ``[b, s_local, h, d]`` shards, for any kernel and schedule
     (the dense path and the packed-document path share it). Returns ``(out, lse [b, h, s_local] or None)``."""
     ulysses = mesh.ulysses
@@ -248,9 +323,10 @@ def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_l
             v = _ReplicateKVHeads.apply(v, repeat)
         groups = head_groups(q.shape[2], k.shape[2], ulysses, head_chunks)
         out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks,
-                                             deterministic)
+                                             deterministic, sinks)
     else:
-        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic)
+        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic,
+                                               sinks)
     if not return_lse:
         return out, None
     if ulysses > 1:
@@ -271,6 +347,8 @@ class LongContextAttention(nn.Module):
         head_chunks: ring passes per Ulysses head group, to cut working memory (see ``long_context_attention``);
             dense inputs only.
         deterministic: bitwise-repeatable out and gradients (see ``long_context_attention``).
+        window_size, softcap: the mask options of ``long_context_attention``; ``sinks`` (a parameter tensor) go
+            to ``forward``.
     """
 
     def __init__(
@@ -281,6 +359,8 @@ class LongContextAttention(nn.Module):
         backend: Union[str, AttentionKernel] = "auto",
         head_chunks: int = 1,
         deterministic: bool = False,
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
     ):
         super().__init__()
         if not isinstance(mesh, SequenceParallelMesh):
@@ -291,12 +371,17 @@ class LongContextAttention(nn.Module):
         self.backend = backend
         self.head_chunks = head_chunks
         self.deterministic = deterministic
+        self.window_size = tuple(window_size) if isinstance(window_size, list) else window_size
+        self.softcap = softcap
 
     def resolved_backend(self, q: Tensor) -> AttentionKernel:
-        """The kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
-        return resolve_backend(self.backend, q.device, q.dtype, q.shape[-1], self.deterministic)
+        """The kernel that runs for inputs like ``q`` (device, dtype, head_dim) with this module's mask options
+        (a window counts as needed whatever the sequence length)."""
+        needs = MaskNeeds(window=tuple(self.window_size) not in ((-1, -1), (-1, 0)), softcap=bool(self.softcap))
+        return resolve_backend(self.backend, q.device, q.dtype, q.shape[-1], self.deterministic, needs)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, max_seqlen: Optional[int] = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, max_seqlen: Optional[int] = None,
+                sinks: Optional[Tensor] = None) -> Tensor:
         """Dense: ``q [b, s_local, h, d]``, ``k, v [b, s_local, h_kv, d]`` -> ``[b, s_local, h, d]``.
 
         Packed documents: ``q [t_local, h, d]``, ``k, v [t_local, h_kv, d]`` with the *global* ``cu_seqlens``
@@ -310,15 +395,23 @@ class LongContextAttention(nn.Module):
 
             return long_context_attention_varlen(q, k, v, cu_seqlens, max_seqlen, self.mesh, causal=self.causal,
                                                  softmax_scale=self.softmax_scale, backend=self.backend,
-                                                 deterministic=self.deterministic)
+                                                 deterministic=self.deterministic, window_size=self.window_size,
+                                                 softcap=self.softcap, sinks=sinks)
         if max_seqlen is not None:
             raise ValueError("max_seqlen is only for packed batches: pass cu_seqlens too (or neither)")
         return long_context_attention(
             q, k, v, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend,
-            head_chunks=self.head_chunks, deterministic=self.deterministic,
+            head_chunks=self.head_chunks, deterministic=self.deterministic, window_size=self.window_size,
+            softcap=self.softcap, sinks=sinks,
         )
 
     def extra_repr(self) -> str:
         chunks = f", head_chunks={self.head_chunks}" if self.head_chunks != 1 else ""
         deterministic = ", deterministic=True" if self.deterministic else ""
-        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}{chunks}{deterministic}"
+        mask = (f", window_size={tuple(self.window_size)}" if tuple(self.window_size) != (-1, -1) else "") + (
+            f", softcap={self.softcap}" if self.softcap else "")
+        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}{chunks}{deterministic}{mask}"
+
+
+# usp's custom ops exist before dynamo traces a call (it cannot import a module inside a checkpointed region)
+from . import compiled as _compiled  # noqa: E402,F401  (Note [compiled attention])

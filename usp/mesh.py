@@ -27,7 +27,6 @@ group in one order (as DeviceMesh does); on a smaller ``group=`` only the member
 """
 from __future__ import annotations
 
-import enum
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -35,32 +34,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from .spec import Placement, sequence_parallel_rank_grid  # noqa: F401 (the rank layout lives in usp.spec)
+
 __all__ = ["Placement", "SequenceParallelMesh"]
-
-
-class Placement(str, enum.Enum):
-    """Which sequence-parallel axis gets adjacent ranks (see the module docstring)."""
-
-    ULYSSES_INNER = "ulysses_inner"
-    RING_INNER = "ring_inner"
-
-    @classmethod
-    def parse(cls, value: Union[str, "Placement"], argument: str = "placement") -> "Placement":
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            normalized = value.strip().lower().replace("-", "_")
-            aliases = {"head_first": cls.ULYSSES_INNER, "ulysses_first": cls.ULYSSES_INNER,
-                       "ring_first": cls.RING_INNER}
-            if normalized in aliases:
-                return aliases[normalized]
-            for member in cls:
-                if member.value == normalized:
-                    return member
-        raise ValueError(
-            f"{argument}={value!r} is not a valid placement; valid values: "
-            + ", ".join(repr(m.value) for m in cls)
-        )
 
 
 def _check_degree(name: str, value: Any) -> int:
@@ -69,22 +45,6 @@ def _check_degree(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
-
-
-def sequence_parallel_rank_grid(world_size: int, ulysses: int, ring: int, placement: Placement):
-    """Global ranks as nested lists ``grid[dp][ring_rank][ulysses_rank]`` for the given placement.
-
-    Pure function (no process groups), shared by the mesh and by the planner's placement model.
-    """
-    sp_size = ulysses * ring
-    grid = []
-    for dp_index in range(world_size // sp_size):
-        base = dp_index * sp_size
-        if placement is Placement.ULYSSES_INNER:
-            grid.append([[base + r * ulysses + u for u in range(ulysses)] for r in range(ring)])
-        else:
-            grid.append([[base + u * ring + r for u in range(ulysses)] for r in range(ring)])
-    return grid
 
 
 # ---------------------------------------------------------------------------------------------------- requests
@@ -475,6 +435,47 @@ class SequenceParallelMesh:
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"SequenceParallelMesh is immutable: cannot delete {name!r}")
+
+    # ------------------------------------------------------------------ by its groups' names (usp.compiled)
+    def _group_spec(self) -> str:
+        """The mesh as one string: degrees, placement, call-check policy and its process groups' names (Note
+        [compiled attention] in ``usp.compiled``: a custom op takes strings, not meshes). A call-check limit
+        ``N`` is written as ``"always"``: its call count lives on this object, which a compiled graph does not hold,
+        so compiled calls are all checked."""
+        check = "off" if self.check_calls.limit == 0 else "always"
+        names = [g.group_name for g in (self.ulysses_group, self.ring_group, self.data_parallel_group,
+                                         self.consistency_group)]
+        parent = "" if self.group is None else self.group.group_name
+        return "|".join([str(self.ulysses), str(self.ring), self.placement.value, check] + names + [parent])
+
+    @classmethod
+    def _from_group_spec(cls, spec: str) -> "SequenceParallelMesh":
+        """The mesh ``_group_spec`` describes, from torch's registry of process groups; no collective (the mesh
+        was agreed on when first built). Equal to the original in every attribute (a fresh call-check policy)."""
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        fields = spec.split("|")
+        if len(fields) != 9:
+            raise ValueError(f"not a SequenceParallelMesh group spec: {spec!r}")
+        ulysses, ring, placement, check, *names, parent = fields
+        ulysses_group, ring_group, dp_group, consistency = (_resolve_process_group(n) for n in names)
+        self = cls.__new__(cls)
+        values = dict(
+            ulysses=int(ulysses), ring=int(ring), placement=Placement.parse(placement),
+            group=_resolve_process_group(parent) if parent else None,
+            ulysses_group=ulysses_group, ring_group=ring_group, data_parallel_group=dp_group,
+            consistency_group=consistency, ulysses_rank=dist.get_rank(ulysses_group),
+            ring_rank=dist.get_rank(ring_group), data_parallel_rank=dist.get_rank(dp_group),
+            data_parallel_size=dist.get_world_size(dp_group),
+            ring_global_ranks=tuple(dist.get_process_group_ranks(ring_group)),
+            ulysses_global_ranks=tuple(dist.get_process_group_ranks(ulysses_group)),
+            data_parallel_global_ranks=tuple(dist.get_process_group_ranks(dp_group)),
+            sequence_parallel_global_ranks=tuple(dist.get_process_group_ranks(consistency)),
+            check_calls=_parse_check_calls(check), _frozen=True,
+        )
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        return self
 
     def __copy__(self) -> "SequenceParallelMesh":
         return self  # immutable, and process groups cannot be copied: a copy is the mesh itself

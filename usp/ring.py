@@ -25,6 +25,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+import torch.distributed as dist
+
 from .comm.p2p import RingRotation
 from .kernels.base import AttentionKernel
 from .merge import merge_attention_
@@ -84,7 +86,7 @@ def ring_forward(
     """
     if head_chunks == 1:
         return _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     lse: Optional[Tensor] = None
     for heads, kv_heads in _chunk_slices(q.shape[2], k.shape[2], head_chunks):
         out_c, lse_c, _ = _ring_forward_pass(q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], mesh, kernel,
@@ -105,7 +107,7 @@ def ring_backward(
     kernels' deterministic backward (every sum usp does itself has a fixed order already)."""
     if head_chunks == 1:
         return _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale,
-                                   deterministic=deterministic)
+                                   deterministic=deterministic, halos_kept=True)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -147,6 +149,8 @@ def _chunk_slices(heads: int, kv_heads: int, chunks: int):
 
 def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale):
     """One pass round the ring over all of ``q``'s heads (Note [narrow sums] for the accumulator dtype)."""
+    if schedule.sparse:
+        return _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale)
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     kv = [k, v] if ring_size == 1 else [k.contiguous(), v.contiguous()]
     rotation = _rotation(mesh, _KV_TAG)
@@ -231,7 +235,7 @@ class _GradientSum:
 
 
 def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale, dq_out=None,
-                        wide_dkv=False, deterministic=False):
+                        wide_dkv=False, deterministic=False, halos_kept=False):
     """Gradients of one ``_ring_forward_pass``, walking the forward's steps in reverse. ``dq_out``: write dQ there
     (a slice of the caller's gradient) instead of a new tensor; ``wide_dkv``: sum dK/dV in float32 and return
     them unrounded (head chunks sharing a K/V head add theirs up before the one rounding).
@@ -244,6 +248,9 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
     and the last one overlaps the diagonal block's compute instead of trailing it. With an empty ``last_kv`` (head
     chunks) the first block is fetched from the next rank first: one K/V transfer more, exposed.
     """
+    if schedule.sparse:
+        return _sparse_backward_pass(dout, q, k, v, out, lse, last_kv if halos_kept else None, mesh, kernel,
+                                     schedule, scale, dq_out, wide_dkv, deterministic)
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     kernel_lse = _KernelLse(lse)
     if ring_size == 1:
@@ -311,6 +318,181 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
     return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
+# ---------------------------------------------------------------------------------------------- sparse ring
+_SPARSE_TAG = 16  # + 2 * step (+ 1 for dK/dV): one tag per exchange, so gloo never matches across steps
+
+
+def _exchange(mesh: SequenceParallelMesh, step: int, send: List[Tensor], recv: List[Tensor], tag: int,
+              forward: bool = True) -> Optional[list]:
+    """One batched P2P call of Note [sparse ring]: ``send`` goes to ring rank ``r + step`` and ``recv`` comes from
+    ``r - step`` (the other way round when ``forward`` is False); either may be empty. ``None`` when both are."""
+    if not send and not recv:
+        return None
+    ranks, r, size = mesh.ring_global_ranks, mesh.ring_rank, mesh.ring
+    to, frm = ranks[(r + step) % size], ranks[(r - step) % size]
+    if not forward:
+        to, frm = frm, to
+    ops = [dist.P2POp(dist.isend, t, to, mesh.ring_group, tag) for t in send]
+    ops += [dist.P2POp(dist.irecv, t, frm, mesh.ring_group, tag) for t in recv]
+    return dist.batch_isend_irecv(ops)
+
+
+def _wait(requests) -> None:
+    for request in requests or ():
+        request.wait()
+
+
+def _halo_buffers(kv: List[Tensor], halo: Optional[slice]) -> List[Tensor]:
+    if halo is None:
+        return []
+    return [torch.empty(t.shape[:1] + (halo.stop - halo.start,) + t.shape[2:], dtype=t.dtype, device=t.device)
+            for t in kv]
+
+
+def _shifted(rows: slice, halo: slice) -> slice:
+    return slice(rows.start - halo.start, rows.stop - halo.start)
+
+
+def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale):
+    """Note [sparse ring]. A window leaves most blocks empty (``usp.layout.WindowSchedule``): instead of rotating
+    K/V round the whole ring, ring rank ``r`` exchanges directly with the rank ``j`` away for each *active* step
+    ``j`` only, and only the halo rows the receiver's window reaches (one batched isend/irecv per step, the next
+    posted before the current step's compute). Each step may be several sub-blocks (one per pair of zigzag chunks
+    the window connects); they merge into float32 accumulators. Returns ``(out, lse, halos)``: the received halos,
+    kept for the backward when ``schedule.keep_halos`` (else empty)."""
+    ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
+    steps = schedule.active_steps(ring_size, local_len)
+    acc = _accumulator_dtype(q.dtype)
+    b, h = q.shape[0], q.shape[2]
+    out = torch.zeros((b, local_len, h, v.shape[3]), dtype=acc, device=q.device)
+    lse = torch.full((b, h, local_len), float("-inf"), dtype=acc, device=q.device)
+    kv = [k.contiguous(), v.contiguous()]
+
+    def post(step):
+        to_halo = schedule.halo(step, (ring_rank + step) % ring_size, ring_size, local_len)
+        send = [] if to_halo is None else [t[:, to_halo].contiguous() for t in kv]
+        my_halo = schedule.halo(step, ring_rank, ring_size, local_len)
+        recv = _halo_buffers(kv, my_halo)
+        return _exchange(mesh, step, send, recv, _SPARSE_TAG + 2 * step), recv, my_halo
+
+    def compute(tasks, blocks, halo):
+        for task in tasks:
+            rows = task.kv_rows if halo is None else _shifted(task.kv_rows, halo)
+            block_out, block_lse = kernel.forward(_rows(q, task.q_rows), _rows(blocks[0], rows),
+                                                  _rows(blocks[1], rows), task.kernel_mask, scale)
+            merge_attention_(_rows(out, task.q_rows), _lse_rows(lse, task.q_rows), block_out, block_lse)
+
+    pending = post(steps[0]) if steps else None
+    compute(schedule.blocks(0, ring_rank, ring_size, local_len), (k, v), None)
+    kept = []
+    for index, step in enumerate(steps):
+        requests, received, halo = pending
+        _wait(requests)
+        pending = post(steps[index + 1]) if index + 1 < len(steps) else None
+        if halo is not None:
+            compute(schedule.blocks(step, ring_rank, ring_size, local_len), received, halo)
+            kept += received
+    if not schedule.keep_halos(ring_size, local_len):
+        kept = []
+    return out.to(q.dtype), lse, kept
+
+
+def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule, scale, dq_out=None,
+                          wide_dkv=False, deterministic=False):
+    """Gradients of ``_sparse_forward_pass`` (Note [sparse ring]). For each active step: the K/V halo this rank
+    used (kept by the forward, or exchanged again: ``halos`` None), the block backward with the final out/LSE,
+    and the halo's dK/dV partial sums (float32) sent back to their owner, whose own halo rows receive the partial
+    sums of the rank that used them. ``halos``: the forward's kept halos, in step order."""
+    ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
+    steps = schedule.active_steps(ring_size, local_len)
+    if not schedule.keep_halos(ring_size, local_len):
+        halos = None  # the forward kept nothing (the same decision on every rank)
+    acc = _accumulator_dtype(q.dtype)
+    kernel_lse = _KernelLse(lse)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    kv = [k.contiguous(), v.contiguous()]
+    kept = list(halos) if halos is not None else None
+
+    def backward_blocks(tasks, blocks, halo, dkv):
+        for task in tasks:
+            rows = task.kv_rows if halo is None else _shifted(task.kv_rows, halo)
+            block_dq, block_dk, block_dv = kernel.backward(
+                _rows(dout, task.q_rows), _rows(q, task.q_rows), _rows(blocks[0], rows), _rows(blocks[1], rows),
+                _rows(out, task.q_rows), kernel_lse.rows(task.q_rows), task.kernel_mask, scale,
+                deterministic=deterministic,
+            )
+            _rows(dq, task.q_rows).add_(block_dq)
+            _rows(dkv[0], rows).add_(block_dk)
+            _rows(dkv[1], rows).add_(block_dv)
+
+    def fetch(step):
+        """The K/V halo for ``step``: kept, or exchanged again (requests to wait for)."""
+        my_halo = schedule.halo(step, ring_rank, ring_size, local_len)
+        if kept is not None:
+            return None, (kept[:2] if my_halo is not None else []), my_halo
+        to_halo = schedule.halo(step, (ring_rank + step) % ring_size, ring_size, local_len)
+        send = [] if to_halo is None else [t[:, to_halo].contiguous() for t in kv]
+        recv = _halo_buffers(kv, my_halo)
+        return _exchange(mesh, step, send, recv, _SPARSE_TAG + 2 * step), recv, my_halo
+
+    pending = fetch(steps[0]) if steps else None
+    if kept is not None and pending is not None and pending[2] is not None:
+        kept = kept[2:]
+    backward_blocks(schedule.blocks(0, ring_rank, ring_size, local_len), (k, v), None, (dk, dv))
+    returning = []
+    for index, step in enumerate(steps):
+        requests, received, halo = pending
+        _wait(requests)
+        if index + 1 < len(steps):
+            pending = fetch(steps[index + 1])
+            if kept is not None and pending[2] is not None:
+                kept = kept[2:]
+        partial = []
+        if halo is not None:
+            partial = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in received]
+            backward_blocks(schedule.blocks(step, ring_rank, ring_size, local_len), received, halo, partial)
+        # the partial dK/dV of the halo goes back to its owner (r - step); ours comes back from r + step
+        mine = schedule.halo(step, (ring_rank + step) % ring_size, ring_size, local_len)
+        incoming = [] if mine is None else [torch.empty(t.shape[:1] + (mine.stop - mine.start,) + t.shape[2:],
+                                                        dtype=acc, device=t.device) for t in kv]
+        returning.append((_exchange(mesh, step, partial, incoming, _SPARSE_TAG + 2 * step + 1, forward=False),
+                          incoming, mine))
+    for requests, incoming, mine in returning:
+        _wait(requests)
+        if mine is not None:
+            dk[:, mine].add_(incoming[0])
+            dv[:, mine].add_(incoming[1])
+    dq = dq_out.copy_(dq) if dq_out is not None else dq.to(q.dtype)
+    if wide_dkv:
+        return dq, dk, dv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- sinks
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tuple[Tensor, Tensor]:
+    """Note [attention sinks]. One extra logit per query head (``sinks [h]``, gpt-oss ``s_aux``) in every row's
+    softmax denominator, with no value: ``lse' = logaddexp(lse, sink)``, ``out' = out * exp(lse - lse')``. The
+    block backward run with ``(out', lse')`` gives exact dq/dk/dv (the softmax row term ``<dout, out'>`` already
+    accounts for the sink, whose value is zero); the sink's own gradient is ``sink_grad``.
+    ``out [b, s, h, dv]``, ``lse [b, h, s]``."""
+    sink = sinks.to(lse.dtype)[None, :, None]
+    new_lse = torch.logaddexp(lse, sink)
+    factor = torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1)  # [b, s, h, 1]
+    return (out.to(factor.dtype) * factor).to(out.dtype), new_lse
+
+
+def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """``d sink_h = -sum_rows exp(sink_h - lse') * <dout, out'>`` over this rank's rows (``out``, ``lse``: the
+    sink-including results), in ``sinks.dtype``: a partial sum, like any parameter gradient under sequence
+    parallelism it must be summed over the sequence-parallel ranks."""
+    ct = lse.dtype
+    row_dot = (dout.to(ct) * out.to(ct)).sum(-1).transpose(1, 2)  # [b, h, s]
+    weight = torch.exp(sinks.to(ct)[None, :, None] - lse)
+    return -(weight * row_dot).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 def refuse_double_backward() -> None:
     """Called first in every usp backward. The autograd engine runs a backward with grad mode on exactly when the
     caller asked for ``create_graph=True``; usp's backward is not itself differentiable (its kernels and collectives
@@ -324,14 +506,17 @@ def refuse_double_backward() -> None:
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic) -> (out,
-    lse)``; lse not differentiable; no double backward (``refuse_double_backward``)."""
+    """Autograd wrapper: ``apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic, sinks) ->
+    (out, lse)``; lse not differentiable (it includes the sinks); no double backward (``refuse_double_backward``).
+    ``sinks``: ``[h]`` or None (Note [attention sinks]); its gradient is this rank's partial sum."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, head_chunks=1, deterministic=False):
+    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, head_chunks=1, deterministic=False, sinks=None):
         out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale, head_chunks)
+        if sinks is not None:  # Note [attention sinks]
+            out, lse = apply_sinks(out, lse, sinks)
         saved_kv = last_kv if mesh.ring > 1 else []
-        ctx.save_for_backward(q, k, v, out, lse, *saved_kv)
+        ctx.save_for_backward(q, k, v, out, lse, sinks, *saved_kv)
         ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale, ctx.head_chunks = mesh, kernel, schedule, scale, head_chunks
         ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
@@ -340,7 +525,8 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         refuse_double_backward()
-        q, k, v, out, lse, *last_kv = ctx.saved_tensors
+        q, k, v, out, lse, sinks, *last_kv = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, last_kv, ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale,
                                    ctx.head_chunks, ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None
+        dsinks = sink_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[9] else None
+        return dq, dk, dv, None, None, None, None, None, None, dsinks

@@ -48,8 +48,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .attention import (call_fields, check_deterministic, check_device_matches_mesh, check_qkv, resolve_scale,
-                        sequence_parallel_attention)
+from .attention import (call_fields, check_deterministic, check_device_matches_mesh, check_mask_options, check_qkv,
+                        mask_fields, refuse_compiled_masks, resolve_scale, sequence_parallel_attention)
+from .kernels.base import Mask, MaskNeeds
 from .consistency import agree
 from .kernels.varlen import (
     VarlenBlock,
@@ -59,7 +60,7 @@ from .kernels.varlen import (
     VarlenSeqs,
     resolve_varlen_backend,
 )
-from .layout import _all_gather_cat, _normalize_dim, schedule_for
+from .layout import _all_gather_cat, _normalize_dim, normalize_window, schedule_for
 from .mesh import SequenceParallelMesh
 
 __all__ = [
@@ -341,9 +342,12 @@ class VarlenSchedule:
     """The dense ring schedule (``usp.layout.schedule_for``) with each block's varlen calls attached as its
     ``mask`` (the ring loop hands it to ``VarlenBlockKernel``). Bound to one ``VarlenLayout``; reused across calls."""
 
-    def __init__(self, layout: VarlenLayout):
+    sparse = False
+
+    def __init__(self, layout: VarlenLayout, softcap: float = 0.0):
         self.layout = layout
         self._base = schedule_for(layout.causal)
+        m = self._mask = lambda causal: Mask(-1, 0 if causal else -1, softcap)  # noqa: E731
         self._by_source: Dict[int, VarlenBlock] = {}
         sizes = layout.chunk_sizes
         chunks = VarlenSeqs(sizes, sizes)
@@ -351,19 +355,20 @@ class VarlenSchedule:
             c = sum(sizes)
             heads, tails = slice(0, c), slice(c, 2 * c)
             self._diagonal = VarlenBlock(
-                [VarlenCall(heads, heads, chunks, True), VarlenCall(tails, heads, chunks, False),
-                 VarlenCall(tails, tails, chunks, True)], 2 * c, 2 * c,
+                [VarlenCall(heads, heads, chunks, m(True)), VarlenCall(tails, heads, chunks, m(False)),
+                 VarlenCall(tails, tails, chunks, m(True))], 2 * c, 2 * c,
             )
             # source < rank: all our rows x the visiting heads (the ring passes only those: `c` key rows)
             self._visiting_heads = VarlenBlock(
-                [VarlenCall(heads, heads, chunks, False), VarlenCall(tails, heads, chunks, False)], 2 * c, c,
+                [VarlenCall(heads, heads, chunks, m(False)), VarlenCall(tails, heads, chunks, m(False))], 2 * c, c,
             )
             # source > rank: our tails (the ring passes only those: `c` query rows) x all visiting rows
             self._our_tails = VarlenBlock(
-                [VarlenCall(heads, heads, chunks, False), VarlenCall(heads, tails, chunks, False)], c, 2 * c,
+                [VarlenCall(heads, heads, chunks, m(False)), VarlenCall(heads, tails, chunks, m(False))], c, 2 * c,
             )
 
     def _contiguous_block(self, source: int) -> VarlenBlock:
+        m = self._mask
         if source not in self._by_source:
             layout = self.layout
             n_docs = len(layout.doc_lengths)
@@ -409,8 +414,8 @@ class VarlenSchedule:
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule_for_layout(layout: VarlenLayout) -> VarlenSchedule:
-    return VarlenSchedule(layout)
+def _schedule_for_layout(layout: VarlenLayout, softcap: float = 0.0) -> VarlenSchedule:
+    return VarlenSchedule(layout, softcap)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -427,9 +432,11 @@ def _documents(layout: VarlenLayout) -> str:
     return f"[{len(layout.doc_lengths)} documents of lengths {lengths}; {layout.total} tokens; digest {digest}]"
 
 
-def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend, deterministic=False):
+def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend, deterministic=False,
+              window_size=(-1, -1), softcap=0.0, sinks=None):
     _check_mesh(mesh)
     check_qkv(q, k, v, mesh, causal, _VARLEN_DIMS)
+    window, softcap = check_mask_options(window_size, softcap, sinks, q, causal)
     t, h, d = q.shape
     layout = _build_layout(_cu_seqlens_tuple(cu_seqlens), mesh.ulysses, mesh.ring, causal)
     longest = max(layout.doc_lengths)
@@ -451,9 +458,30 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, back
         )
     scale = resolve_scale(softmax_scale, d)
     check_deterministic(deterministic)
-    kernel = resolve_varlen_backend(backend, q.device, q.dtype, d, deterministic)
+    window = normalize_window(window, causal, longest)
+    if window != (-1, -1) and window != (-1, 0):
+        raise ValueError(
+            f"window_size={tuple(window_size)} with packed documents (cu_seqlens): a window narrower than the longest "
+            f"document ({longest} tokens) is not supported on the packed path yet (any varlen backend); use dense "
+            f"input, or a window >= {longest - 1} (which is no window)")
+    needs = MaskNeeds(softcap=softcap > 0, v_head_dim=v.shape[-1] if v.shape[-1] != d else None)
+    kernel = resolve_varlen_backend(backend, q.device, q.dtype, d, deterministic, needs)
     check_device_matches_mesh(q, mesh)
-    return layout, kernel, scale
+    return layout, kernel, scale, window, softcap
+
+
+def agreed_call(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, return_lse, backend,
+                deterministic, window_size=(-1, -1), softcap=0.0, sinks=None, with_softcap=False):
+    """Validate a packed call and agree on it across the ranks (Note [call agreement]): ``(layout, kernel,
+    scale)``."""
+    return agree(  # every rank validated and made the same call
+        mesh, "long_context_attention_varlen",
+        lambda: _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend, deterministic,
+                          window_size, softcap, sinks),
+        lambda checked: dict(call_fields(q, k, v, mesh, _VARLEN_DIMS, causal, checked[2], return_lse, checked[1]),
+                             documents=_documents(checked[0]), deterministic=deterministic,
+                             **mask_fields(checked[3], checked[4], sinks, v)),
+    )[:5 if with_softcap else 3]
 
 
 def long_context_attention_varlen(
@@ -468,6 +496,9 @@ def long_context_attention_varlen(
     return_lse: bool = False,
     backend: Union[str, VarlenKernel] = "auto",
     deterministic: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Exact attention over packed documents sharded across ``mesh`` (Ulysses x ring), no attention across documents.
 
@@ -487,20 +518,28 @@ def long_context_attention_varlen(
         backend: "auto" (fa4, then torch_flash, cudnn, reference), a name of ``usp.kernels.varlen.VARLEN_BACKENDS``,
             or a ``VarlenKernel``.
         deterministic: bitwise-repeatable out and gradients (see ``usp.long_context_attention``).
+        window_size: as ``usp.long_context_attention``, inside each document; on this packed path only windows that
+            bind on no document (``>= longest - 1``, i.e. none) are accepted yet: a narrower one raises ValueError.
+        softcap, sinks: as ``usp.long_context_attention`` (softcap needs a varlen kernel with it: reference, fa4,
+            fa2; sinks work with every kernel).
 
     Returns:
-        ``out [total_local_tokens, heads, head_dim]`` in the input dtype (zero at padding rows), and ``lse`` if asked.
-        Differentiable with respect to q, k, v (zero gradient at padding rows).
+        ``out [total_local_tokens, heads, v_head_dim]`` in the input dtype (zero at padding rows), and ``lse`` if
+        asked. Differentiable with respect to q, k, v and sinks (zero gradient at padding rows).
     """
-    layout, kernel, scale = agree(  # every rank validated and made the same call (Note [call agreement])
-        mesh, "long_context_attention_varlen",
-        lambda: _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend, deterministic),
-        lambda checked: dict(call_fields(q, k, v, mesh, _VARLEN_DIMS, causal, checked[2], return_lse, checked[1]),
-                             documents=_documents(checked[0]), deterministic=deterministic),
-    )
+    if torch.compiler.is_compiling():  # one custom op for dynamo (Note [compiled attention] in usp.compiled)
+        from .compiled import compiled_attention
+
+        refuse_compiled_masks(window_size, softcap, sinks)
+        return compiled_attention(q, k, v, mesh, (cu_seqlens, max_seqlen), dict(
+            causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
+            deterministic=deterministic))
+    layout, kernel, scale, _, softcap = agreed_call(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale,
+                                                    return_lse, backend, deterministic, window_size, softcap, sinks,
+                                                    with_softcap=True)
     out, lse = sequence_parallel_attention(  # one packed row: [1, t, h, d]
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mesh, VarlenBlockKernel(kernel),
-        _schedule_for_layout(layout), scale, return_lse, deterministic=deterministic,
+        _schedule_for_layout(layout, softcap), scale, return_lse, deterministic=deterministic, sinks=sinks,
     )
     out = out[0]
     padding = _device_padding(layout, mesh.ulysses_rank, mesh.ring_rank, out.device)
@@ -524,6 +563,7 @@ class LongContextAttentionVarlen(nn.Module):
         softmax_scale: default ``head_dim ** -0.5``.
         backend: varlen kernel choice, "auto" by default; ``resolved_backend(q)`` tells which kernel runs.
         deterministic: bitwise-repeatable out and gradients (see ``usp.long_context_attention``).
+        window_size, softcap: as ``long_context_attention_varlen``; ``sinks`` go to ``forward``.
     """
 
     def __init__(
@@ -533,6 +573,8 @@ class LongContextAttentionVarlen(nn.Module):
         softmax_scale: Optional[float] = None,
         backend: Union[str, VarlenKernel] = "auto",
         deterministic: bool = False,
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
     ):
         super().__init__()
         _check_mesh(mesh)
@@ -543,16 +585,21 @@ class LongContextAttentionVarlen(nn.Module):
         self.softmax_scale = softmax_scale
         self.backend = backend
         self.deterministic = deterministic
+        self.window_size = window_size
+        self.softcap = softcap
 
     def resolved_backend(self, q: Tensor) -> VarlenKernel:
         """The varlen kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
-        return resolve_varlen_backend(self.backend, q.device, q.dtype, q.shape[-1], self.deterministic)
+        return resolve_varlen_backend(self.backend, q.device, q.dtype, q.shape[-1], self.deterministic,
+                                      MaskNeeds(softcap=bool(self.softcap)))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, max_seqlen: Optional[int] = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, max_seqlen: Optional[int] = None,
+                sinks: Optional[Tensor] = None) -> Tensor:
         """``q [t_local, h, d]``, ``k, v [t_local, h_kv, d]``, global ``cu_seqlens`` -> ``[t_local, h, d]``."""
         return long_context_attention_varlen(
             q, k, v, cu_seqlens, max_seqlen, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale,
-            backend=self.backend, deterministic=self.deterministic,
+            backend=self.backend, deterministic=self.deterministic, window_size=self.window_size,
+            softcap=self.softcap, sinks=sinks,
         )
 
     def extra_repr(self) -> str:

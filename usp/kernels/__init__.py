@@ -6,16 +6,16 @@ Backends, fastest first on H100 (``benchmarks/RESULTS.md``): ``"fa4"`` (flash-at
 """
 from __future__ import annotations
 
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
-from .base import AttentionKernel, resolve_kernel
+from .base import AttentionKernel, Mask, MaskNeeds, resolve_kernel
 from .flash_attn import FlashAttn2Kernel, FlashAttn4Kernel
 from .reference import ReferenceKernel
 from .sdpa import CudnnKernel, TorchFlashKernel
 
-__all__ = ["AttentionKernel", "BACKENDS", "available_backends", "resolve_backend"]
+__all__ = ["AttentionKernel", "BACKENDS", "Mask", "MaskNeeds", "available_backends", "resolve_backend"]
 
 #: every backend by name, in "auto" preference order
 BACKENDS: Dict[str, AttentionKernel] = {
@@ -31,7 +31,7 @@ def available_backends() -> List[str]:
 
 def resolve_backend(
     backend: Union[str, AttentionKernel], device: torch.device, dtype: torch.dtype, head_dim: int,
-    deterministic: bool = False,
+    deterministic: bool = False, needs: Optional[MaskNeeds] = None,
 ) -> AttentionKernel:
     """Return the kernel for ``backend`` ("auto", a name of ``BACKENDS`` or an ``AttentionKernel``).
 
@@ -39,4 +39,4 @@ def resolve_backend(
     ``(device, dtype, head_dim)`` (with a deterministic backward if ``deterministic``; "auto" then picks the
     fastest backend that has one).
     """
-    return resolve_kernel(backend, BACKENDS, AttentionKernel, device, dtype, head_dim, "dense", deterministic)
+    return resolve_kernel(backend, BACKENDS, AttentionKernel, device, dtype, head_dim, "dense", deterministic, needs)

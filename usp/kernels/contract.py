@@ -13,7 +13,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .base import AttentionKernel, Tensor, WrappedKernelCapabilities
+from .base import AttentionKernel, Mask, Tensor, WrappedKernelCapabilities
 from .varlen import VarlenKernel, VarlenSeqs
 
 __all__ = ["ContractCheckingKernel", "ContractCheckingVarlenKernel", "KernelContractError"]
@@ -47,6 +47,28 @@ def _check_tensor(kernel_name: str, name: str, t, shape: Sequence[int], dtype: t
         _fail(kernel_name, f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
 
 
+def _check_mask(kernel, mask, s_q: int, s_k: int, what: str = "block") -> Mask:
+    """Note [block mask]: a ``Mask`` (or the older causal bool); plain causal only on square blocks; a window only
+    to kernels that support one, on a trimmed block (every query row sees a key, every key row is seen); softcap
+    only to kernels that support it."""
+    name = kernel.name
+    if isinstance(mask, bool):
+        mask = Mask(-1, 0 if mask else -1)
+    if not isinstance(mask, Mask):
+        _fail(name, f"mask must be a usp.kernels.Mask (or a causal bool), got {type(mask).__name__}")
+    if mask.causal and s_q != s_k:
+        _fail(name, f"causal=True on a non-square {what} ({s_q} query rows, {s_k} key rows)")
+    if mask.windowed:
+        if not kernel.supports_window:
+            _fail(name, f"{mask} has a window but the kernel does not support windows")
+        if (mask.right != -1 and mask.right < s_q - s_k) or (mask.left != -1 and mask.left < s_k - s_q):
+            _fail(name, f"{mask} on an untrimmed {what} ({s_q} query rows, {s_k} key rows): some query row sees "
+                        "no key or some key row is seen by no query")
+    if mask.softcap and not kernel.supports_softcap:
+        _fail(name, f"{mask} has a softcap but the kernel does not support it")
+    return mask
+
+
 class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
     """A dense kernel that checks Note [kernel contract] on every call and then runs ``kernel``."""
 
@@ -63,16 +85,18 @@ class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
         s_k, h_kv = k.shape[1], k.shape[2]
         if h_kv == 0 or h % h_kv:
             _fail(name, f"query heads {h} must be a multiple of K/V heads {h_kv}")
+        if not isinstance(v, torch.Tensor) or v.ndim != 4:
+            _fail(name, f"v must be a 4-D [b, s_k, h_kv, dv] tensor, got {getattr(v, 'shape', v)}")
+        dv = v.shape[3]
+        if dv != d and not self.kernel.different_v_head_dim:
+            _fail(name, f"v head_dim {dv} != q/k head_dim {d} but the kernel needs them equal")
         _check_tensor(name, "q", q, (b, s_q, h, d), q.dtype, q.device, contiguous=False)
-        for arg, t in (("k", k), ("v", v)):
-            _check_tensor(name, arg, t, (b, s_k, h_kv, d), q.dtype, q.device, contiguous=False)
-        if not isinstance(causal, bool):
-            _fail(name, f"causal must be a bool, got {type(causal).__name__}")
-        if causal and s_q != s_k:
-            _fail(name, f"causal=True on a non-square block ({s_q} query rows, {s_k} key rows)")
-        return b, s_q, h, d, s_k, h_kv
+        _check_tensor(name, "k", k, (b, s_k, h_kv, d), q.dtype, q.device, contiguous=False)
+        _check_tensor(name, "v", v, (b, s_k, h_kv, dv), q.dtype, q.device, contiguous=False)
+        _check_mask(self.kernel, causal, s_q, s_k)
+        return b, s_q, h, dv, s_k, h_kv
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal, scale: float) -> Tuple[Tensor, Tensor]:
         b, s_q, h, d, _, _ = self._check_qkv(q, k, v, causal)
         out, lse = self.kernel.forward(q, k, v, causal, scale)
         name = self.kernel.name
@@ -117,14 +141,20 @@ class ContractCheckingVarlenKernel(WrappedKernelCapabilities, VarlenKernel):
             _fail(name, f"query heads {h} must be a multiple of K/V heads {h_kv}")
         if t_q != seqs.total_q or k.shape[0] != seqs.total_k:
             _fail(name, f"q/k rows ({t_q}, {k.shape[0]}) do not match the sequences ({seqs.total_q}, {seqs.total_k})")
+        dv = v.shape[2] if isinstance(v, torch.Tensor) and v.ndim == 3 else d
+        if dv != d and not self.kernel.different_v_head_dim:
+            _fail(name, f"v head_dim {dv} != q/k head_dim {d} but the kernel needs them equal")
         _check_tensor(name, "q", q, (t_q, h, d), q.dtype, q.device, contiguous=False)
-        for arg, t in (("k", k), ("v", v)):
-            _check_tensor(name, arg, t, (seqs.total_k, h_kv, d), q.dtype, q.device, contiguous=False)
-        if not isinstance(causal, bool):
-            _fail(name, f"causal must be a bool, got {type(causal).__name__}")
-        if causal and seqs.q_lengths != seqs.k_lengths:
-            _fail(name, f"causal=True with query lengths different from key lengths: {seqs}")
-        return t_q, h, d
+        _check_tensor(name, "k", k, (seqs.total_k, h_kv, d), q.dtype, q.device, contiguous=False)
+        _check_tensor(name, "v", v, (seqs.total_k, h_kv, dv), q.dtype, q.device, contiguous=False)
+        mask = _check_mask(self.kernel, causal, 0, 0, "call")
+        if mask.causal and seqs.q_lengths != seqs.k_lengths:
+            _fail(name, f"causal mask with query lengths different from key lengths: {seqs}")
+        if mask.windowed:  # every sequence trimmed (an empty side is fine: its rows are fixed up)
+            for s_q, s_k in zip(seqs.q_lengths, seqs.k_lengths):
+                if s_q and s_k:
+                    _check_mask(self.kernel, mask, s_q, s_k, "sequence")
+        return t_q, h, dv
 
     def forward(self, q, k, v, seqs, causal, scale):
         t_q, h, d = self._check_qkv(q, k, v, seqs, causal)

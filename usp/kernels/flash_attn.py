@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import AttentionKernel, Tensor, head_dim_range_reason
+from .base import AttentionKernel, Mask, Tensor, as_mask, head_dim_range_reason
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -40,6 +40,25 @@ class FlashAttn4Capabilities:
     name = "fa4"
     dtypes = _HALF
     device_types = ("cuda",)
+    supports_window = True  # window_size_left/right (None = unbounded)
+    supports_softcap = True
+    different_v_head_dim = True  # head_dim_v: 8..256 on SM90, 8..128 or (192, 128) past it
+
+    def _v_head_dim_reason(self, head_dim: int, v_head_dim: int) -> Optional[str]:
+        if _capability_major() == 9 or (head_dim, v_head_dim) == (192, 128):
+            return head_dim_range_reason(self.name, v_head_dim, 8, 256, 8)
+        return head_dim_range_reason(self.name, v_head_dim, 8, 128, 8)
+
+    @staticmethod
+    def _mask_kwargs(mask) -> dict:
+        """flash-attn-4's mask arguments: ``causal`` for plain causal, else the window (None = unbounded)."""
+        mask = as_mask(mask)
+        if mask.causal:
+            window = {}
+        else:
+            window = dict(window_size_left=None if mask.left == -1 else mask.left,
+                          window_size_right=None if mask.right == -1 else mask.right)
+        return dict(causal=mask.causal, softcap=mask.softcap or None, **window)
 
     @property
     def deterministic_backward(self) -> bool:
@@ -58,13 +77,16 @@ class FlashAttn4Capabilities:
 
 class FlashAttn4Kernel(FlashAttn4Capabilities, AttentionKernel):
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
-        result = self._interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tuple[Tensor, Tensor]:
+        result = self._interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True,
+                                                   **self._mask_kwargs(mask))
         return result[0], result[1]
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
-        dq, dk, dv = self._interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal,
-                                                       deterministic=deterministic)[:3]
+    def backward(self, dout, q, k, v, out, lse, mask, scale, deterministic=False):
+        kwargs = self._mask_kwargs(mask)
+        kwargs["softcap"] = kwargs["softcap"] or 0.0  # the backward takes a float
+        dq, dk, dv = self._interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale,
+                                                       deterministic=deterministic, **kwargs)[:3]
         return dq, dk, dv
 
 
@@ -77,6 +99,8 @@ class FlashAttn2Capabilities:
     dtypes = _HALF
     device_types = ("cuda",)
     deterministic_backward = True
+    supports_window = True  # window_size_left/right, bottom-right aligned
+    supports_softcap = True  # forward and backward (flash-attn >= 2.6)
 
     def _interface(self):
         return _import_optional("flash_attn.flash_attn_interface")
@@ -91,18 +115,21 @@ class FlashAttn2Capabilities:
 
 class FlashAttn2Kernel(FlashAttn2Capabilities, AttentionKernel):
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tuple[Tensor, Tensor]:
+        mask = as_mask(mask)
         out, lse, _, _ = self._interface()._flash_attn_forward(
-            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal, window_size_left=-1,
-            window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
+            q, k, v, dropout_p=0.0, softmax_scale=scale, causal=mask.causal, window_size_left=mask.left,
+            window_size_right=mask.right, softcap=mask.softcap, alibi_slopes=None, return_softmax=False,
         )
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
+    def backward(self, dout, q, k, v, out, lse, mask, scale, deterministic=False):
+        mask = as_mask(mask)
         # lse must be contiguous (Note [kernel contract]): flash-attn 2 reads it by pointer as [b, h, s_q]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         self._interface()._flash_attn_backward(
-            dout, q, k, v, out, lse, dq, dk, dv, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, deterministic=deterministic,
+            dout, q, k, v, out, lse, dq, dk, dv, dropout_p=0.0, softmax_scale=scale, causal=mask.causal,
+            window_size_left=mask.left, window_size_right=mask.right, softcap=mask.softcap, alibi_slopes=None,
+            deterministic=deterministic,
         )
         return dq, dk, dv

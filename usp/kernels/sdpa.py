@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import AttentionKernel, Tensor, head_dim_range_reason
+from .base import AttentionKernel, Tensor, head_dim_range_reason, plain_causal
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -33,6 +33,7 @@ class CudnnKernel(AttentionKernel):
         return head_dim_range_reason(self.name, head_dim, 8, 256, 8)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+        causal = plain_causal(causal, self.name)  # no window/softcap: resolve_kernel refuses them
         result = torch.ops.aten._scaled_dot_product_cudnn_attention(
             _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale
         )
@@ -43,6 +44,7 @@ class CudnnKernel(AttentionKernel):
         return " (PyTorch's cuDNN attention entry point has no deterministic option)"
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
+        causal = plain_causal(causal, self.name)
         assert not deterministic, "cudnn has no deterministic backward: resolve_kernel refuses it"
         b, s_q, h, _ = q.shape
         s_k = k.shape[1]
@@ -85,12 +87,14 @@ class TorchFlashKernel(AttentionKernel):
         return head_dim_range_reason(self.name, head_dim, 8, 256, 8)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+        causal = plain_causal(causal, self.name)  # no window/softcap: resolve_kernel refuses them
         result = torch.ops.aten._scaled_dot_product_flash_attention(
             _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale
         )
         return result[0].transpose(1, 2), result[1]
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
+        causal = plain_causal(causal, self.name)
         s_q, s_k = q.shape[1], k.shape[1]
         philox = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused: dropout is 0
         # cum_seq_q/k undefined (None) selects the dense, non-varlen path

@@ -31,11 +31,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..merge import merge_attention_
-from .base import (AttentionKernel, KernelCapabilities, Tensor, WrappedKernelCapabilities, head_dim_range_reason,
-                   resolve_kernel)
+from .base import (AttentionKernel, KernelCapabilities, Mask, MaskNeeds, Tensor, WrappedKernelCapabilities, as_mask,
+                   head_dim_range_reason, plain_causal, resolve_kernel)
 from .flash_attn import FlashAttn2Capabilities, FlashAttn4Capabilities
 from .sdpa import torch_deterministic_algorithms
-from .reference import _compute_dtype
+from .reference import _compute_dtype, softcapped
 
 __all__ = [
     "VARLEN_BACKENDS",
@@ -159,10 +159,10 @@ class VarlenKernel(KernelCapabilities):
 
     label = "varlen backend"
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, seqs: VarlenSeqs, causal: bool, scale: float):
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, seqs: VarlenSeqs, mask: Mask, scale: float):
         raise NotImplementedError
 
-    def backward(self, dout, q, k, v, out, lse, seqs: VarlenSeqs, causal: bool, scale: float,
+    def backward(self, dout, q, k, v, out, lse, seqs: VarlenSeqs, mask: Mask, scale: float,
                  deterministic: bool = False):
         raise NotImplementedError
 
@@ -178,13 +178,19 @@ class ReferenceVarlenKernel(VarlenKernel):
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     device_types = ("cpu", "cuda")
     deterministic_backward = True
+    supports_window = True
+    supports_softcap = True
+    different_v_head_dim = True
 
     @staticmethod
-    def _mask(seqs: VarlenSeqs, causal: bool, device: torch.device) -> Tensor:
+    def _mask(seqs: VarlenSeqs, mask: Mask, device: torch.device) -> Tensor:
         q_seq, q_pos, k_seq, k_pos, q_shift = seqs.row_structure(device)
         allowed = q_seq[:, None] == k_seq[None, :]  # [t_q, t_k]
-        if causal:
-            allowed &= k_pos[None, :] <= (q_pos + q_shift)[:, None]
+        rel = k_pos[None, :] - (q_pos + q_shift)[:, None]  # bottom-right aligned per sequence
+        if mask.right != -1:
+            allowed &= rel <= mask.right
+        if mask.left != -1:
+            allowed &= rel >= -mask.left
         return allowed
 
     @staticmethod
@@ -192,37 +198,41 @@ class ReferenceVarlenKernel(VarlenKernel):
         t, h, d = x.shape
         return x.reshape(t, kv_heads, h // kv_heads, d)
 
-    def _probs(self, q_c, k_c, allowed, scale, lse=None):
-        scores = torch.einsum("qngd,knd->ngqk", q_c, k_c) * scale  # [h_kv, g, t_q, t_k]
+    def _probs(self, q_c, k_c, allowed, scale, softcap, lse=None):
+        scores, tanh = softcapped(torch.einsum("qngd,knd->ngqk", q_c, k_c) * scale, softcap)  # [h_kv, g, t_q, t_k]
         scores = scores.masked_fill(~allowed, float("-inf"))
         if lse is None:
             lse = torch.logsumexp(scores, dim=-1)  # -inf for rows without keys
         # where(): rows without keys have -inf - (-inf) = nan inside exp; they get probability 0
         probs = torch.where(allowed, torch.exp(scores - lse.unsqueeze(-1)), torch.zeros((), dtype=scores.dtype))
-        return probs, lse
+        return probs, lse, tanh
 
-    def forward(self, q, k, v, seqs, causal, scale):
+    def forward(self, q, k, v, seqs, mask, scale):
+        mask = as_mask(mask)
         t_q, h, d = q.shape
-        kv_heads = k.shape[1]
+        kv_heads, dv = k.shape[1], v.shape[2]
         ct = _compute_dtype(q.dtype)
-        allowed = self._mask(seqs, causal, q.device)
-        probs, lse = self._probs(self._grouped(q.to(ct), kv_heads), k.to(ct), allowed, scale)
-        out = torch.einsum("ngqk,knd->qngd", probs, v.to(ct)).reshape(t_q, h, d)
+        allowed = self._mask(seqs, mask, q.device)
+        probs, lse, _ = self._probs(self._grouped(q.to(ct), kv_heads), k.to(ct), allowed, scale, mask.softcap)
+        out = torch.einsum("ngqk,knd->qngd", probs, v.to(ct)).reshape(t_q, h, dv)
         return out.to(q.dtype), lse.reshape(h, t_q)
 
-    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
+    def backward(self, dout, q, k, v, out, lse, seqs, mask, scale, deterministic=False):
+        mask = as_mask(mask)
         t_q, h, d = q.shape
         kv_heads = k.shape[1]
         g = h // kv_heads
         ct = _compute_dtype(q.dtype)
-        allowed = self._mask(seqs, causal, q.device)
+        allowed = self._mask(seqs, mask, q.device)
         q_g, k_c, v_c = self._grouped(q.to(ct), kv_heads), k.to(ct), v.to(ct)
         dout_g = self._grouped(dout.to(ct), kv_heads)
-        probs, _ = self._probs(q_g, k_c, allowed, scale, lse=lse.to(ct).reshape(kv_heads, g, t_q))
+        probs, _, tanh = self._probs(q_g, k_c, allowed, scale, mask.softcap, lse=lse.to(ct).reshape(kv_heads, g, t_q))
         dv = torch.einsum("ngqk,qngd->knd", probs, dout_g)
         dprobs = torch.einsum("qngd,knd->ngqk", dout_g, v_c)
         row_dot = (dout_g * self._grouped(out.to(ct), kv_heads)).sum(-1).permute(1, 2, 0)  # [h_kv, g, t_q]
         dscores = probs * (dprobs - row_dot.unsqueeze(-1))
+        if tanh is not None:
+            dscores = dscores * (1 - tanh * tanh)
         dq = torch.einsum("ngqk,knd->qngd", dscores, k_c).reshape(t_q, h, d) * scale
         dk = torch.einsum("ngqk,qngd->knd", dscores, q_g) * scale
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -249,6 +259,7 @@ class TorchFlashVarlenKernel(VarlenKernel):
         return head_dim_range_reason(self.name, head_dim, 8, 256, 8)
 
     def forward(self, q, k, v, seqs, causal, scale):
+        causal = plain_causal(causal, self.name)  # no window/softcap: resolve_kernel refuses them
         cu_q, cu_k = seqs.cu_tensors(q.device)
         result = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, 0.0, causal, False, scale=scale
@@ -256,6 +267,7 @@ class TorchFlashVarlenKernel(VarlenKernel):
         return result[0], result[1]
 
     def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
+        causal = plain_causal(causal, self.name)
         cu_q, cu_k = seqs.cu_tensors(q.device)
         philox = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused: dropout is 0
         with torch_deterministic_algorithms(deterministic):
@@ -278,20 +290,24 @@ class FlashAttn2VarlenKernel(FlashAttn2Capabilities, VarlenKernel):
     float32. For a query sequence with no keys it writes ``out = 0``, ``lse = +inf``; ``VarlenBlockKernel`` fixes
     that up (module docstring). Only documented keyword arguments are used."""
 
-    def forward(self, q, k, v, seqs, causal, scale):
+    def forward(self, q, k, v, seqs, mask, scale):
+        mask = as_mask(mask)
         cu_q, cu_k = seqs.cu_tensors(q.device)
         out, lse, _, _ = self._interface()._flash_attn_varlen_forward(
-            q, k, v, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
+            q, k, v, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, dropout_p=0.0, softmax_scale=scale,
+            causal=mask.causal, window_size_left=mask.left, window_size_right=mask.right, softcap=mask.softcap,
+            alibi_slopes=None, return_softmax=False,
         )
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
+    def backward(self, dout, q, k, v, out, lse, seqs, mask, scale, deterministic=False):
+        mask = as_mask(mask)
         cu_q, cu_k = seqs.cu_tensors(q.device)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         self._interface()._flash_attn_varlen_backward(
             dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, dropout_p=0.0,
-            softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+            softmax_scale=scale, causal=mask.causal, window_size_left=mask.left, window_size_right=mask.right,
+            softcap=mask.softcap,
             alibi_slopes=None, deterministic=deterministic,
         )
         return dq, dk, dv
@@ -301,19 +317,21 @@ class FlashAttn4VarlenKernel(FlashAttn4Capabilities, VarlenKernel):
     """flash-attn-4 (``flash_attn.cute.interface``) ``_flash_attn_fwd/_bwd`` with ``cu_seqlens_q/k`` and
     ``max_seqlen_q/k``; LSE ``[h, t_q]`` float32. Only documented keyword arguments are used."""
 
-    def forward(self, q, k, v, seqs, causal, scale):
+    def forward(self, q, k, v, seqs, mask, scale):
         cu_q, cu_k = seqs.cu_tensors(q.device)
         result = self._interface()._flash_attn_fwd(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=seqs.max_q, max_seqlen_k=seqs.max_k,
-            softmax_scale=scale, causal=causal, return_lse=True,
+            softmax_scale=scale, return_lse=True, **self._mask_kwargs(mask),
         )
         return result[0], result[1]
 
-    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
+    def backward(self, dout, q, k, v, out, lse, seqs, mask, scale, deterministic=False):
         cu_q, cu_k = seqs.cu_tensors(q.device)
+        kwargs = self._mask_kwargs(mask)
+        kwargs["softcap"] = kwargs["softcap"] or 0.0  # the backward takes a float
         dq, dk, dv = self._interface()._flash_attn_bwd(
-            q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-            max_seqlen_q=seqs.max_q, max_seqlen_k=seqs.max_k, deterministic=deterministic,
+            q, k, v, out, dout, lse, softmax_scale=scale, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            max_seqlen_q=seqs.max_q, max_seqlen_k=seqs.max_k, deterministic=deterministic, **kwargs,
         )[:3]
         return dq, dk, dv
 
@@ -438,6 +456,7 @@ class CudnnVarlenKernel(VarlenKernel):
         return result[0], self._heads_first(result[1], q.shape[0], q.shape[1])
 
     def forward(self, q, k, v, seqs, causal, scale):
+        causal = plain_causal(causal, self.name)  # no window/softcap: resolve_kernel refuses them
         t_q, h, d = q.shape
         live, q_rows, k_rows = self._live(seqs, causal, q.device)
         if live is None:  # no sequence has both queries and keys
@@ -458,6 +477,7 @@ class CudnnVarlenKernel(VarlenKernel):
         return lse.t().contiguous().unsqueeze(-1) if self._lse_ndim == 3 else lse.contiguous()
 
     def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
+        causal = plain_causal(causal, self.name)
         assert not deterministic, "cudnn has no deterministic backward: resolve_kernel refuses it"
         h, d = q.shape[1:]
         h_kv = k.shape[1]
@@ -498,14 +518,15 @@ def available_varlen_backends() -> List[str]:
 
 def resolve_varlen_backend(
     backend: Union[str, VarlenKernel], device: torch.device, dtype: torch.dtype, head_dim: int,
-    deterministic: bool = False,
+    deterministic: bool = False, needs: Optional[MaskNeeds] = None,
 ) -> VarlenKernel:
     """The varlen kernel for ``backend`` ("auto", a name of ``VARLEN_BACKENDS`` or a ``VarlenKernel``).
 
     Raises ValueError naming the valid values when the name is unknown or the backend cannot run
     ``(device, dtype, head_dim)`` (with a deterministic backward if ``deterministic``); TypeError for anything else.
     """
-    return resolve_kernel(backend, VARLEN_BACKENDS, VarlenKernel, device, dtype, head_dim, "varlen", deterministic)
+    return resolve_kernel(backend, VARLEN_BACKENDS, VarlenKernel, device, dtype, head_dim, "varlen", deterministic,
+                          needs)
 
 
 # ---------------------------------------------------------------------------------------------- ring adapter
@@ -516,7 +537,8 @@ class VarlenCall:
     q: slice
     k: slice
     seqs: VarlenSeqs
-    causal: bool
+    #: the call's mask (Note [block mask]), the same for every sequence of the call; a bool means causal/full
+    mask: object
 
 
 class VarlenBlock:
@@ -595,7 +617,7 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
         return block
 
     def _forward_call(self, q0, k0, v0, call: VarlenCall, scale):
-        out, lse = self.kernel.forward(q0[call.q], k0[call.k], v0[call.k], call.seqs, call.causal, scale)
+        out, lse = self.kernel.forward(q0[call.q], k0[call.k], v0[call.k], call.seqs, as_mask(call.mask), scale)
         _fix_empty_forward(out, lse, call.seqs)
         return out, lse
 
@@ -605,7 +627,7 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
         if block.single:
             out, lse = self._forward_call(q0, k0, v0, block.calls[0], scale)
             return out.unsqueeze(0), lse.unsqueeze(0)
-        t_q, h, d = q0.shape
+        t_q, h, d = q0.shape[0], q0.shape[1], v0.shape[2]
         out = lse = None
         for call, merge in zip(block.calls, block.merges):
             call_out, call_lse = self._forward_call(q0, k0, v0, call, scale)
@@ -629,7 +651,7 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
             # a column slice of the [h, t] LSE is strided: the contract promises kernels a contiguous one
             dq, dk, dv = self.kernel.backward(
                 dout0[call.q], q0[call.q], k0[call.k], v0[call.k], out0[call.q], lse0[:, call.q].contiguous(),
-                call.seqs, call.causal, scale, deterministic=deterministic,
+                call.seqs, as_mask(call.mask), scale, deterministic=deterministic,
             )
             _fix_empty_backward(dq, dk, dv, call.seqs)
             if block.single:
