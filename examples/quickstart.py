@@ -84,7 +84,11 @@ def main() -> None:
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise SystemExit(f"local rank {local_rank} has no GPU ({gpus} visible): start at most {gpus} processes "
+                             f"per node, or run on the CPU with CUDA_VISIBLE_DEVICES=''")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda") if use_cuda else torch.device("cpu")

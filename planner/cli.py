@@ -3,6 +3,7 @@
     usp-plan --world-size 64 --seqlen 1M --heads 32 --kv-heads 8
     usp-plan --world-size 8 --seqlen 32k --heads 32 --kv-heads 8 --topology l20-pcie --format json
     usp-plan --world-size 16 --heads 32 --sweep                      # 8K .. 1M: where does the best split change?
+    usp-plan --world-size 8 --seqlen 1M --heads 32 --kv-heads 8 --window 4095 --window-layers 5:1
     torchrun --nproc-per-node 8 -m planner.cli probe --output my-node.yaml
 
 Bad input exits with status 2 and one line on stderr (the same text the API raises as ValueError). The table fits
@@ -63,6 +64,19 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
+def _window(text: str):
+    """``--window``: ``W`` (a causal left window) or ``LEFT,RIGHT`` (flash-attn's window_size); the API checks the
+    values (``planner.search._window``)."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected W (tokens) or LEFT,RIGHT (ints, -1 = unbounded), got {text!r}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def _bytes_list(text: str) -> List[int]:
     try:
         return [parse_bytes(part, "size") for part in text.split(",") if part.strip()]
@@ -93,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="causal mask (default) or --no-causal")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (bf16, default), float16 (fp16), float32")
+    p.add_argument("--window", type=_window, default=None, metavar="W|LEFT,RIGHT",
+                   help="sliding window: W = a causal layer's left window in tokens (window_size=(W, 0): each query "
+                   "sees itself and W tokens before it); LEFT,RIGHT = flash-attn's window_size, the form for "
+                   "--no-causal (-1 = unbounded)")
+    p.add_argument("--window-layers", default=None, metavar="W:G",
+                   help="price a mix: W windowed (--window) and G global layers, e.g. 5:1 or the model's counts "
+                   "40:8; times are the sum over the W+G layers")
     p.add_argument("--topology", default=None,
                    help=f"preset name (NAME or NAME:hosts=N) or topology YAML path (default {DEFAULT_PRESET})")
     p.add_argument("--gpus-per-node", type=int, default=None,
@@ -244,9 +265,14 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: st
 def _shape_line(p: Plan) -> str:
     s = p.shape
     mode = "forward only" if p.forward_only else "forward+backward"
+    window = ""
+    if tuple(s.window) != (-1, -1):
+        window = f", window_size {tuple(s.window)}"
+        if p.window_layers is not None:
+            window += f", {p.window_layers[0]} windowed + {p.window_layers[1]} global layers (times summed)"
     return (f"world {p.world_size} (sequence-parallel {p.sequence_parallel_size}, data-parallel {p.data_parallel}),"
             f" seqlen {format_tokens(s.seqlen)}, heads {s.heads}/{s.kv_heads}, head_dim {s.head_dim}, batch "
-            f"{s.batch}, {s.dtype}, {'causal' if s.causal else 'non-causal'}, {mode}, kernel {p.kernel}")
+            f"{s.batch}, {s.dtype}, {'causal' if s.causal else 'non-causal'}{window}, {mode}, kernel {p.kernel}")
 
 
 def _render_plan(p: Plan, topology_line: str, out, rich_ok: bool, wide: bool = False) -> None:
@@ -311,7 +337,8 @@ def _run_plan(args: argparse.Namespace, out) -> int:
     common = dict(kv_heads=args.kv_heads, head_dim=args.head_dim, batch=args.batch, dtype=args.dtype,
                   causal=args.causal, topology=args.topology, memory_limit=args.memory_limit,
                   sequence_parallel_size=args.sequence_parallel_size, kernel=args.kernel,
-                  gpus_per_node=args.gpus_per_node, forward_only=args.forward_only)
+                  gpus_per_node=args.gpus_per_node, forward_only=args.forward_only, window=args.window,
+                  window_layers=args.window_layers)
     rich_ok = args.format == "table" and out.isatty()
     if args.sweep is not None:
         if args.sweep == "auto":

@@ -110,6 +110,29 @@ Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)
   peak = saved + max(forward transient, backward transient). Not modelled: weights, other layers, allocator
   fragmentation, communicator buffers (NCCL's are ~hundreds of MiB per communicator).
 
+Sliding windows [CORE ``usp/spec.py`` ``SlidingWindow``, ``usp/ring.py`` Note [sparse ring]], a shape with
+``window`` (``window_size=(left, right)``; one that binds nowhere on the sequence is the dense layer above). The
+facts are the spec's, the object the runtime's ``WindowSchedule`` is: the active ring steps, each rank's pieces
+per step (trimmed sub-blocks with their own window) and the halo rows it receives and sends per step. Per head
+group and chunk, on every ring rank ``r`` (the pass takes the slowest rank's time):
+  compute: each piece ``4·b·(H/U)·d·A`` FLOPs, ``A = band_area`` its (query, key) pairs (2.5x backward), at the
+    kernel's rate at the equivalent side ``sqrt(2A)`` — the causal rate when the piece is masked (the window's
+    edges are masked tiles, like the diagonal), the non-causal rate at ``sqrt(q·k)`` for a full piece;
+  sums: float32 at any ring size (no narrow sums): forward ``(8 + B)`` per merged query element, the accumulator
+    created and cast ``(8 + B)·q_h``; backward ``(8 + B)`` over the dq and dK/dV rows each piece touches, and
+    ``(8 + B)`` over all of dq, dK, dV for the zero-fill and casts;
+  steps ``0, j1, j2, ...`` (step 0 and the active steps): under step ``j_i``'s pieces travels the halo exchange of
+    ``j_{i+1}`` (``max(received, sent)`` rows · ``2·b·(Hkv'/U)·d·B``, one batched call: ``α + max(c, n·spb)``);
+    backward: the halo again unless kept (``keep_halos`` and ``C == 1``) and the fp32 dK/dV halo of ``j_{i-1}``
+    going home; the last step's dK/dV return trails the last block (exposed);
+  overhead: ``step_overhead`` per step walked (``1 + active steps``);
+  counts: ``usp.spec.layer_collectives`` with the window (the busiest ring rank's calls); bytes, compute and
+    kernel calls of the slowest rank;
+  memory: as the dense layer (halo buffers and kept halos are at most the dense ring's K/V blocks) with float32
+    sums at ``R == 2`` too.
+A mix of layer types (``planner.plan(window_layers=...)``) is the sum of its layers' costs (``PassCost.combine``);
+its memory is the larger layer's.
+
 Distributed overheads (issue 16; ``collectives.step_overhead_us`` and ``collectives.compute_slowdown`` of the
 topology, defaults in ``planner.topology``), only when ``P > 1``: every kernel time is multiplied by
 ``1 + compute_slowdown`` (NCCL's kernels share the SMs and memory bandwidth with the attention while a transfer is
@@ -160,25 +183,41 @@ class Shape:
     batch: int = 1
     dtype: str = "bfloat16"
     causal: bool = True
+    #: sliding window ``(left, right)`` over global positions, ``usp.long_context_attention``'s ``window_size``
+    #: (-1 = unbounded; causal: ``right == 0``). ``(-1, -1)``: no window
+    window: Tuple[int, int] = (-1, -1)
 
     @property
     def element_bytes(self) -> int:
         return dtype_bytes(self.dtype)
 
+    def sliding_window(self) -> Optional[spec.SlidingWindow]:
+        """The window's ring facts (``usp.spec.SlidingWindow``), or None when no bound binds on this sequence."""
+        if tuple(self.window) == (-1, -1):
+            return None
+        return spec.sliding_window(self.causal, self.window, self.seqlen)
+
     def total_forward_flops(self) -> float:
-        """``4·b·H·s²·d``, halved when causal [RESULTS, FLOP convention]."""
+        """``4·b·H·s²·d``, halved when causal [RESULTS, FLOP convention]; with a window ``4·b·H·d`` times the
+        (query, key) pairs it lets through (``usp.spec.band_area``)."""
+        window = self.sliding_window()
+        if window is not None:
+            return 4.0 * self.batch * self.heads * self.head_dim * spec.band_area(self.seqlen, self.seqlen,
+                                                                                  window.left, window.right)
         flops = 4.0 * self.batch * self.heads * self.seqlen**2 * self.head_dim
         return flops / 2 if self.causal else flops
 
     def to_dict(self) -> dict:
         return {"seqlen": self.seqlen, "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "batch": self.batch, "dtype": self.dtype, "causal": self.causal}
+                "batch": self.batch, "dtype": self.dtype, "causal": self.causal, "window": list(self.window)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Shape":
+        window = data.get("window") or (-1, -1)
         return cls(seqlen=int(data["seqlen"]), heads=int(data["heads"]), kv_heads=int(data["kv_heads"]),
                    head_dim=int(data.get("head_dim", 128)), batch=int(data.get("batch", 1)),
-                   dtype=canonical_dtype(data.get("dtype", "bfloat16")), causal=bool(data.get("causal", True)))
+                   dtype=canonical_dtype(data.get("dtype", "bfloat16")), causal=bool(data.get("causal", True)),
+                   window=(int(window[0]), int(window[1])))
 
 
 @dataclass
@@ -204,6 +243,15 @@ class PassCost:
     @property
     def total(self) -> float:
         return self.compute + self.merge + self.all_to_all + self.ring_exposed + self.overhead
+
+    @classmethod
+    def combine(cls, parts: "List[Tuple[int, PassCost]]") -> "PassCost":
+        """``sum(count * cost)``: every time, count and byte of several layers (a mix of layer types)."""
+        out = cls()
+        for count, cost in parts:
+            for name in cls.__dataclass_fields__:
+                setattr(out, name, getattr(out, name) + count * getattr(cost, name))
+        return out
 
     def to_dict(self) -> dict:
         return {"total_s": self.total, "compute_s": self.compute, "merge_s": self.merge,
@@ -370,18 +418,13 @@ class CostModel:
         fwd, bwd = PassCost(), PassCost()
         # collective calls: the spec's (usp.spec.layer_collectives, what the runtime makes; a training layer
         # returns no LSE)
+        window = shape.sliding_window()
+        if window is not None:
+            return self._evaluate_window(shape, ulysses, ring, placement, kernel, head_chunks, window)
         calls = spec.layer_collectives(ulysses, ring, H, shape.kv_heads, head_chunks, shape.causal)
         fwd.a2a_calls, bwd.a2a_calls = calls.forward.all_to_all, calls.backward.all_to_all
         fwd.ring_transfers, bwd.ring_transfers = calls.forward.p2p, calls.backward.p2p
-        # --- Ulysses all-to-all staging and counts: 4 calls per pass and head group, each on 1/G of the buffer
-        if ulysses > 1:
-            q_buf = b * (s / P) * H * d * B / G
-            kv_buf = b * (s / P) * kv * d * B / G
-            for pc in (fwd, bwd):
-                for buf in (q_buf, kv_buf, kv_buf, q_buf):
-                    if hbm:
-                        pc.all_to_all += G * 4 * buf / hbm  # staging copies before and after (compute stream)
-                    pc.a2a_bytes += G * (ulysses - 1) / ulysses * buf
+        q_buf, kv_buf = self._a2a_staging(shape, ulysses, ring, G, fwd, bwd)
 
         # --- compute per ring step. Steps 2..R-3 are alike (same block, merge and transfers), so they are
         # evaluated once and weighted: the cost of a candidate does not grow with the ring degree.
@@ -479,18 +522,157 @@ class CostModel:
             bwd.ring_exposed = G * t_bwd - bwd.compute - bwd.merge - bwd.overhead
             bwd.ring_bytes = GC * (kv_transfers * n_kv + dkv_transfers * n_dkv)
 
-        # --- exposed Ulysses all-to-all time of the head-group pipeline
+        self._a2a_exposed(ulysses, ring, placement, q_buf, kv_buf, G, fwd, bwd, t_fwd, t_bwd)
+        memory = self.memory(shape, ulysses, ring, head_chunks)
+        return fwd, bwd, memory
+
+    def _evaluate_window(self, shape: Shape, ulysses: int, ring: int, placement: str, kernel: KernelProfile,
+                         head_chunks: int, window: "spec.SlidingWindow") -> Tuple[PassCost, PassCost, MemoryCost]:
+        """A windowed layer (module docstring, "Sliding windows"): the Ulysses terms of the dense layer, and a ring
+        walked over ``window``'s active steps only, each rank computing its pieces and exchanging its halos."""
+        B = shape.element_bytes
+        b, s, H, d = shape.batch, shape.seqlen, shape.heads, shape.head_dim
+        P = ulysses * ring
+        kv = replicated_kv_heads(shape.kv_heads, ulysses)
+        heads_per_rank = H / ulysses
+        hbm = self.topology.memory_bandwidth
+        G, C = head_groups(H, kv, ulysses, head_chunks), head_chunks
+        GC = G * C
+        fwd, bwd = PassCost(), PassCost()
+        calls = spec.layer_collectives(ulysses, ring, H, shape.kv_heads, head_chunks, shape.causal,
+                                       window_size=shape.window, seqlen=s)  # the busiest ring rank's
+        fwd.a2a_calls, bwd.a2a_calls = calls.forward.all_to_all, calls.backward.all_to_all
+        fwd.ring_transfers, bwd.ring_transfers = calls.forward.p2p, calls.backward.p2p
+        q_buf, kv_buf = self._a2a_staging(shape, ulysses, ring, G, fwd, bwd)
+
+        local = s // ring
+        slow = 1.0 + self.topology.collectives.compute_slowdown if P > 1 else 1.0
+        per_step = self.topology.collectives.step_overhead if P > 1 else 0.0
+        per_call = heads_per_rank / GC
+        kv_split = G * min(C, max(1, kv // (ulysses * G)))
+        kv_row = 2 * b * (kv / ulysses) * d * B / kv_split       # K and V bytes of one halo row, one pass
+        dkv_row = 2 * b * (kv / ulysses) * d * FP32 / kv_split   # fp32 dK/dV partial sums of one row
+        q_row, kv2_row = b * heads_per_rank * d / GC, 2 * b * (kv / ulysses) * d / GC  # elements of one row
+        fit = self.p2p_fit(ulysses, ring, placement) if ring > 1 else None
+        steps = (0,) + window.active_steps(ring, local)
+        kept = window.keep_halos(ring, local) and C == 1
+        piece_cache = {}
+
+        def piece(q_len: int, k_len: int, left: int, right: int) -> Tuple[float, float, float]:
+            """(flops of all heads, forward and backward seconds of one pass's call) of one piece."""
+            key = (q_len, k_len, left, right)
+            if key not in piece_cache:
+                area = spec.band_area(q_len, k_len, left, right)
+                masked = (left, right) != (-1, -1)
+                side = math.sqrt(2 * area) if masked else math.sqrt(q_len * k_len)
+                flops = 4.0 * b * heads_per_rank * d * area
+                piece_cache[key] = (flops, slow * flops / GC / kernel.rate(False, masked, side, per_call),
+                                    slow * BACKWARD_FLOPS_FACTOR * flops / GC / kernel.rate(True, masked, side,
+                                                                                             per_call))
+            return piece_cache[key]
+
+        def rows(sl: Optional[slice]) -> int:
+            return 0 if sl is None else sl.stop - sl.start
+
+        def transfer(compute: float, nbytes: float, rotations: int) -> float:
+            if rotations == 0:
+                return compute
+            return rotations * fit.latency + max(compute, fit.floor - fit.latency, nbytes / fit.bandwidth)
+
+        def rank_cost(r: int):
+            """One pass of ring rank ``r`` (one head group and chunk): forward and backward ring time, and the
+            per-pass totals of compute, merge, overhead, flops, kernel calls and bytes sent."""
+            work = {}
+            for j in steps:
+                pieces = window.pieces(j, r, ring, local)
+                parts = [piece(p[0].stop - p[0].start, p[1].stop - p[1].start, p[2], p[3]) for p in pieces]
+                q_rows = sum(p[0].stop - p[0].start for p in pieces)
+                k_rows = sum(p[1].stop - p[1].start for p in pieces)
+                merge_f = (8 + B) * q_rows * q_row / hbm if hbm else 0.0  # merged into fp32 accumulators
+                merge_b = (8 + B) * (q_rows * q_row + k_rows * kv2_row) / hbm if hbm else 0.0  # dq, dK/dV add_
+                work[j] = (sum(p[1] for p in parts), sum(p[2] for p in parts), merge_f, merge_b,
+                           sum(p[0] for p in parts), len(parts))
+            # accumulators created and cast at the end: out (forward), dq, dk, dv (backward)
+            start_f = (4 + 4 + B) * local * q_row / hbm if hbm else 0.0
+            start_b = (4 + 4 + B) * local * (q_row + kv2_row) / hbm if hbm else 0.0
+            links = []  # (rows received, rows sent) of each step's halo, for the next step's exchange
+            for j in steps:
+                if j == 0:
+                    links.append((0, 0))
+                else:
+                    links.append((rows(window.halo(j, r, ring, local)),
+                                  rows(window.halo(j, (r + j) % ring, ring, local))))
+            t_f = t_b = 0.0
+            sent_f = sent_b = 0.0
+            for i, j in enumerate(steps):
+                c_f = work[j][0] + work[j][2] + per_step + (start_f if i == 0 else 0.0)
+                c_b = work[j][1] + work[j][3] + per_step + (start_b if i == 0 else 0.0)
+                nxt = links[i + 1] if i + 1 < len(steps) else (0, 0)
+                kv_on = 1 if any(nxt) else 0
+                t_f += transfer(c_f, kv_row * max(nxt), kv_on)
+                sent_f += kv_row * nxt[1]
+                # backward: the next halo fetched again (unless kept) and the previous step's dK/dV going home
+                fetch = 0 if kept else kv_on
+                back = links[i - 1] if i >= 2 else (0, 0)
+                dkv_on = 1 if any(back) else 0
+                t_b += transfer(c_b, kv_row * max(nxt) * fetch + dkv_row * max(back), fetch + dkv_on)
+                sent_b += kv_row * nxt[1] * fetch + dkv_row * back[0]
+            last = links[-1]
+            if any(last):  # the last step's dK/dV return trails the last block
+                t_b += fit.latency + max(fit.floor - fit.latency, dkv_row * max(last) / fit.bandwidth)
+                sent_b += dkv_row * last[0]
+            totals = [sum(w[k] for w in work.values()) for k in range(6)]
+            merge_f = sum(w[2] for w in work.values()) + start_f
+            merge_b = sum(w[3] for w in work.values()) + start_b
+            return t_f, t_b, totals[0], totals[1], merge_f, merge_b, totals[4], totals[5], sent_f, sent_b
+
+        costs = [rank_cost(r) for r in range(ring)]
+        slowest_f = max(costs, key=lambda c: c[0])  # the pass waits for its slowest ring rank
+        slowest_b = max(costs, key=lambda c: c[1])
+        t_fwd, t_bwd = C * slowest_f[0], C * slowest_b[1]  # one head group's ring time
+        fwd.compute, bwd.compute = GC * slowest_f[2], GC * slowest_b[3]
+        fwd.merge, bwd.merge = GC * slowest_f[4], GC * slowest_b[5]
+        fwd.overhead = bwd.overhead = per_step * len(steps)
+        fwd.flops, bwd.flops = slowest_f[6], BACKWARD_FLOPS_FACTOR * slowest_b[6]
+        fwd.kernel_calls, bwd.kernel_calls = GC * slowest_f[7], GC * slowest_b[7]
+        fwd.ring_bytes, bwd.ring_bytes = GC * slowest_f[8], GC * slowest_b[9]
+        fwd.ring_exposed = max(0.0, G * t_fwd - fwd.compute - fwd.merge - fwd.overhead)
+        bwd.ring_exposed = max(0.0, G * t_bwd - bwd.compute - bwd.merge - bwd.overhead)
+        self._a2a_exposed(ulysses, ring, placement, q_buf, kv_buf, G, fwd, bwd, t_fwd, t_bwd)
+        return fwd, bwd, self.memory(shape, ulysses, ring, head_chunks, sparse=True)
+
+    def _a2a_staging(self, shape: Shape, ulysses: int, ring: int, G: int, fwd: PassCost,
+                     bwd: PassCost) -> Tuple[float, float]:
+        """Ulysses all-to-all staging and counts: 4 calls per pass and head group, each on 1/G of the buffer.
+        Returns the Q and K/V buffer bytes of one call (0 without Ulysses)."""
+        B, b, s, H, d = shape.element_bytes, shape.batch, shape.seqlen, shape.heads, shape.head_dim
+        P = ulysses * ring
+        q_buf = kv_buf = 0.0
+        if ulysses > 1:
+            kv = replicated_kv_heads(shape.kv_heads, ulysses)
+            q_buf = b * (s / P) * H * d * B / G
+            kv_buf = b * (s / P) * kv * d * B / G
+            hbm = self.topology.memory_bandwidth
+            for pc in (fwd, bwd):
+                for buf in (q_buf, kv_buf, kv_buf, q_buf):
+                    if hbm:
+                        pc.all_to_all += G * 4 * buf / hbm  # staging copies before and after (compute stream)
+                    pc.a2a_bytes += G * (ulysses - 1) / ulysses * buf
+        return q_buf, kv_buf
+
+    def _a2a_exposed(self, ulysses: int, ring: int, placement: str, q_buf: float, kv_buf: float, G: int,
+                     fwd: PassCost, bwd: PassCost, t_fwd: float, t_bwd: float) -> None:
+        """Exposed Ulysses all-to-all time of the head-group pipeline (``t_*``: one group's ring time)."""
         if ulysses > 1:
             a_q = self.a2a_time(ulysses, ring, placement, q_buf)
             a_kv = self.a2a_time(ulysses, ring, placement, kv_buf)
             for pc, t_group, first, last in ((fwd, t_fwd, a_q + 2 * a_kv, a_q), (bwd, t_bwd, a_q, a_q + 2 * a_kv)):
                 pc.all_to_all += first + last + (G - 1) * (max(0.0, first - t_group) + max(0.0, last - t_group))
 
-        memory = self.memory(shape, ulysses, ring, head_chunks)
-        return fwd, bwd, memory
-
     @staticmethod
-    def memory(shape: Shape, ulysses: int, ring: int, head_chunks: int = 1) -> MemoryCost:
+    def memory(shape: Shape, ulysses: int, ring: int, head_chunks: int = 1, sparse: bool = False) -> MemoryCost:
+        """Peak memory of one layer (module docstring). ``sparse``: a windowed layer (Note [sparse ring]), whose
+        sums are float32 at any ring size; its halo buffers and kept halos are at most the dense ring's blocks."""
         B = shape.element_bytes
         b, s, H, d = shape.batch, shape.seqlen, shape.heads, shape.head_dim
         kv = replicated_kv_heads(shape.kv_heads, ulysses)
@@ -498,7 +680,7 @@ class CostModel:
         kv_h = b * (s / ring) * (kv / ulysses) * d
         lse = b * (H / ulysses) * (s / ring)
         saved = B * (2 * q_h + 2 * kv_h) + FP32 * lse
-        C, narrow = head_chunks, ring == 2
+        C, narrow = head_chunks, ring == 2 and not sparse
         Ckv = min(C, max(1, kv // ulysses))  # chunks beyond the K/V heads share one K/V head each
         if ring > 1 and C == 1:
             saved += 2 * kv_h * B  # the forward's last K/V block, one per head group (each 1/G of the heads)

@@ -63,6 +63,9 @@ class Candidate:
     notes: List[str] = field(default_factory=list)
     #: ring passes per head group (``usp.long_context_attention(head_chunks=...)``); > 1 only to fit memory
     head_chunks: int = 1
+    #: a mix of layer types (``window_layers``): ``[{"kind": "windowed"|"global", "count": n, "forward":
+    #: PassCost, "backward": PassCost}]``, one layer of each kind; ``forward``/``backward`` are their sum
+    layers: List[dict] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -84,7 +87,9 @@ class Candidate:
                 "forward": None if self.forward is None else self.forward.to_dict(),
                 "backward": None if self.backward is None else self.backward.to_dict(),
                 "memory": None if self.memory is None else self.memory.to_dict(),
-                "kv_heads_used": self.kv_heads_used, "notes": list(self.notes), "head_chunks": self.head_chunks}
+                "kv_heads_used": self.kv_heads_used, "notes": list(self.notes), "head_chunks": self.head_chunks,
+                "layers": [{"kind": x["kind"], "count": x["count"], "forward": x["forward"].to_dict(),
+                            "backward": x["backward"].to_dict()} for x in self.layers]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
@@ -94,7 +99,10 @@ class Candidate:
                    backward=None if data.get("backward") is None else PassCost.from_dict(data["backward"]),
                    memory=None if data.get("memory") is None else MemoryCost.from_dict(data["memory"]),
                    kv_heads_used=data.get("kv_heads_used"), notes=list(data.get("notes") or []),
-                   head_chunks=int(data.get("head_chunks", 1)))
+                   head_chunks=int(data.get("head_chunks", 1)),
+                   layers=[{"kind": str(x["kind"]), "count": int(x["count"]),
+                            "forward": PassCost.from_dict(x["forward"]), "backward": PassCost.from_dict(x["backward"])}
+                           for x in data.get("layers") or []])
 
 
 @dataclass
@@ -125,6 +133,9 @@ class Plan:
     notes: List[str] = field(default_factory=list)
     #: pass to ``usp.LongContextAttention(head_chunks=...)``; > 1 when only chunking the ring fits the memory cap
     head_chunks: int = 1
+    #: ``(windowed, global)`` layer counts priced together (``forward``/``backward`` are their sum), or None: one
+    #: layer, windowed when ``shape.window`` is set
+    window_layers: Optional[Tuple[int, int]] = None
 
     # ------------------------------------------------------------------ derived
     @property
@@ -199,6 +210,11 @@ class Plan:
             time = (f"fwd {format_in_unit(self.forward.total, unit)} + bwd {format_in_unit(self.backward.total, unit)}"
                     f" = {format_in_unit(self.total, unit)} {unit} per layer")
         chunks = f", head_chunks={self.head_chunks}" if self.head_chunks > 1 else ""
+        if self.window_layers is not None:
+            windowed, dense = self.window_layers
+            time = time.replace("per layer", f"per {windowed + dense} layers ({windowed} windowed + {dense} global)")
+        elif tuple(self.shape.window) != (-1, -1):
+            time = time.replace("per layer", "per windowed layer")
         return (f"Ulysses {self.ulysses} x ring {self.ring} ({self.placement}{chunks}): {time}, "
                 f"{format_bytes(self.memory_bytes)} per GPU")
 
@@ -215,6 +231,11 @@ class Plan:
             args.append(f"memory_limit={int(self.memory_limit)}")
         if self.forward_only:
             args.append("forward_only=True")
+        windowed = tuple(s.window) != (-1, -1)
+        if windowed:
+            args.append(f"window={tuple(s.window)}")
+        if self.window_layers is not None:
+            args.append(f"window_layers='{self.window_layers[0]}:{self.window_layers[1]}'")
         call = "\n".join(textwrap.wrap("plan = usp.plan(" + ", ".join(args) + ")", 79, subsequent_indent=" " * 16,
                                        break_long_words=False, break_on_hyphens=False))
         lines = ["import torch", "import usp", "", "# after torch.distributed.init_process_group(...) on every rank"]
@@ -225,7 +246,13 @@ class Plan:
             mesh = (f"mesh = usp.SequenceParallelMesh(ulysses={self.ulysses}, ring={self.ring}, "
                     f"placement={self.placement!r})")
         chunks = f", head_chunks={self.head_chunks}" if self.head_chunks > 1 else ""
-        lines += [mesh, f"attn = usp.LongContextAttention(mesh, causal={s.causal}{chunks})"]
+        if not windowed:
+            lines += [mesh, f"attn = usp.LongContextAttention(mesh, causal={s.causal}{chunks})"]
+            return "\n".join(lines)
+        lines += [mesh, f"local_attn = usp.LongContextAttention(mesh, causal={s.causal}{chunks}, "
+                  f"window_size={tuple(s.window)})"]
+        if self.window_layers is not None and self.window_layers[1]:
+            lines.append(f"global_attn = usp.LongContextAttention(mesh, causal={s.causal}{chunks})")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ serialisation
@@ -238,6 +265,7 @@ class Plan:
             "total_s": self.total, "forward": self.forward.to_dict(), "backward": self.backward.to_dict(),
             "memory": self.memory.to_dict(), "memory_limit_bytes": self.memory_limit,
             "forward_only": self.forward_only, "notes": list(self.notes), "head_chunks": self.head_chunks,
+            "window_layers": None if self.window_layers is None else list(self.window_layers),
             "why": self.explain(),
             "candidates": [c.to_dict() for c in self.candidates],
         }
@@ -260,6 +288,8 @@ class Plan:
                 forward_only=bool(data.get("forward_only", False)),
                 candidates=[Candidate.from_dict(c) for c in data.get("candidates") or []],
                 notes=list(data.get("notes") or []), head_chunks=int(data.get("head_chunks", 1)),
+                window_layers=(None if data.get("window_layers") is None
+                               else (int(data["window_layers"][0]), int(data["window_layers"][1]))),
             )
         except KeyError as exc:
             raise PlannerError(f"plan is missing key {exc.args[0]!r}") from None
@@ -296,9 +326,69 @@ class _Request:
     memory_limit: Optional[int]
     kernel: str
     forward_only: bool
+    window_layers: Optional[Tuple[int, int]] = None
+
+    def layers(self) -> List[Tuple[str, int, Shape]]:
+        """``[(kind, count, shape)]`` of the layer types priced: one layer, or the ``window_layers`` mix."""
+        if tuple(self.shape.window) == (-1, -1):
+            return [("global", 1, self.shape)]
+        if self.window_layers is None:
+            return [("windowed", 1, self.shape)]
+        windowed, dense = self.window_layers
+        return [(kind, n, shape) for kind, n, shape in (("windowed", windowed, self.shape),
+                                                        ("global", dense, replace(self.shape, window=(-1, -1))))
+                if n]
 
 
-def _shape(seqlen: Any, heads: Any, kv_heads: Any, head_dim: Any, batch: Any, dtype: Any, causal: Any) -> Shape:
+def _window(window: Any, causal: bool) -> Tuple[int, int]:
+    """``window`` as ``window_size`` ``(left, right)``: an int ``W`` is the left window of a causal layer (each query
+    sees itself and the ``W`` tokens before it: ``(W, 0)``); a pair is flash-attn's ``(left, right)`` (-1 =
+    unbounded), the only form for non-causal (symmetric or not) windows."""
+    if window is None:
+        return (-1, -1)
+    if isinstance(window, int) and not isinstance(window, bool):
+        if window < 0:
+            raise PlannerError(f"window={window} must be a left window in tokens >= 0 (each query sees itself and the "
+                               "window tokens before it: window_size=(window, 0)), or a pair (left, right)")
+        if not causal:
+            raise PlannerError(f"window={window} with causal=False: give both sides, window=(left, right) "
+                               "(flash-attn's window_size over global positions; -1 = unbounded)")
+        return (window, 0)
+    if (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in window)):
+        left, right = int(window[0]), int(window[1])
+        if causal and right not in (0, -1):
+            raise PlannerError(f"window={tuple(window)} with causal=True: a causal window has right = 0 (or -1); "
+                               f"pass causal=False for a window that looks {right} tokens ahead")
+        if causal:
+            return (-1, -1) if left == -1 else (left, 0)  # causal (-1, 0) is plain causal: no window
+        return (left, right)
+    raise PlannerError(f"window must be a left window in tokens (an int >= 0) or a pair (left, right) of ints >= -1 "
+                       f"(-1 = unbounded), got {window!r}")
+
+
+def _window_layers(window_layers: Any, window: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+    """``(windowed, global)`` layer counts from a pair of ints or a ``"W:G"`` string, or None."""
+    if window_layers is None:
+        return None
+    counts: Any = window_layers
+    if isinstance(window_layers, str):
+        parts = window_layers.split(":")
+        try:
+            counts = tuple(int(p) for p in parts) if len(parts) == 2 else None
+        except ValueError:
+            counts = None
+    if (not isinstance(counts, (tuple, list)) or len(counts) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in counts) or sum(counts) == 0):
+        raise PlannerError(f"window_layers must be 'W:G' (or a pair (W, G)): W windowed and G global layers, "
+                           f"counts >= 0, not both 0 (e.g. '5:1'), got {window_layers!r}")
+    if tuple(window) == (-1, -1):
+        raise PlannerError(f"window_layers={window_layers!r} needs window=... (the window of the windowed layers)")
+    return (int(counts[0]), int(counts[1]))
+
+
+def _shape(seqlen: Any, heads: Any, kv_heads: Any, head_dim: Any, batch: Any, dtype: Any, causal: Any,
+           window: Any = None) -> Shape:
     tokens = parse_seqlen(seqlen)
     heads = _positive_int("heads", heads)
     kv_heads = heads if kv_heads is None else _positive_int("kv_heads", kv_heads)
@@ -310,11 +400,11 @@ def _shape(seqlen: Any, heads: Any, kv_heads: Any, head_dim: Any, batch: Any, dt
     if not isinstance(causal, bool):
         raise PlannerError(f"causal must be True or False, got {causal!r}")
     return Shape(seqlen=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
-                 dtype=canonical_dtype(dtype), causal=causal)
+                 dtype=canonical_dtype(dtype), causal=causal, window=_window(window, causal))
 
 
 def _request(world_size: Any, shape: Shape, topology: Any, memory_limit: Any, sequence_parallel_size: Any,
-             kernel: Any, gpus_per_node: Any, forward_only: Any) -> _Request:
+             kernel: Any, gpus_per_node: Any, forward_only: Any, window_layers: Any = None) -> _Request:
     world_size = _positive_int("world_size", world_size)
     sp = world_size if sequence_parallel_size is None else _positive_int("sequence_parallel_size",
                                                                           sequence_parallel_size)
@@ -347,7 +437,8 @@ def _request(world_size: Any, shape: Shape, topology: Any, memory_limit: Any, se
                            f"topology {topo.name!r} has no kernel measured at it")
     topo.check_world(world_size)  # validates that the world fits the topology
     topo.kernel(kernel, shape.dtype, shape.head_dim)  # validates the kernel name
-    return _Request(world_size, sp, shape, topo, source, limit, kernel, forward_only)
+    mix = _window_layers(window_layers, shape.window)
+    return _Request(world_size, sp, shape, topo, source, limit, kernel, forward_only, mix)
 
 
 def _with_param(source: str, key: str, value: int) -> Optional[str]:
@@ -373,16 +464,28 @@ def _evaluate(model: CostModel, req: _Request, ulysses: int, ring: int, placemen
     if head_chunks is not None and head_chunks not in options:
         raise PlannerError(f"head_chunks={head_chunks} must divide the {shape.heads // ulysses} query and "
                            f"{kv // ulysses} K/V heads per Ulysses rank; valid values: {options}")
+    multiple = required_seqlen_multiple(ulysses, ring, shape.causal)
+    if shape.seqlen % multiple and tuple(shape.window) != (-1, -1):  # a window's pieces need whole shards
+        cand.feasible = False
+        cand.reason = (f"seqlen={shape.seqlen} is not a multiple of {multiple} "
+                       f"({'causal zigzag needs lcm(2R, R*U)' if shape.causal and ring > 1 else 'needs U*R'})")
+        return cand
     for chunks in [head_chunks] if head_chunks is not None else options:
-        cand.forward, cand.backward, cand.memory = model.evaluate(shape, ulysses, ring, placement, kernel_profile,
-                                                                  chunks)
+        costs = [(kind, n, model.evaluate(layer, ulysses, ring, placement, kernel_profile, chunks))
+                 for kind, n, layer in req.layers()]
+        cand.forward = PassCost.combine([(n, c[0]) for _, n, c in costs])
+        cand.backward = PassCost.combine([(n, c[1]) for _, n, c in costs])
+        cand.memory = max((c[2] for _, _, c in costs), key=lambda m: m.peak)  # one layer at a time
+        cand.layers = ([{"kind": kind, "count": n, "forward": c[0], "backward": c[1]} for kind, n, c in costs]
+                       if req.window_layers is not None else [])
+        if len(costs) == 1 and costs[0][1] == 1:  # one layer: its own costs, as before
+            cand.forward, cand.backward = costs[0][2][0], costs[0][2][1]
         cand.head_chunks = chunks
         if cand.memory.peak <= cap:
             break
     if cand.head_chunks > 1 and head_chunks is None:
         cand.notes.append(f"head_chunks={cand.head_chunks}: the ring runs once per 1/{cand.head_chunks} of the "
                           "heads so that its working memory fits")
-    multiple = required_seqlen_multiple(ulysses, ring, shape.causal)
     if shape.seqlen % multiple:
         why = "causal zigzag needs lcm(2R, R*U)" if shape.causal and ring > 1 else "needs U*R"
         cand.feasible = False
@@ -478,7 +581,7 @@ def _search(req: _Request, model: Optional[CostModel] = None) -> Plan:
                 memory=best.memory, topology=req.topology.name, topology_source=req.topology_source,
                 kernel=profile.name, memory_limit=req.memory_limit, forward_only=req.forward_only,
                 candidates=feasible + rejected,
-                notes=notes + best.notes, head_chunks=best.head_chunks)
+                notes=notes + best.notes, head_chunks=best.head_chunks, window_layers=req.window_layers)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -486,8 +589,10 @@ def plan(world_size: int, seqlen: Union[int, str], heads: int, kv_heads: Optiona
          batch: int = 1, dtype: Any = "bfloat16", causal: bool = True,
          topology: Union[None, str, os.PathLike, Topology] = None,
          memory_limit: Union[None, int, str] = None, *, sequence_parallel_size: Optional[int] = None,
-         kernel: str = "auto", gpus_per_node: Optional[int] = None, forward_only: bool = False) -> Plan:
-    """Choose the Ulysses x ring split for one attention layer.
+         kernel: str = "auto", gpus_per_node: Optional[int] = None, forward_only: bool = False,
+         window: Union[None, int, Tuple[int, int]] = None,
+         window_layers: Union[None, str, Tuple[int, int]] = None) -> Plan:
+    """Choose the Ulysses x ring split for one attention layer (or a mix of windowed and global layers).
 
     Args:
         world_size: ranks in the job.
@@ -505,13 +610,22 @@ def plan(world_size: int, seqlen: Union[int, str], heads: int, kv_heads: Optiona
         kernel: which kernel's rates to use ("auto" = the fastest the topology lists).
         gpus_per_node: override the topology's GPUs per host (compact topologies only).
         forward_only: minimise the forward time (inference / prefill) instead of forward + backward.
+        window: a sliding window. An int ``W`` is a causal layer's left window in tokens: each query sees itself
+            and the ``W`` tokens before it, ``window_size=(W, 0)`` (Mistral's ``sliding_window=4096`` is
+            ``W=4095``). A pair is ``window_size=(left, right)`` (flash-attn's meaning, -1 = unbounded): the form for
+            non-causal windows, symmetric or not (an int with ``causal=False`` is refused as ambiguous). Priced
+            with the blocks the window skips and only the halo rows exchanged (``usp.spec.SlidingWindow``).
+        window_layers: a model that mixes windowed and global (dense) layers: ``"W:G"`` or ``(W, G)``, ``W``
+            windowed and ``G`` global layers (counts: the model's own, e.g. ``"40:8"``, or a ratio, ``"5:1"``; the
+            order of the layers does not matter). The plan's ``forward``/``backward`` are then the sum over those
+            ``W + G`` layers (per layer type in each candidate's ``layers``), memory the larger layer's.
 
     Returns the fastest feasible :class:`Plan`. Raises ``ValueError`` (:class:`PlannerError`) with one line naming
     the bad argument, or saying why nothing fits.
     """
-    shape = _shape(seqlen, heads, kv_heads, head_dim, batch, dtype, causal)
+    shape = _shape(seqlen, heads, kv_heads, head_dim, batch, dtype, causal, window)
     req = _request(world_size, shape, topology, memory_limit, sequence_parallel_size, kernel, gpus_per_node,
-                   forward_only)
+                   forward_only, window_layers)
     return _search(req)
 
 
@@ -519,9 +633,12 @@ def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_hea
             head_dim: int = 128, batch: int = 1, dtype: Any = "bfloat16", causal: bool = True,
             placement: str = "ulysses_inner", topology: Union[None, str, os.PathLike, Topology] = None,
             world_size: Optional[int] = None, memory_limit: Union[None, int, str] = None, *,
-            kernel: str = "auto", gpus_per_node: Optional[int] = None, head_chunks: Optional[int] = 1) -> Candidate:
+            kernel: str = "auto", gpus_per_node: Optional[int] = None, head_chunks: Optional[int] = 1,
+            window: Union[None, int, Tuple[int, int]] = None,
+            window_layers: Union[None, str, Tuple[int, int]] = None) -> Candidate:
     """Predict one fixed split (for comparing measured against predicted). ``world_size`` defaults to ``U*R``;
-    ``head_chunks`` as passed to the attention (``None``: the smallest that fits the memory cap, as ``plan`` does).
+    ``head_chunks`` as passed to the attention (``None``: the smallest that fits the memory cap, as ``plan`` does);
+    ``window``, ``window_layers`` as for :func:`plan`.
 
     Returns a :class:`Candidate` (``forward``, ``backward``, ``memory``, ``total``); ``feasible`` is False with a
     ``reason`` when the split breaks a constraint (its costs are still filled in unless the heads do not divide).
@@ -531,8 +648,8 @@ def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_hea
     placement = _placement(placement)
     sp = ulysses * ring
     world_size = sp if world_size is None else world_size
-    shape = _shape(seqlen, heads, kv_heads, head_dim, batch, dtype, causal)
-    req = _request(world_size, shape, topology, memory_limit, sp, kernel, gpus_per_node, False)
+    shape = _shape(seqlen, heads, kv_heads, head_dim, batch, dtype, causal, window)
+    req = _request(world_size, shape, topology, memory_limit, sp, kernel, gpus_per_node, False, window_layers)
     profile, notes = req.topology.kernel(req.kernel, req.shape.dtype, req.shape.head_dim)
     cap = req.memory_limit if req.memory_limit is not None else req.topology.gpu_memory
     cand = _evaluate(CostModel(req.topology, req.world_size, sp), req, ulysses, ring, placement, profile, cap,
@@ -553,14 +670,15 @@ def sweep(seqlens: Iterable[Union[int, str]], world_size: int, heads: int, kv_he
           head_dim: int = 128, batch: int = 1, dtype: Any = "bfloat16", causal: bool = True,
           topology: Union[None, str, os.PathLike, Topology] = None, memory_limit: Union[None, int, str] = None, *,
           sequence_parallel_size: Optional[int] = None, kernel: str = "auto", gpus_per_node: Optional[int] = None,
-          forward_only: bool = False) -> List[Tuple[int, Union[Plan, PlannerError]]]:
+          forward_only: bool = False, window: Union[None, int, Tuple[int, int]] = None,
+          window_layers: Union[None, str, Tuple[int, int]] = None) -> List[Tuple[int, Union[Plan, PlannerError]]]:
     """``plan`` for each sequence length: ``[(seqlen, Plan or PlannerError)]``. A length with no feasible split
     gives its error in place (the sweep goes on); bad arguments other than the lengths raise."""
     lengths = [parse_seqlen(v, "sweep") for v in seqlens]
     if not lengths:
         raise PlannerError("sweep needs at least one sequence length")
-    req = _request(world_size, _shape(lengths[0], heads, kv_heads, head_dim, batch, dtype, causal), topology,
-                   memory_limit, sequence_parallel_size, kernel, gpus_per_node, forward_only)
+    req = _request(world_size, _shape(lengths[0], heads, kv_heads, head_dim, batch, dtype, causal, window), topology,
+                   memory_limit, sequence_parallel_size, kernel, gpus_per_node, forward_only, window_layers)
     model = CostModel(req.topology, req.world_size, req.sp_size)
     out: List[Tuple[int, Union[Plan, PlannerError]]] = []
     for tokens in lengths:

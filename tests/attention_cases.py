@@ -250,19 +250,13 @@ def standard_cases(ulysses: int, ring: int, dtypes=("float32", "bfloat16"), back
     return cases
 
 
-def expected_mask_collectives(case: Case, schedule, ring_rank: int, local_len: int) -> Dict[str, Dict[str, int]]:
-    """``expected_collectives`` for a masked layer: the same all-to-alls, and the ring's P2P calls as the ring
-    schedule states them (a ``usp.layout.WindowSchedule``'s ``collectives`` for this ring rank: only the steps its
-    window reaches; the dense schedules as above), per head group and head chunk."""
-    counts = expected_collectives(case)
-    if not getattr(schedule, "sparse", False):
-        return counts
-    from usp.attention import kv_replication
-    from usp.ulysses import head_groups
+def expected_mask_collectives(case: Case, window_size, ring_rank: int) -> Dict[str, Dict[str, int]]:
+    """``expected_collectives`` for a masked layer, as the spec states them (``usp.spec.layer_collectives`` with
+    the window: the ring's P2P calls are ``usp.spec.SlidingWindow.collectives`` of this ring rank, only the steps
+    its window reaches; a window that binds nowhere is the dense count), per head group and head chunk."""
+    from usp.spec import layer_collectives
 
-    u = case.ulysses
-    groups = head_groups(case.heads, case.kv_heads * kv_replication(case.kv_heads, u), u, case.head_chunks)
-    forward, backward = schedule.collectives(ring_rank, case.ring, local_len, case.head_chunks)
-    counts["forward"]["batch_isend_irecv"] = groups * case.head_chunks * forward
-    counts["backward"]["batch_isend_irecv"] = groups * case.head_chunks * backward
-    return counts
+    calls = layer_collectives(case.ulysses, case.ring, case.heads, case.kv_heads, case.head_chunks, case.causal,
+                              return_lse=True, window_size=window_size, seqlen=case.seqlen, ring_rank=ring_rank)
+    return {phase: {"all_to_all_single": getattr(calls, phase).all_to_all,
+                    "batch_isend_irecv": getattr(calls, phase).p2p} for phase in ("forward", "backward")}

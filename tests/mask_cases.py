@@ -4,7 +4,8 @@ Like ``attention_cases``: full inputs built identically on every rank, usp run o
 every gradient (sinks' included) gathered and compared with an fp64 reference, here an independent autograd
 implementation of the masked softmax (explicit mask, softcap, a sink column). Pass rule as there: error <= 2x the
 same kernel's single-device error in the same dtype + one float32 ulp. P2P calls are counted per rank and compared
-with the ring schedule's own statement (``attention_cases.expected_mask_collectives``).
+with the spec's statement (``usp.spec.layer_collectives`` with the window, through
+``attention_cases.expected_mask_collectives``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import List, Tuple
 
 import torch
 
-from attention_cases import FP32_ULP, Case, count_collectives, expected_mask_collectives, _norm
+from attention_cases import FP32_ULP, Case, case_backend, count_collectives, expected_mask_collectives, _norm
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,6 @@ def reference(q, k, v, sinks, causal, window, softcap, scale):
 
 def run_mask_case(case: MaskCase, mesh, seed: int = 0, device=None) -> dict:
     import usp
-    from usp.attention import _validate
     from usp.kernels import resolve_backend
     from usp.kernels.base import Mask
     from usp.layout import normalize_window
@@ -103,7 +103,8 @@ def run_mask_case(case: MaskCase, mesh, seed: int = 0, device=None) -> dict:
     mask = Mask(left, 0 if case.causal else right, case.softcap)
     full = {n: t.to(device) for n, t in full.items()}
     sinks_full = sinks_full.to(device) if case.sinks else None
-    kernel = resolve_backend(case.backend, device, dtype, case.head_dim)
+    backend = case_backend(case.backend)  # "contract:<name>": the kernel inside the contract checker
+    kernel = resolve_backend(backend, device, dtype, case.head_dim)
     out1, lse1 = kernel.forward(full["q"], full["k"], full["v"], mask, scale)
     if case.sinks:
         out1, lse1 = apply_sinks(out1, lse1, sinks_full)
@@ -115,7 +116,7 @@ def run_mask_case(case: MaskCase, mesh, seed: int = 0, device=None) -> dict:
     local = {n: usp.shard(t, mesh, dim=1, causal=case.causal) for n, t in full.items()}
     q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
     sinks = sinks_full.clone().requires_grad_() if case.sinks else None
-    kwargs = dict(causal=case.causal, return_lse=True, backend=case.backend, head_chunks=case.head_chunks,
+    kwargs = dict(causal=case.causal, return_lse=True, backend=backend, head_chunks=case.head_chunks,
                   window_size=case.window, softcap=case.softcap, sinks=sinks)
     with count_collectives() as fwd:
         out, lse = usp.long_context_attention(q, k, v, mesh, **kwargs)
@@ -134,9 +135,7 @@ def run_mask_case(case: MaskCase, mesh, seed: int = 0, device=None) -> dict:
         total = sinks.grad.clone()
         torch.distributed.all_reduce(total)
         gathered["dsinks"] = total
-    schedule = _validate(q.detach(), k.detach(), v.detach(), mesh, case.causal, None, case.backend, case.head_chunks,
-                         False, case.window, case.softcap, None)[2]
-    expected = expected_mask_collectives(case.base(), schedule, mesh.ring_rank, s // mesh.ring)
+    expected = expected_mask_collectives(case.base(), case.window, mesh.ring_rank)
     result = {"case": asdict(case), "tensors": {}, "collectives": {"forward": fwd, "backward": bwd},
               "expected": expected, "shape_ok": tuple(out.shape) == tuple(local["dout"].shape),
               "dtype_ok": out.dtype == dtype and q.grad.dtype == dtype}

@@ -37,54 +37,82 @@ def _ops(gm):
     return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "usp" in str(n.target)]
 
 
-def _dense_case(mesh, b, s, heads, kv_heads, d, **options):
-    """Eager and compiled (fullgraph) outputs and gradients of one call on the same shards, and the graphs."""
+def _sinks(heads, sinks):
+    """``sinks`` case option: None, "grad" (a differentiable [heads] tensor) or "nograd"."""
+    import torch
+
+    if sinks is None:
+        return lambda: None
+    values = torch.randn(heads, dtype=torch.float64)
+    return lambda: values.clone().requires_grad_(sinks == "grad")
+
+
+def _results(out, q, k, v, lse, sinks):
+    got = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+    if lse is not None:
+        got["lse"] = lse
+    if sinks is not None and sinks.requires_grad:
+        got["dsinks"] = sinks.grad
+    return got
+
+
+def _dense_case(mesh, b, s, heads, kv_heads, d, dv=None, sinks=None, one_tensor=False, **options):
+    """Eager and compiled (fullgraph) outputs and gradients of one call on the same shards, and the graphs.
+    ``dv``: v's head_dim (MLA); ``sinks``: see ``_sinks``; ``one_tensor``: q, k and v are one tensor."""
     import torch
     import usp
 
     causal = options.get("causal", True)
     torch.manual_seed(0)
-    full = [torch.randn(b, s, n, d, dtype=torch.float64) for n in (heads, kv_heads, kv_heads)]
-    dout = usp.shard(torch.randn(b, s, heads, d, dtype=torch.float64), mesh, dim=1, causal=causal)
+    dv = dv or d
+    full = [torch.randn(b, s, n, e, dtype=torch.float64) for n, e in ((heads, d), (kv_heads, d), (kv_heads, dv))]
+    dout = usp.shard(torch.randn(b, s, heads, dv, dtype=torch.float64), mesh, dim=1, causal=causal)
+    make_sinks = _sinks(heads, sinks)
 
-    def attention(q, k, v):
-        return usp.long_context_attention(q, k, v, mesh, backend="reference", **options)
+    def attention(q, k, v, sinks):
+        return usp.long_context_attention(q, k, v, mesh, backend="reference", sinks=sinks, **options)
 
     graphs = []
     results = []
     for fn in (attention, torch.compile(attention, backend=_recording_backend(graphs), fullgraph=True)):
         q, k, v = (usp.shard(x, mesh, dim=1, causal=causal).requires_grad_() for x in full)
-        got = fn(q, k, v)
+        if one_tensor:
+            k = v = q
+        sink_tensor = make_sinks()
+        got = fn(q, k, v, sink_tensor)
         out, lse = got if options.get("return_lse") else (got, None)
         out.backward(dout)
-        results.append([out.detach(), q.grad, k.grad, v.grad] + ([lse] if lse is not None else []))
+        results.append(_results(out, q, k, v, lse, sink_tensor))
     return results, graphs
 
 
-def _varlen_case(mesh, module: bool):
+def _varlen_case(mesh, module: bool, dv=None, sinks=None, **masks):
     import torch
     import usp
 
     torch.manual_seed(1)
     cu = torch.tensor([0, 5, 23, 24, 40], dtype=torch.int32)  # odd lengths: padding on every mesh
     heads, kv_heads, d = 4, 2, 8
-    full = [torch.randn(int(cu[-1]), n, d, dtype=torch.float64) for n in (heads, kv_heads, kv_heads)]
-    dout = usp.shard_varlen(torch.randn(int(cu[-1]), heads, d, dtype=torch.float64), cu, mesh)
-    layer = usp.LongContextAttention(mesh, causal=True, backend="reference")
+    dv = dv or d
+    full = [torch.randn(int(cu[-1]), n, e, dtype=torch.float64) for n, e in ((heads, d), (kv_heads, d), (kv_heads, dv))]
+    dout = usp.shard_varlen(torch.randn(int(cu[-1]), heads, dv, dtype=torch.float64), cu, mesh)
+    layer = usp.LongContextAttention(mesh, causal=True, backend="reference", **masks)
+    make_sinks = _sinks(heads, sinks)
 
-    def attention(q, k, v, cu_seqlens):
+    def attention(q, k, v, cu_seqlens, sinks):
         if module:
-            return layer(q, k, v, cu_seqlens, 24)
+            return layer(q, k, v, cu_seqlens, 24, sinks=sinks)
         return usp.long_context_attention_varlen(q, k, v, cu_seqlens, 24, mesh, backend="reference",
-                                                 return_lse=True)
+                                                 return_lse=True, sinks=sinks, **masks)
 
     graphs, results = [], []
     for fn in (attention, torch.compile(attention, backend=_recording_backend(graphs), fullgraph=True)):
         q, k, v = (usp.shard_varlen(x, cu, mesh).requires_grad_() for x in full)
-        got = fn(q, k, v, cu)
+        sink_tensor = make_sinks()
+        got = fn(q, k, v, cu, sink_tensor)
         out, lse = (got, None) if module else got
         out.backward(dout)
-        results.append([out.detach(), q.grad, k.grad, v.grad] + ([lse] if lse is not None else []))
+        results.append(_results(out, q, k, v, lse, sink_tensor))
     return results, graphs
 
 
@@ -92,7 +120,9 @@ def _check(results, graphs):
     import torch
 
     eager, compiled = results
-    for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), eager, compiled):
+    assert eager.keys() == compiled.keys(), (eager.keys(), compiled.keys())
+    for name, a in eager.items():
+        b = compiled[name]
         assert torch.equal(a, b), f"{name}: compiled differs from eager by {(a - b).abs().max().item()}"
     # one forward and one backward graph: no graph break, and usp's ops are in them
     assert len(graphs) == 2, f"{len(graphs)} graphs: dynamo broke the graph"
@@ -131,6 +161,15 @@ def _world(rank, world_size, meshes):
             "mqa_replicated": dict(b=1, s=16, heads=4, kv_heads=1, d=8),
             "groups_chunks": dict(b=1, s=16, heads=8, kv_heads=4, d=8, head_chunks=2),
         }
+        if world_size == 2:  # the mask options (Note [compiled attention]); 1x2 runs the sparse ring's kept halos
+            cases.update({
+                "window_softcap_sinks": dict(b=1, s=32, heads=4, kv_heads=2, d=8, window_size=(5, 0), softcap=5.0,
+                                             sinks="grad"),
+                "mla_window_noncausal": dict(b=1, s=16, heads=4, kv_heads=1, d=8, dv=4, causal=False,
+                                             window_size=(3, 2), return_lse=True, sinks="nograd"),
+                "mla_sinks_chunks": dict(b=1, s=16, heads=8, kv_heads=4, d=8, dv=16, head_chunks=2, sinks="grad"),
+                "one_tensor_window": dict(b=1, s=16, heads=2, kv_heads=2, d=8, window_size=(4, 0), one_tensor=True),
+            })
         for name, case in cases.items():
             torch._dynamo.reset()
             shapes = {key: case.pop(key) for key in ("b", "s", "heads", "kv_heads", "d")}
@@ -140,6 +179,10 @@ def _world(rank, world_size, meshes):
             torch._dynamo.reset()
             _check(*_varlen_case(mesh, module))
             report[f"{u}x{r} varlen module={module}"] = "ok"
+        if world_size == 2:
+            torch._dynamo.reset()
+            _check(*_varlen_case(mesh, False, dv=4, sinks="grad", softcap=5.0, window_size=(6, 0)))
+            report[f"{u}x{r} varlen mla_window_softcap_sinks"] = "ok"
         torch._dynamo.reset()
         report[f"{u}x{r} disagree"] = _disagreeing_call(mesh, rank)
     return report
@@ -159,7 +202,7 @@ def test_compiled_equals_eager_without_graph_breaks(world_results):
                 assert "causal differs" in outcome, (case, outcome)
             else:
                 assert outcome == "ok", (case, outcome)
-    assert len(reports[0]) == 7 * len(meshes)
+    assert len(reports[0]) == (12 if len(meshes) == 2 else 7) * len(meshes)
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2

@@ -13,12 +13,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(nproc: int, script: str, *args: str, timeout: float) -> str:
-    """Run ``torchrun --nproc-per-node nproc examples/script args``; return its output, fail on a non-zero exit."""
+def torchrun(nproc: int, script: str, *args: str, timeout: float, gpus: bool = False) -> str:
+    """Run ``torchrun --nproc-per-node nproc examples/script args``; return its output, fail on a non-zero exit.
+    ``gpus=False`` hides the GPUs (the CPU runs start more ranks than a GPU machine may have GPUs)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            os.path.join(ROOT, "examples", script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -52,5 +55,5 @@ def test_quickstart_uses_ulysses_and_ring_and_checks_gradients():
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_use_gpu_example_on_two_gpus():
-    out = torchrun(2, "use_gpu.py", timeout=580)
+    out = torchrun(2, "use_gpu.py", timeout=580, gpus=True)
     assert "output and gradients within 2x" in out

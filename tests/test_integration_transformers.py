@@ -6,7 +6,9 @@ one process: relative Frobenius error vs an fp64 run at most 2x the fp32 single-
 (the rule of the core tests). Meshes: 1x2, 2x1 (2 ranks, register and replace modes, with and without activation
 checkpointing); 2x2 (4 ranks, both placements); meshes built from DeviceMeshes (named ulysses/ring dims, a flattened
 cp dim split 2x2) and data parallel 2 x (2x1), 2 x (1x2) with a different batch per replica; a packed row of
-documents through the varlen path (1x2, 2x1, 2x2) against the model run on each document alone. Each world size is
+documents through the varlen path (1x2, 2x1, 2x2) against the model run on each document alone. Model families
+with other masks (issue 11: Mistral, Qwen2 sliding window, Gemma 2 softcap, Gemma 3, gpt-oss sinks, DeepSeek V3 MLA;
+tiny configs in integration_cases.FAMILIES) on the same meshes, dense and packed. Each world size is
 started once (module-scoped fixtures) and runs every case; refused inputs are checked on every rank, followed by a
 correct call that would hang if a refused one had entered a collective.
 """
@@ -21,7 +23,15 @@ import torch  # noqa: E402
 from distributed import run_world  # noqa: E402
 from integration_cases import (  # noqa: E402
     BATCH,
+    FAMILY_CASES,
+    FAMILY_DTYPE,
+    FP64_BOUND,
+    PACKED_ONLY_CASES,
+    family_cases,
+    family_references,
+    make_family_model,
     SEQLEN,
+    FP32_ULP,
     capture,
     compare,
     guarded,
@@ -43,7 +53,7 @@ WORLD_TIMEOUT = 240
 
 
 # ---------------------------------------------------------------------------------------------- worlds
-def _world2(rank, world_size, state_dict, batches, packed, rope_states):
+def _world2(rank, world_size, state_dict, batches, packed, rope_states, family_states):
     import torch.nn as nn
 
     import usp
@@ -79,6 +89,11 @@ def _world2(rank, world_size, state_dict, batches, packed, rope_states):
         f"{name} {mesh_name}": guarded(run_sequence_parallel, mesh, rope_states[name], ids, labels,
                                        model_kwargs=dict(family=ROPE_MODELS[name][0], **ROPE_MODELS[name][1]))
         for name in ROPE_MODELS for mesh_name, mesh in (("1x2", mesh12), ("2x1", mesh21))}
+    # model families with sliding windows, softcap, sinks, MLA (issue 11): both modes, both meshes, dense and packed
+    meshes = {"1x2": mesh12, "2x1": mesh21}
+    results["families"] = family_cases(
+        meshes, [(m, mode) for m in meshes for mode in ("register", "replace")], family_states, ids, labels,
+        packed_meshes=("1x2", "2x1"))
 
     # transformers' own loss with the pre-shifted labels and the global count equals causal_lm_loss
     model = usp_hf.enable(make_model(torch.float32, "sdpa", state_dict), mesh12)
@@ -118,11 +133,11 @@ def _world2(rank, world_size, state_dict, batches, packed, rope_states):
         ("local position_ids", lambda: model(input_ids=batch["input_ids"],
                                              position_ids=torch.arange(local).expand(BATCH, -1))),
         ("dropout in training", dropout_in_training),
-        ("short sliding window", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, sliding_window=8)),
+        ("sliding window of 0", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, sliding_window=0)),
         ("sliding window covering the sequence",
          lambda: usp_hf.attention_forward(attn, q, kv, kv, None, sliding_window=SEQLEN)),
-        ("softcap", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, softcap=30.0)),
-        ("attention sinks", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, s_aux=torch.zeros(4))),
+        ("negative softcap", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, softcap=-30.0)),
+        ("sinks of the wrong shape", lambda: usp_hf.attention_forward(attn, q, kv, kv, None, s_aux=torch.zeros(2))),
         ("4D mask", lambda: usp_hf.attention_forward(attn, q, kv, kv, torch.zeros(BATCH, 1, local, local))),
         ("kv cache", lambda: usp_hf.attention_forward(attn, q, torch.cat([kv, kv], 2), torch.cat([kv, kv], 2), None)),
         ("module not enabled", lambda: usp_hf.attention_forward(nn.Linear(2, 2), q, kv, kv, None)),
@@ -151,7 +166,7 @@ def _world2(rank, world_size, state_dict, batches, packed, rope_states):
     return portable(results)
 
 
-def _world4(rank, world_size, state_dict, batches, packed):
+def _world4(rank, world_size, state_dict, batches, packed, family_states):
     from torch.distributed.device_mesh import init_device_mesh
 
     import usp
@@ -168,6 +183,10 @@ def _world4(rank, world_size, state_dict, batches, packed):
     if usp_hf._varlen_function() is not None:
         mesh = usp.SequenceParallelMesh(ulysses=2, ring=2)
         results["packed"] = {"2x2": guarded(run_packed, mesh, state_dict, *packed)}
+    meshes = {"2x2": usp.SequenceParallelMesh(ulysses=2, ring=2),
+              "2x2 ring_inner": usp.SequenceParallelMesh(ulysses=2, ring=2, placement="ring_inner")}
+    results["families"] = family_cases(meshes, [("2x2", "register"), ("2x2 ring_inner", "replace")], family_states,
+                                       ids, labels, packed_meshes=("2x2",))
 
     # torchtitan-style named dims, one per axis
     named = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ulysses", "ring"))
@@ -230,16 +249,30 @@ def rope_references(references):
 
 
 @pytest.fixture(scope="module")
-def world2(references, rope_references):
-    state_dict, batches, _, _, packed = references
-    rope_states = {name: value[0] for name, value in rope_references.items()}
-    return restore(run_world(2, _world2, state_dict, batches, packed, rope_states, timeout=WORLD_TIMEOUT))
+def family_refs(references):
+    """Per family case: fp32 weights, (truth, single) on batch 0 and on the packed row (FAMILY_DTYPE: float64)."""
+    _, batches, _, _, packed = references
+    return {case: family_references(family, *batches[0], packed, **overrides)
+            for case, (family, overrides) in {**FAMILY_CASES, **PACKED_ONLY_CASES}.items()}
+
+
+def _family_states(family_refs):
+    return {case: refs["state_dict"] for case, refs in family_refs.items()}
 
 
 @pytest.fixture(scope="module")
-def world4(references):
+def world2(references, rope_references, family_refs):
     state_dict, batches, _, _, packed = references
-    return restore(run_world(4, _world4, state_dict, batches, packed, timeout=WORLD_TIMEOUT))
+    rope_states = {name: value[0] for name, value in rope_references.items()}
+    return restore(run_world(2, _world2, state_dict, batches, packed, rope_states, _family_states(family_refs),
+                             timeout=WORLD_TIMEOUT))
+
+
+@pytest.fixture(scope="module")
+def world4(references, family_refs):
+    state_dict, batches, _, _, packed = references
+    return restore(run_world(4, _world4, state_dict, batches, packed, _family_states(family_refs),
+                             timeout=WORLD_TIMEOUT))
 
 
 def _average(results):
@@ -346,6 +379,83 @@ def test_length_dependent_rope_matches_single_process(world2, rope_references):
     assert not problems, "\n".join(problems)
 
 
+_ALL_FAMILY_CASES = {**FAMILY_CASES, **PACKED_ONLY_CASES}
+
+
+def _check_families(per_rank, family_refs):
+    """Every family case on every rank, dense and packed (windows inside documents included): loss and gradients
+    within the bound of one process, ranks bitwise equal."""
+    problems = []
+    for rank, results in enumerate(per_rank):
+        for name, result in results["families"].items():
+            case = next(c for c in sorted(_ALL_FAMILY_CASES, key=len, reverse=True) if name.startswith(c + " "))
+            family, _ = _ALL_FAMILY_CASES[case]
+            truth, single = family_refs[case]["packed" if name.endswith(" packed") else "dense"]
+            if "error" in result:
+                problems.append(f"rank {rank} {name}: raised\n{result['error'][-1500:]}")
+                continue
+            floor = FP64_BOUND if FAMILY_DTYPE.get(family) == torch.float64 else FP32_ULP
+            problems += [f"rank {rank} {name}: {p}" for p in compare(result, truth, single, floor)]
+            first = per_rank[0]["families"][name]
+            if rank and ("error" in first or not torch.equal(first["loss"], result["loss"]) or any(
+                    not torch.equal(first["grads"][n], g) for n, g in result["grads"].items())):
+                problems.append(f"{name}: rank {rank} differs from rank 0")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(WORLD_TIMEOUT + 60)
+def test_model_families_match_single_process(world2, world4, family_refs):
+    """Mistral, Qwen2 (use_sliding_window), Gemma 2 (softcap + sliding/full), Gemma 3 (local/global), gpt-oss
+    (sinks + sliding/full) and DeepSeek V3 (MLA: v head_dim 16, q/k 24): loss and every gradient equal one process
+    on 1x2, 2x1 (register and replace) and 2x2 (register; ring_inner replace), dense; packed rows on 1x2, 2x1,
+    2x2, windows inside documents included."""
+    for per_rank in (world2, world4):
+        names = set(per_rank[0]["families"])
+        dense = {n for n in names if not n.endswith(" packed")}
+        assert len(dense) == len(FAMILY_CASES) * (4 if per_rank is world2 else 2), sorted(dense)
+        assert len(names - dense) == len({**FAMILY_CASES, **PACKED_ONLY_CASES}) * (2 if per_rank is world2 else 1)
+    _check_families(world2, family_refs)
+    _check_families(world4, family_refs)
+    for per_rank in (world2, world4):
+        cases = per_rank[0]["families"]
+        assert cases["mistral 2x1 replace" if per_rank is world2 else "mistral 2x2 ring_inner replace"][
+            "implementation"] == "sdpa"
+        if per_rank is world2:
+            assert cases["gemma2 2x1 replace"]["implementation"] == "flash_attention_2"
+            assert cases["gpt_oss 1x2 register"]["implementation"] == "usp"
+
+
+def test_family_masks_change_the_loss():
+    """The family tests would catch plain causal attention: turning each model's window, softcap or sinks off
+    changes its single-process loss by far more than the bound."""
+    from integration_cases import reference as run_reference
+
+    ids, labels = make_batch(0)
+
+    def loss(family, **overrides):
+        return run_reference(make_family_model(family, torch.float32, **overrides), ids, labels)["loss"]
+
+    def sinks_off(family):
+        model = make_family_model(family, torch.float32)
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "sinks"):
+                    module.sinks.fill_(-float("inf"))
+        return run_reference(model, ids, labels)["loss"]
+
+    variants = {
+        "mistral window": (loss("mistral"), loss("mistral", sliding_window=None)),
+        "qwen2 window": (loss("qwen2"), loss("qwen2", use_sliding_window=False)),
+        "gemma2 window": (loss("gemma2"), loss("gemma2", sliding_window=SEQLEN)),
+        "gemma2 softcap": (loss("gemma2"), loss("gemma2", attn_logit_softcapping=None)),
+        "gemma3 window": (loss("gemma3"), loss("gemma3", sliding_window=SEQLEN)),
+        "gpt_oss window": (loss("gpt_oss"), loss("gpt_oss", sliding_window=SEQLEN)),
+        "gpt_oss sinks": (loss("gpt_oss"), sinks_off("gpt_oss")),
+    }
+    for name, (on, off) in variants.items():
+        assert abs(float(on) - float(off)) > 1e-4 * abs(float(on)), (name, float(on), float(off))
+
+
 def test_rope_models_are_length_dependent_at_these_sizes():
     """The rope test would catch a rank choosing its own frequencies: the cos/sin of a shard's positions differ
     between the shard's own largest position (1x2 rank 1: 32, 2x1 rank 0: 21) and the global one (43)."""
@@ -376,9 +486,9 @@ def test_refused_inputs_raise_clear_errors_on_every_rank(world2, references):
         "missing position_ids": ("ValueError", r"needs position_ids"),
         "local position_ids": ("ValueError", r"not the global positions"),
         "dropout in training": ("ValueError", r"no dropout.*attention_dropout"),
-        "short sliding window": ("NotImplementedError", r"sliding_window=8 < global sequence length 44"),
-        "softcap": ("NotImplementedError", r"softcap"),
-        "attention sinks": ("NotImplementedError", r"sinks"),
+        "sliding window of 0": ("ValueError", r"LlamaAttention passed sliding_window=0; usp takes None or an int"),
+        "negative softcap": ("ValueError", r"softcap must be a finite float >= 0"),
+        "sinks of the wrong shape": ("ValueError", r"sinks must have shape \[heads\] = \[4\]"),
         "4D mask": ("ValueError", r"takes no custom mask"),
         "kv cache": ("ValueError", r"use_cache=False"),
         "module not enabled": ("RuntimeError", r"enable\(model, mesh\)"),

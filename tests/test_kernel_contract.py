@@ -1,7 +1,8 @@
 """Note [kernel contract] (``usp.kernels.base``), deterministic mode and the double-backward refusal, on CPU (gloo).
 
 Every schedule (causal and not, batch 2 so that row slices are strided, GQA with K/V replication, head chunks
-with and without shared K/V heads, Ulysses x ring, packed documents) runs with the reference kernels wrapped in
+with and without shared K/V heads, Ulysses x ring, packed documents; sliding windows, softcap and sinks, dense and
+packed) runs with the reference kernels wrapped in
 the contract checker (``usp.kernels.contract``), which raises on anything a kernel may not receive: a caller that
 hands a kernel a strided LSE (what made flash-attn 2 return wrong gradients) fails here, on CPU. The same worlds
 check that ``deterministic=True`` gives bitwise-identical results over three runs and that second-order gradients
@@ -14,7 +15,8 @@ import torch
 
 from attention_cases import CONTRACT_PREFIX, Case, check_result, run_cases, standard_cases
 from distributed import run_world
-from varlen_cases import VarlenCase, cases_for, check_varlen_result, run_varlen_case
+from mask_cases import MaskCase, check_mask_result, run_mask_case
+from varlen_cases import VarlenCase, cases_for, check_varlen_result, masked_cases_for, run_varlen_case
 
 MESHES = {2: [(1, 2), (2, 1)], 4: [(2, 2), (1, 4)]}
 CHECKED = CONTRACT_PREFIX + "reference"
@@ -37,8 +39,26 @@ def _dense_cases(u, r):
 
 
 def _varlen_cases(u, r):
-    return [VarlenCase(c.ulysses, c.ring, c.causal, c.dtype, c.scenario, c.heads, c.kv_heads, c.head_dim, CHECKED)
-            for c in cases_for(u, r, full=False)]
+    cases = [VarlenCase(c.ulysses, c.ring, c.causal, c.dtype, c.scenario, c.heads, c.kv_heads, c.head_dim, CHECKED)
+             for c in cases_for(u, r, full=False)]
+    # windows (trimmed per-document sequences, one mask per call), softcap, sinks
+    return cases + [c for i, c in enumerate(masked_cases_for(u, r, CHECKED)) if i in (0, 2, 3)]
+
+
+def _mask_cases(u, r):
+    """Dense windowed blocks (trimmed sub-blocks, Note [block mask]), softcap, sinks, MLA head sizes."""
+    from mask_cases import MaskCase
+    from usp.spec import required_multiple
+
+    cases = []
+    for causal in (True, False):
+        seqlen = required_multiple(u, r, causal) * 6
+        shard = seqlen // (u * r)
+        cases.append(MaskCase(u, r, causal, "float32", seqlen, window=(2, 0 if causal else 3), sinks=True,
+                              backend=CHECKED))
+        cases.append(MaskCase(u, r, causal, "bfloat16", seqlen, window=(shard + 3, 0 if causal else 1),
+                              softcap=5.0, kv_heads=1, v_head_dim=8, backend=CHECKED))
+    return cases
 
 
 def _bitwise_runs(mesh, varlen: bool, runs: int = 3):
@@ -92,10 +112,11 @@ def _world_main(rank, world_size, meshes):
     import usp
 
     device = torch.device("cpu")
-    results = {"dense": [], "varlen": [], "deterministic": {}, "double_backward": {}}
+    results = {"dense": [], "masked": [], "varlen": [], "deterministic": {}, "double_backward": {}}
     for u, r in meshes:
         results["dense"] += run_cases(_dense_cases(u, r), device)
         mesh = usp.SequenceParallelMesh(ulysses=u, ring=r)
+        results["masked"] += [run_mask_case(case, mesh) for case in _mask_cases(u, r)]
         for case in _varlen_cases(u, r):
             results["varlen"].append(run_varlen_case(case, mesh, device))
         for varlen in (False, True):
@@ -121,11 +142,15 @@ def test_every_schedule_honours_the_kernel_contract(world_results):
     for rank, results in enumerate(per_rank):
         for result in results["dense"]:
             failures += [f"rank {rank} {Case(**result['case']).name()}: {p}" for p in check_result(result)]
+        for result in results["masked"]:
+            failures += [f"rank {rank} {MaskCase(**result['case']).name()}: {p}" for p in check_mask_result(result)]
         for result in results["varlen"]:
             failures += [f"rank {rank} {VarlenCase(**result['case']).name()}: {p}" for p in check_varlen_result(result)]
     assert not failures, "\n".join(failures[:30])
     kernels = {result["kernel"] for result in per_rank[0]["dense"] + per_rank[0]["varlen"]}
     assert kernels == {"contract_checked_reference"}
+    assert all(MaskCase(**r["case"]).backend == CHECKED for r in per_rank[0]["masked"])
+    assert any(VarlenCase(**r["case"]).window != (-1, -1) for r in per_rank[0]["varlen"])  # packed windows ran
     assert any(Case(**r["case"]).batch == 2 for r in per_rank[0]["dense"])  # strided row slices were exercised
     assert any(Case(**r["case"]).head_chunks > 1 for r in per_rank[0]["dense"])
 

@@ -60,21 +60,46 @@ def _bad_calls(mesh):
     return messages
 
 
-def _world(rank, world_size):
-    import usp
+def _packed_bad_calls(mesh):
+    """Packed input: a named varlen backend without windows is refused (ValueError naming the option)."""
+    import torch
 
-    results, bad = [], None
+    import usp
+    from usp.kernels.varlen import ReferenceVarlenKernel
+
+    class NoWindow(ReferenceVarlenKernel):
+        name = "no_window"
+        supports_window = False
+
+    cu = [0, 20, 23]
+    q, k, v = (usp.shard_varlen(torch.randn(23, h, 16), cu, mesh) for h in (4, 2, 2))
+    try:
+        usp.long_context_attention_varlen(q, k, v, cu, None, mesh, window_size=(4, 0), backend=NoWindow())
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _world(rank, world_size):
+    import torch
+
+    import usp
+    from mask_cases import run_mask_case
+    from varlen_cases import masked_cases_for, run_varlen_case
+
+    results, bad, packed = [], None, []
     for u, r in MESHES[world_size]:
         mesh = usp.SequenceParallelMesh(ulysses=u, ring=r)
         cases = mask_cases(u, r)
         if world_size == 8:
             cases = cases[:3] + cases[-2:]
-        from mask_cases import run_mask_case
-
         results += [run_mask_case(case, mesh) for case in cases]
+        if world_size < 8:  # packed documents with windows, softcap, sinks (Note [varlen windows])
+            packed += [run_varlen_case(case, mesh, torch.device("cpu")) for case in masked_cases_for(u, r)]
         if bad is None:
             bad = _bad_calls(mesh)
-    return results, bad
+            bad["packed backend without window"] = _packed_bad_calls(mesh)
+    return results, bad, packed
 
 
 @pytest.fixture(scope="module", params=sorted(MESHES))
@@ -86,7 +111,7 @@ def world(request):
 def test_masked_cases_within_bound_with_the_schedule_collectives(world):
     world_size, per_rank = world
     failures = []
-    for rank, (results, _) in enumerate(per_rank):
+    for rank, (results, _, _) in enumerate(per_rank):
         for result in results:
             for problem in check_mask_result(result):
                 failures.append(f"rank {rank} {MaskCase(**result['case']).name()}: {problem}")
@@ -97,7 +122,7 @@ def test_masked_cases_within_bound_with_the_schedule_collectives(world):
 @pytest.mark.timeout(900)
 def test_bad_mask_options_raise_on_every_rank(world):
     _, per_rank = world
-    for rank, (_, bad) in enumerate(per_rank):
+    for rank, (_, bad, _) in enumerate(per_rank):
         missing = [name for name, message in bad.items() if message is None]
         assert not missing, f"rank {rank}: no error for {missing}"
     bad = per_rank[0][1]
@@ -106,6 +131,23 @@ def test_bad_mask_options_raise_on_every_rank(world):
     assert "window" in bad["backend without window"] and "reference" in bad["backend without window"]
     assert "softcap" in bad["backend without softcap"]
     assert "head_dim" in bad["backend without MLA"]
+    assert "window" in bad["packed backend without window"] and "reference" in bad["packed backend without window"]
+
+
+@pytest.mark.timeout(900)
+def test_packed_windows_within_bound_with_the_dense_ring_collectives(world):
+    """Windows, softcap and sinks on packed documents, every mesh of 2 and 4 ranks, against a per-document fp64
+    reference; the K/V still rotate round the whole ring (the dense counts)."""
+    from varlen_cases import VarlenCase, check_varlen_result
+
+    world_size, per_rank = world
+    if world_size == 8:
+        pytest.skip("packed masked cases run on the 2- and 4-rank worlds")
+    failures = [f"rank {rank} {VarlenCase(**result['case']).name()}: {problem}"
+                for rank, (_, _, packed) in enumerate(per_rank) for result in packed
+                for problem in check_varlen_result(result)]
+    assert not failures, "\n".join(failures[:40])
+    assert len(per_rank[0][2]) == 6 * len(MESHES[world_size])
 
 
 def test_a_window_within_one_shard_does_not_rotate_round_the_ring():

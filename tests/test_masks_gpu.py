@@ -1,5 +1,5 @@
 """Masked attention on 2 GPUs over NCCL (issue 11): window, softcap, sinks (and MLA head sizes on fa4), dense and
-packed, meshes 1x2 and 2x1, on every GPU backend that supports the option (``gpu_backends``: narrow with
+packed (windows on packed documents against the per-document reference on the varlen kernels with windows), meshes 1x2 and 2x1, on every GPU backend that supports the option (``gpu_backends``: narrow with
 ``USP_GPU_TEST_BACKENDS``, require with ``USP_GPU_REQUIRE``). Same cases and pass rule as the CPU ``test_masks``
 (fp64 autograd reference, 2x the same kernel's single-GPU error + 1 fp32 ulp, P2P calls as the schedule states).
 Skips without 2 GPUs. About a minute per backend."""
@@ -49,7 +49,23 @@ def _world(rank, world_size, backend):
         mesh = usp.SequenceParallelMesh(ulysses=u, ring=r)
         for case in _cases(backend, u, r):
             problems += [f"{case.name()}: {p}" for p in check_mask_result(run_mask_case(case, mesh, device=device))]
-        # packed documents with softcap and sinks (windows on the packed path are refused: see README)
+        # packed documents with windows (smaller and larger than a document's chunk, crossing document starts),
+        # softcap and sinks, against the per-document fp64 reference (varlen_cases), on the varlen kernels with windows;
+        # a varlen backend that is not available here (cuDNN's before torch 2.14) has no packed part
+        from usp.kernels.varlen import VARLEN_BACKENDS
+        from varlen_cases import VarlenCase, check_varlen_result, run_varlen_case
+
+        varlen_kernel = VARLEN_BACKENDS.get(backend)
+        if varlen_kernel is None or not varlen_kernel.is_available():
+            continue
+        if varlen_kernel.supports_window:
+            for causal, window, softcap, sinks in ((True, (64, 0), 0.0, True), (True, (700, 0), 30.0, False),
+                                                   (False, (100, 37), 30.0, True)):
+                case = VarlenCase(u, r, causal, "bfloat16", "gpu_mixed", 8, 2, 128, backend, window=window,
+                                  softcap=softcap, sinks=sinks)
+                problems += [f"{case.name()}: {p}" for p in check_varlen_result(run_varlen_case(case, mesh, device))]
+        # packed documents with softcap and sinks on every backend (refused with a ValueError naming softcap where the
+        # kernel lacks it)
         cu = [0, 300, 700, 1024]
         q, k, v = (torch.randn(1024, h, 128, device=device, dtype=torch.bfloat16) for h in (8, 2, 2))
         sinks = torch.zeros(8, device=device, requires_grad=True)

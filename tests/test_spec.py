@@ -18,7 +18,8 @@ def test_the_runtime_uses_the_spec_itself():
     import usp.ulysses
 
     for module, names in ((usp.mesh, ("Placement", "sequence_parallel_rank_grid")),
-                          (usp.layout, ("Layout", "choose_layout", "required_multiple")),
+                          (usp.layout, ("Layout", "choose_layout", "required_multiple", "normalize_window",
+                                        "SlidingWindow", "band_pieces", "sliding_window")),
                           (usp.attention, ("kv_replication", "valid_head_chunks")),
                           (usp.ulysses, ("head_groups",)), (usp, ("Placement",))):
         for name in names:
@@ -116,6 +117,110 @@ def test_the_planner_prices_the_spec_counts():
                     u, r, heads, kv, chunks, causal)
 
 
+def test_the_window_schedule_is_the_specs_sliding_window():
+    """``usp.layout.WindowSchedule`` runs the spec's window facts: its blocks are the spec's pieces with the kernel
+    mask attached, and ``schedule_for`` picks a window exactly when ``spec.sliding_window`` finds one."""
+    from usp.layout import WindowSchedule, schedule_for
+
+    for causal, window, seqlen, ring in ((True, (5, 0), 96, 4), (False, (3, 7), 96, 3), (True, (200, 0), 96, 4),
+                                         (False, (1, 40), 60, 2), (True, (2, 0), 32, 1)):
+        schedule = schedule_for(causal, window, 1.5, seqlen)
+        facts = spec.sliding_window(causal, window, seqlen)
+        assert (facts is None) == (not isinstance(schedule, WindowSchedule)), (causal, window)
+        if facts is None:
+            continue
+        assert isinstance(schedule, spec.SlidingWindow)
+        local = seqlen // ring
+        assert schedule.active_steps(ring, local) == facts.active_steps(ring, local)
+        for r in range(ring):
+            for j in range(ring):
+                blocks = [(t.q_rows, t.kv_rows, t.mask.left, t.mask.right, t.mask.softcap)
+                          for t in schedule.blocks(j, r, ring, local)]
+                assert blocks == [p + (1.5,) for p in facts.pieces(j, r, ring, local)]
+
+
+def _brute_pieces(window, r, step, ring, local):
+    """Every (query, key) pair of ring rank r against ring rank r - step that the window lets through, in shard
+    rows, from the layout's global positions (no spec arithmetic)."""
+    def positions(rank):
+        if spec.choose_layout(ring, window.causal) is spec.Layout.ZIGZAG:
+            c = local // 2
+            return list(range(rank * c, (rank + 1) * c)) + list(range((2 * ring - 1 - rank) * c,
+                                                                     (2 * ring - rank) * c))
+        return list(range(rank * local, (rank + 1) * local))
+
+    mine, theirs = positions(r), positions((r - step) % ring)
+    left, right = window.left, window.right
+    return {(i, j) for i, qi in enumerate(mine) for j, kj in enumerate(theirs)
+            if (left == -1 or kj >= qi - left) and (right == -1 or kj <= qi + right)
+            and (not window.causal or kj <= qi)}
+
+
+def test_sliding_window_pieces_cover_exactly_the_window():
+    """The pieces of every (rank, step) cover each visible pair once and nothing else; ``band_area`` counts them;
+    the halo bounds the key rows; steps nobody needs are not active."""
+    for causal in (True, False):
+        for ring in (1, 2, 3, 4):
+            local = 12
+            windows = ([(0, 0), (1, 0), (5, 0), (13, 0), (30, 0)] if causal
+                       else [(1, 2), (0, 5), (13, 1), (-1, 3), (4, -1)])
+            for left, right in windows:
+                window = spec.sliding_window(causal, (left, right), ring * local)
+                if window is None:
+                    continue
+                active = set()
+                for r in range(ring):
+                    for step in range(ring):
+                        pairs, area = set(), 0
+                        pieces = window.pieces(step, r, ring, local)
+                        for q, k, l, rr in pieces:
+                            n_q, n_k = q.stop - q.start, k.stop - k.start
+                            got = {(q.start + i, k.start + j) for i in range(n_q) for j in range(n_k)
+                                   if (l == -1 or j - i >= n_k - n_q - l) and (rr == -1 or j - i <= n_k - n_q + rr)}
+                            assert not pairs & got
+                            pairs |= got
+                            area += spec.band_area(n_q, n_k, l, rr)
+                        want = _brute_pieces(window, r, step, ring, local)
+                        assert pairs == want and area == len(want), (causal, ring, left, right, r, step)
+                        halo = window.halo(step, r, ring, local)
+                        if step and want:
+                            active.add(step)
+                            assert halo.start == min(j for _, j in want) and halo.stop == max(j for _, j in want) + 1
+                        else:
+                            assert halo is None
+                assert set(window.active_steps(ring, local)) == active
+
+
+def test_window_collectives_in_the_layer_counts():
+    """With a window, ``layer_collectives`` counts the window's exchanges per head group and chunk (ring rank
+    given, or the busiest); a window that binds nowhere is the dense count; a window without seqlen raises."""
+    calls = spec.layer_collectives(2, 8, 8, 4, 1, True, window_size=(2, 0), seqlen=8 * 32)
+    window = spec.sliding_window(True, (2, 0), 8 * 32)
+    groups = spec.head_groups(8, 4, 2)
+    busiest = max(window.collectives(r, 8, 32) for r in range(8))
+    assert busiest == (2, 2) and window.active_steps(8, 32) == (1, 7)  # two neighbours, not the whole ring
+    assert (calls.forward.p2p, calls.backward.p2p) == (groups * 2, groups * 2)
+    for r in range(8):
+        one = spec.layer_collectives(2, 8, 8, 4, 1, True, window_size=(2, 0), seqlen=8 * 32, ring_rank=r)
+        assert one.forward.p2p == groups * window.collectives(r, 8, 32)[0]
+        assert one.forward.all_to_all == calls.forward.all_to_all == 4 * groups
+    wide = spec.layer_collectives(1, 4, 8, 8, 1, True, window_size=(10**6, 0), seqlen=64)
+    assert wide == spec.layer_collectives(1, 4, 8, 8, 1, True)
+    with pytest.raises(ValueError, match="needs the global seqlen"):
+        spec.layer_collectives(1, 4, 8, 8, window_size=(3, 0))
+
+
+def test_band_area_counts_the_visible_pairs():
+    for q in range(1, 8):
+        for k in range(1, 8):
+            for left in range(-1, 9):
+                for right in range(-1, 9):
+                    brute = sum(1 for i in range(q) for j in range(k)
+                                if (left == -1 or j - i >= k - q - left) and (right == -1 or j - i <= k - q + right))
+                    assert spec.band_area(q, k, left, right) == brute, (q, k, left, right)
+    assert spec.band_area(1 << 20, 1 << 20, 4095, 0) == 4096 * (1 << 20) - 4095 * 4096 // 2
+
+
 def test_divisors():
     from usp.planner.units import divisors
 
@@ -143,6 +248,8 @@ assert (plan.ulysses, plan.ring) == (8, 8), plan.summary()
 assert usp.plan is usp.planner.plan and usp.Placement is usp.spec.Placement
 calls = usp.spec.layer_collectives(8, 8, 32, 8)
 assert (calls.forward.all_to_all, calls.forward.p2p) == (plan.forward.a2a_calls, plan.forward.ring_transfers)
+windowed = usp.planner.plan(64, "1M", 32, 8, window=4095, window_layers="5:1")
+assert windowed.total < 6 * plan.total and windowed.shape.sliding_window() is not None
 assert usp.spec.required_multiple(2, 4, True) == 8 and "long_context_attention" in dir(usp)
 try:
     usp.long_context_attention

@@ -218,12 +218,47 @@ def test_zigzag_blocks_equal_one_call_per_document():
         torch.testing.assert_close(got[0, order], want[name], rtol=1e-12, atol=1e-12)
 
 
-def test_block_rejects_uncovered_rows():
+def test_block_rows_no_call_reaches_have_no_keys():
+    """A windowed block need not cover every row: rows no call reaches come out as out = 0, lse = -inf, zero
+    gradients (and a block of no calls is all of that); calls must still match their rows."""
     seqs = VarlenSeqs([2], [2])
-    with pytest.raises(ValueError, match="cover every key row"):
-        VarlenBlock([VarlenCall(slice(0, 2), slice(0, 2), seqs, False)], 2, 3)
     with pytest.raises(ValueError, match="does not match its rows"):
         VarlenBlock([VarlenCall(slice(0, 3), slice(0, 2), seqs, False)], 3, 2)
+    torch.manual_seed(2)
+    q, k, v, dout = (torch.randn(1, 4, 2, 8, dtype=torch.float64) for _ in range(4))
+    adapter = VarlenBlockKernel(ReferenceVarlenKernel())
+    for block in (VarlenBlock([VarlenCall(slice(1, 3), slice(0, 2), seqs, False)], 4, 4), VarlenBlock([], 4, 4)):
+        out, lse = adapter.forward(q, k, v, block, 0.5)
+        dq, dk, dv = adapter.backward(dout, q, k, v, out, lse, block, 0.5)
+        assert not block.single and out.dtype == torch.float64
+        covered = [1, 2] if block.calls else []
+        others = [i for i in range(4) if i not in covered]
+        assert (out[0, others] == 0).all() and torch.isneginf(lse[0][:, others]).all()
+        assert (dq[0, others] == 0).all() and (dk[0, 2:] == 0).all() and (dv[0, 2:] == 0).all()
+        if covered:
+            want = ReferenceVarlenKernel().forward(q[0, 1:3], k[0, :2], v[0, :2], seqs, False, 0.5)
+            torch.testing.assert_close(out[0, 1:3], want[0])
+
+
+def test_windowed_varlen_schedule_groups_documents_by_mask():
+    """Note [varlen windows]: every call has one mask, each document at most one piece per call, documents of one
+    chunk size share a call, and a ring step that no document's window reaches is skipped."""
+    from usp.kernels.base import Mask
+
+    layout = _build_layout((0, 40, 80, 81, 83, 123), 1, 4, True)  # chunk sizes 5, 5, 1, 1, 5
+    schedule = VarlenSchedule(layout, 0.0, (3, 0))
+    diagonal = schedule.block(0, 1, 4, layout.ring_tokens).mask
+    assert all(isinstance(call.mask, Mask) for call in diagonal.calls)
+    # heads x heads: documents of 5 rows share a window (3, 0) call; the 1-row documents share one (a 1x1 block)
+    heads = [call for call in diagonal.calls if call.q == slice(0, 17) and call.k == slice(0, 17)]
+    assert sorted((c.mask.left, c.mask.right) for c in heads) == [(-1, -1), (3, 0)]
+    # chunks of 5 and a window of 3: only neighbouring chunks meet; the steps that bring none are skipped
+    even = _build_layout((0, 40, 80, 120), 1, 4, True)
+    windowed = VarlenSchedule(even, 0.0, (3, 0))
+    skipped = [(step, rank) for rank in range(4) for step in range(1, 4)
+               if windowed.block(step, rank, 4, even.ring_tokens) is None]
+    assert (2, 1) in skipped and (1, 1) not in skipped
+    assert VarlenSchedule(layout, 0.0, (200, 0)).window is None  # binds on no document: the dense calls
 
 
 def test_resolve_varlen_backend_names_valid_values():

@@ -53,10 +53,19 @@ class VarlenCase:
     kv_heads: int = 2
     head_dim: int = 16
     backend: str = "auto"
+    #: mask options (issue 11), inside each document
+    window: Tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    sinks: bool = False
+
+    @property
+    def masked(self) -> bool:
+        return tuple(self.window) != (-1, -1) or bool(self.softcap) or self.sinks
 
     def name(self) -> str:
+        masks = f"-w{tuple(self.window)}-cap{self.softcap}-sinks{int(self.sinks)}" if self.masked else ""
         return (f"U{self.ulysses}xR{self.ring}-{'causal' if self.causal else 'full'}-{self.dtype}-{self.scenario}"
-                f"-h{self.heads}/{self.kv_heads}-d{self.head_dim}-{self.backend}")
+                f"-h{self.heads}/{self.kv_heads}-d{self.head_dim}-{self.backend}{masks}")
 
 
 def cases_for(ulysses: int, ring: int, full: bool = True) -> List[VarlenCase]:
@@ -95,6 +104,46 @@ def per_document_reference(q, k, v, dout, lengths, causal, scale):
             "dv": torch.cat(dvs)}
 
 
+def masked_cases_for(ulysses: int, ring: int, backend: str = "auto") -> List[VarlenCase]:
+    """Windows on packed documents (``mixed``: chunks of 1 to 8 rows per document on these meshes): smaller and
+    larger than a chunk, reaching back over document starts (which they must not cross), asymmetric non-causal,
+    with softcap, sinks and GQA/MQA; and softcap with sinks without a window."""
+    return [
+        VarlenCase(ulysses, ring, True, "float32", "mixed", kv_heads=2, backend=backend, window=(3, 0), sinks=True),
+        VarlenCase(ulysses, ring, True, "bfloat16", "mixed", kv_heads=1, backend=backend, window=(12, 0),
+                   softcap=5.0),
+        VarlenCase(ulysses, ring, False, "float32", "mixed", kv_heads=2, backend=backend, window=(2, 5),
+                   softcap=4.0),
+        VarlenCase(ulysses, ring, False, "bfloat16", "short", kv_heads=1, backend=backend, window=(9, 1),
+                   sinks=True),
+        VarlenCase(ulysses, ring, True, "float64", "tiny_many", kv_heads=4, backend=backend, window=(1, 0)),
+        # no window: softcap and sinks on the dense packed calls
+        VarlenCase(ulysses, ring, False, "float32", "short", kv_heads=2, backend=backend, softcap=3.0, sinks=True),
+    ]
+
+
+def masked_per_document_reference(q, k, v, dout, lengths, causal, window, softcap, sinks, scale):
+    """fp64 truth with masks: ``mask_cases.reference`` (an independent autograd implementation: explicit mask,
+    softcap, a sink column) on every document separately, the window over positions in the document."""
+    from mask_cases import reference
+
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    sinks = None if sinks is None else sinks.detach().double().clone().requires_grad_()
+    outs, lses, start = [], [], 0
+    for n in lengths:
+        if n:
+            rows = slice(start, start + n)
+            out, lse = reference(q[rows][None], k[rows][None], v[rows][None], sinks, causal, window, softcap, scale)
+            outs.append(out[0]), lses.append(lse[0])
+            start += n
+    out = torch.cat(outs)
+    out.backward(dout)
+    truth = {"out": out.detach(), "lse": torch.cat(lses, dim=1).detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if sinks is not None:
+        truth["dsinks"] = sinks.grad
+    return truth
+
+
 def _norm(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x.double()))
 
@@ -117,22 +166,42 @@ def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
               "v": (total, case.kv_heads, case.head_dim), "dout": (total, case.heads, case.head_dim)}
     full = {n: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(device) for n, s in shapes.items()}
     scale = case.head_dim ** -0.5
-    truth = per_document_reference(*(full[n].double() for n in ("q", "k", "v", "dout")), lengths, case.causal, scale)
+    sinks_full = (torch.randn(case.heads, generator=gen, dtype=torch.float64) + 1.0).float().to(device) \
+        if case.sinks else None
+    if case.masked:
+        truth = masked_per_document_reference(*(full[n].double().cpu() for n in ("q", "k", "v", "dout")), lengths,
+                                              case.causal, tuple(case.window), case.softcap, sinks_full, scale)
+    else:
+        truth = per_document_reference(*(full[n].double() for n in ("q", "k", "v", "dout")), lengths, case.causal,
+                                       scale)
 
-    # the same kernel, same dtype, one device, the whole packed batch
+    # the same kernel, same dtype, one device, the whole packed batch (each document one square sequence, so the
+    # window over positions in the document is the kernel's bottom-right window)
+    from usp.kernels.base import Mask, MaskNeeds
+    from usp.ring import apply_sinks, sink_grad
+
+    left, right = case.window
+    mask = Mask(left, 0 if case.causal else right, case.softcap)
     backend = case_backend(case.backend, varlen=True)
-    kernel = resolve_varlen_backend(backend, device, dtype, case.head_dim)
+    kernel = resolve_varlen_backend(backend, device, dtype, case.head_dim,
+                                    needs=MaskNeeds(window=mask.windowed, softcap=bool(case.softcap)))
     nonempty = [n for n in lengths if n]
     seqs = VarlenSeqs(nonempty, nonempty)
-    out1, lse1 = kernel.forward(full["q"], full["k"], full["v"], seqs, case.causal, scale)
-    grads1 = kernel.backward(full["dout"], full["q"], full["k"], full["v"], out1, lse1, seqs, case.causal, scale)
+    out1, lse1 = kernel.forward(full["q"], full["k"], full["v"], seqs, mask, scale)
+    if case.sinks:
+        out1, lse1 = (x[0] for x in apply_sinks(out1[None], lse1[None], sinks_full))
+    grads1 = kernel.backward(full["dout"], full["q"], full["k"], full["v"], out1, lse1, seqs, mask, scale)
     single = {"out": out1, "lse": lse1, "dq": grads1[0], "dk": grads1[1], "dv": grads1[2]}
+    if case.sinks:
+        single["dsinks"] = sink_grad(full["dout"][None], out1[None], lse1[None], sinks_full)
 
     local = {n: uv.shard_varlen(t, cu_seqlens, mesh, causal=case.causal) for n, t in full.items()}
     q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    sinks = sinks_full.clone().requires_grad_() if case.sinks else None
+    masks = dict(window_size=tuple(case.window), softcap=case.softcap, sinks=sinks) if case.masked else {}
     with count_collectives() as fwd_counts:
         out, lse = uv.long_context_attention_varlen(
-            q, k, v, cu_seqlens, max(lengths), mesh, causal=case.causal, return_lse=True, backend=backend
+            q, k, v, cu_seqlens, max(lengths), mesh, causal=case.causal, return_lse=True, backend=backend, **masks
         )
     fwd_counts = dict(fwd_counts)
     with count_collectives() as bwd_counts:
@@ -151,6 +220,10 @@ def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
         "dk": uv.gather_varlen(k.grad, cu_seqlens, mesh, causal=case.causal),
         "dv": uv.gather_varlen(v.grad, cu_seqlens, mesh, causal=case.causal),
     }
+    if case.sinks:  # a partial sum per rank: summed over the sequence-parallel ranks, like any parameter
+        total = sinks.grad.clone()
+        torch.distributed.all_reduce(total)
+        gathered["dsinks"] = total
     local_positions = uv.position_ids_varlen(cu_seqlens, mesh, causal=case.causal, device=device)
     positions = uv.gather_varlen(local_positions, cu_seqlens, mesh, causal=case.causal)
     positions_ok = torch.equal(positions.cpu(), torch.cat([torch.arange(n) for n in lengths]))
@@ -164,8 +237,8 @@ def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
     }
     for name, ref in truth.items():
         ref_norm = _norm(ref)
-        error = _norm(gathered[name].double() - ref) / ref_norm
-        base = _norm(single[name].double() - ref) / ref_norm
+        error = _norm(gathered[name].double().cpu() - ref.cpu()) / ref_norm
+        base = _norm(single[name].double().cpu() - ref.cpu()) / ref_norm
         result["tensors"][name] = {"error": error, "single_device_error": base,
                                    "finite": bool(torch.isfinite(gathered[name]).all())}
     return result

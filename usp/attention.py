@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -278,22 +278,14 @@ def long_context_attention(
     if torch.compiler.is_compiling():  # one custom op for dynamo (Note [compiled attention] in usp.compiled)
         from .compiled import compiled_attention
 
-        refuse_compiled_masks(window_size, softcap, sinks)
         return compiled_attention(q, k, v, mesh, None, dict(
             causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
-            head_chunks=head_chunks, deterministic=deterministic))
+            head_chunks=head_chunks, deterministic=deterministic, window_size=window_size, softcap=softcap), sinks)
     kernel, scale, schedule = agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend, head_chunks,
                                           deterministic, window_size, softcap, sinks, with_schedule=True)
     out, lse = sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse,
                                            head_chunks, deterministic, sinks)
     return (out, lse) if return_lse else out
-
-
-def refuse_compiled_masks(window_size, softcap, sinks) -> None:
-    """The compiled path (``usp.compiled``) does not carry the mask options yet: refuse rather than drop them."""
-    if tuple(window_size) != (-1, -1) or softcap or sinks is not None:
-        raise ValueError("window_size/softcap/sinks under torch.compile: not supported by usp.compiled yet; run "
-                         "the attention eagerly (torch.compiler.disable) for masked layers")
 
 
 def agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend, head_chunks,

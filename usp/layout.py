@@ -13,14 +13,16 @@ all-to-all (which concatenates the pieces in rank order) rebuilds exactly the ri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 from .kernels.base import Mask
 from .mesh import SequenceParallelMesh
-from .spec import Layout, choose_layout, required_multiple  # the layout rules live in usp.spec
+# the layout rules and the window arithmetic live in usp.spec (torch-free: the planner reads them too)
+from .spec import (Layout, SlidingWindow, band_pieces, choose_layout, normalize_window, required_multiple,
+                   sliding_window)
 
 __all__ = ["Layout", "choose_layout", "required_multiple", "position_ids", "shard", "gather"]
 
@@ -180,59 +182,21 @@ class ZigzagCausalSchedule:
         return BlockTask(slice(half, local_len), _ALL, False, softcap=self.softcap)
 
 
-def normalize_window(window_size, causal: bool, seqlen: int) -> Tuple[int, int]:
-    """``window_size`` as ``(left, right)`` with causal's ``right = 0`` applied and bounds that cannot bind on a
-    sequence of ``seqlen`` tokens (``>= seqlen - 1``) turned into -1 (unbounded)."""
-    left, right = window_size
-    if causal:
-        right = 0
-    if left >= seqlen - 1:
-        left = -1
-    if right >= seqlen - 1:
-        right = -1
-    return left, right
-
-
 def band_block(q_start: int, q_len: int, k_start: int, k_len: int, left: int, right: int, softcap: float):
-    """Note [window blocks]. The part of a ``q_len x k_len`` block (query/key chunks starting at global positions
-    ``q_start``/``k_start``) that a window ``(left, right)`` over global positions lets through (-1 = unbounded;
-    causal is ``right = 0``), as a list of ``(q_rows, k_rows, Mask)`` in block rows: empty when no query sees a
-    key. Rows that see nothing are trimmed, so every query row of a piece sees a key and every key row is seen
-    (what Note [kernel contract] promises windowed kernels), and the window is re-expressed bottom-right aligned in
-    the piece's own rows. A plain causal mask on a non-square piece is split into its full part and its square
-    causal part, so causal stays on square blocks."""
-    inf = float("inf")
-    delta = q_start - k_start  # key j (block row) - query i (block row) lies in [lo, hi]
-    lo = -inf if left == -1 else delta - left
-    hi = inf if right == -1 else delta + right
-    i0, i1 = max(0, -hi), min(q_len - 1, k_len - 1 - lo)
-    j0, j1 = max(0, lo), min(k_len - 1, q_len - 1 + hi)
-    if i0 > i1 or j0 > j1:
-        return []
-    i0, i1, j0, j1 = int(i0), int(i1), int(j0), int(j1)
-    s_q, s_k = i1 - i0 + 1, j1 - j0 + 1
-    lo_t, hi_t = lo + i0 - j0, hi + i0 - j0  # the band in the trimmed piece, top-left
-    big_l = -1 if lo_t == -inf else int(-lo_t + s_k - s_q)
-    big_r = -1 if hi_t == inf else int(hi_t - (s_k - s_q))
-    if big_l != -1 and big_l >= s_k - 1:
-        big_l = -1
-    if big_r != -1 and big_r >= s_q - 1:
-        big_r = -1
-    if big_l == -1 and big_r == 0 and s_q != s_k:
-        if s_k > s_q:  # keys before the square part are seen by every row
-            extra = s_k - s_q
-            return [(slice(i0, i1 + 1), slice(j0, j0 + extra), Mask(-1, -1, softcap)),
-                    (slice(i0, i1 + 1), slice(j0 + extra, j1 + 1), Mask(-1, 0, softcap))]
-        extra = s_q - s_k  # s_q > s_k: bottom-right causal leaves the first rows without keys: trim them
-        return [(slice(i0 + extra, i1 + 1), slice(j0, j1 + 1), Mask(-1, 0, softcap))]
-    return [(slice(i0, i1 + 1), slice(j0, j1 + 1), Mask(big_l, big_r, softcap))]
+    """Note [window blocks] (the arithmetic is ``usp.spec.band_pieces``): the pieces of a ``q_len x k_len`` block
+    that a window ``(left, right)`` over global positions lets through, as ``(q_rows, k_rows, Mask)`` in block
+    rows, the ``Mask`` carrying the piece's own bottom-right aligned window and ``softcap``."""
+    return [(q_rows, k_rows, Mask(l, r, softcap))
+            for q_rows, k_rows, l, r in band_pieces(q_start, q_len, k_start, k_len, left, right)]
 
 
-class WindowSchedule:
+class WindowSchedule(SlidingWindow):
     """A sliding window ``(left, right)`` over global positions (Note [window blocks]) on the layout that
     ``causal`` picks (zigzag when causal and ``R > 1``: the same shards as the global layers of the model).
 
-    ``blocks(step, ring_rank, R, n)`` lists the sub-blocks ring rank ``r`` computes against ring rank
+    The torch-free facts (``pieces``, ``halo``, ``active_steps``, ``exchange_steps``, ``keep_halos``,
+    ``collectives``) are ``usp.spec.SlidingWindow``'s, the ones the planner prices; this class adds the kernel
+    masks. ``blocks(step, ring_rank, R, n)`` lists the sub-blocks ring rank ``r`` computes against ring rank
     ``r - step``'s K/V (empty: nothing, neither computed nor transferred). The ring loop (``usp.ring``,
     Note [sparse ring]) exchanges K/V directly with the ring rank ``step`` away only for the ``active_steps``, and
     only the rows the receiver needs (``halo``): a window much smaller than a shard needs the one or two
@@ -242,75 +206,26 @@ class WindowSchedule:
     sparse = True
 
     def __init__(self, causal: bool, left: int, right: int, softcap: float = 0.0):
-        self.causal, self.left, self.right, self.softcap = causal, left, right, softcap
+        super().__init__(causal, left, right)
+        self.softcap = softcap
         self._cache = {}
 
     def __repr__(self) -> str:
         return f"WindowSchedule(causal={self.causal}, window=({self.left}, {self.right}), softcap={self.softcap})"
 
-    def chunks(self, ring_rank: int, ring_size: int, local_len: int):
-        """``(global_start, length, local_offset)`` of the chunks ring rank ``ring_rank`` holds."""
-        if choose_layout(ring_size, self.causal) is Layout.ZIGZAG:
-            c = local_len // 2
-            return ((ring_rank * c, c, 0), ((2 * ring_size - 1 - ring_rank) * c, c, c))
-        return ((ring_rank * local_len, local_len, 0),)
-
     def blocks(self, step: int, ring_rank: int, ring_size: int, local_len: int) -> List[BlockTask]:
-        key = ("blocks", step, ring_rank, ring_size, local_len)
+        key = (step, ring_rank, ring_size, local_len)
         if key not in self._cache:
-            source = (ring_rank - step) % ring_size
-            tasks = []
-            for q_start, q_len, q_off in self.chunks(ring_rank, ring_size, local_len):
-                for k_start, k_len, k_off in self.chunks(source, ring_size, local_len):
-                    for q_rows, k_rows, mask in band_block(q_start, q_len, k_start, k_len, self.left, self.right,
-                                                           self.softcap):
-                        tasks.append(BlockTask(slice(q_off + q_rows.start, q_off + q_rows.stop),
-                                               slice(k_off + k_rows.start, k_off + k_rows.stop), False, mask))
-            self._cache[key] = tasks
+            self._cache[key] = [BlockTask(q_rows, k_rows, False, Mask(l, r, self.softcap))
+                                for q_rows, k_rows, l, r in self.pieces(step, ring_rank, ring_size, local_len)]
         return self._cache[key]
-
-    def halo(self, step: int, receiver: int, ring_size: int, local_len: int) -> Optional[slice]:
-        """The rows of ring rank ``receiver - step``'s K/V that ``receiver`` needs at ``step`` (one bounding
-        range), ``None`` for none."""
-        tasks = self.blocks(step, receiver, ring_size, local_len)
-        if step == 0 or not tasks:
-            return None
-        return slice(min(t.kv_rows.start for t in tasks), max(t.kv_rows.stop for t in tasks))
-
-    def active_steps(self, ring_size: int, local_len: int) -> Tuple[int, ...]:
-        """The ring steps ``1..R-1`` at which some ring rank needs K/V (the same on every rank)."""
-        return tuple(j for j in range(1, ring_size)
-                     if any(self.halo(j, r, ring_size, local_len) is not None for r in range(ring_size)))
-
-    def exchange_steps(self, ring_rank: int, ring_size: int, local_len: int) -> Tuple[int, ...]:
-        """The steps at which ``ring_rank`` sends or receives a halo (one batched P2P call each, per direction of
-        data: K/V forward, dK/dV backward)."""
-        return tuple(j for j in self.active_steps(ring_size, local_len)
-                     if self.halo(j, ring_rank, ring_size, local_len) is not None
-                     or self.halo(j, (ring_rank + j) % ring_size, ring_size, local_len) is not None)
-
-    def keep_halos(self, ring_size: int, local_len: int) -> bool:
-        """Whether the forward keeps the halos it received for the backward (no second K/V exchange): when they add
-        up to at most one shard on every rank, the memory the dense ring keeps anyway (its last K/V block)."""
-        return all(sum(h.stop - h.start for h in (self.halo(j, r, ring_size, local_len)
-                                                  for j in range(1, ring_size)) if h is not None) <= local_len
-                   for r in range(ring_size))
-
-    def collectives(self, ring_rank: int, ring_size: int, local_len: int, head_chunks: int = 1) -> Tuple[int, int]:
-        """``(forward, backward)`` batched P2P calls of one ring pass on ``ring_rank``: a K/V exchange per step it
-        takes part in; backward a dK/dV exchange per such step, plus the K/V again unless the halos were kept
-        (``keep_halos``, and one pass: head chunks do not keep them)."""
-        steps = len(self.exchange_steps(ring_rank, ring_size, local_len))
-        kept = self.keep_halos(ring_size, local_len) and head_chunks == 1
-        return steps, steps * (1 if kept else 2)
 
 
 def schedule_for(causal: bool, window_size=(-1, -1), softcap: float = 0.0, seqlen: Optional[int] = None):
     """The ring schedule of a (validated) mask: the dense schedules when no window bounds anything on a sequence of
-    ``seqlen`` tokens (a window wider than the sequence is no window), else a ``WindowSchedule``."""
-    left, right = (window_size if seqlen is None else normalize_window(window_size, causal, seqlen))
-    if causal:
-        right = 0
-    if left == -1 and (right == -1 or (causal and right == 0)):
+    ``seqlen`` tokens (a window wider than the sequence is no window, ``usp.spec.sliding_window``), else a
+    ``WindowSchedule``."""
+    window = sliding_window(causal, window_size, seqlen)
+    if window is None:
         return ZigzagCausalSchedule(softcap) if causal else FullSchedule(softcap)
-    return WindowSchedule(causal, left, right, softcap)
+    return WindowSchedule(causal, window.left, window.right, softcap)

@@ -98,6 +98,30 @@ def ring_forward(
     return out, lse, []
 
 
+def kept_kv_shapes(k_shape, v_shape, mesh: SequenceParallelMesh, schedule, head_chunks: int = 1) -> List[tuple]:
+    """Shapes of the ``last_kv`` that ``ring_forward`` returns on this ring rank, from shapes alone: the last
+    visiting K/V block (``R > 1``, one head chunk), the received halos in step order when a sparse schedule keeps
+    them (``schedule.keep_halos``; they depend on the ring rank), else none (what the autograd functions save)."""
+    ring_size, local_len = mesh.ring, k_shape[1]
+    if ring_size == 1 or head_chunks != 1:
+        return []
+    if not schedule.sparse:
+        return [tuple(k_shape), tuple(v_shape)]
+    if not schedule.keep_halos(ring_size, local_len):
+        return []
+    shapes = []
+    for step in schedule.active_steps(ring_size, local_len):
+        halo = schedule.halo(step, mesh.ring_rank, ring_size, local_len)
+        if halo is not None:
+            shapes += [(x[0], halo.stop - halo.start) + tuple(x[2:]) for x in (k_shape, v_shape)]
+    return shapes
+
+
+def saved_argument(name: str, x: Optional[Tensor]):
+    """A ``saved_layout`` entry for an argument saved as is (``None`` saved as ``("none", None, None)``)."""
+    return ("none", None, None) if x is None else (name, tuple(x.shape), x.dtype)
+
+
 def ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, last_kv: List[Tensor],
     mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float, head_chunks: int = 1,
@@ -521,6 +545,18 @@ class RingAttentionFunction(torch.autograd.Function):
         ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
+
+    @staticmethod
+    def saved_layout(q, k, v, mesh, kernel, schedule, scale, head_chunks=1, deterministic=False, sinks=None):
+        """What ``forward`` saves, in order, from shapes alone (``q``, ``k``, ``v``: anything with a shape and a
+        dtype): ``(kind, shape, dtype)``, kind an argument's name (``"q"``, ``"k"``, ``"v"``, ``"sinks"``),
+        ``"out"`` (the output), ``"none"`` (a ``None``) or ``"new"``. ``usp.compiled`` sizes its op's outputs by it
+        and checks it against the saved tensors on every call."""
+        b, s, h, _ = q.shape
+        return [saved_argument("q", q), saved_argument("k", k), saved_argument("v", v),
+                ("out", (b, s, h, v.shape[3]), q.dtype), ("new", (b, h, s), _accumulator_dtype(q.dtype)),
+                saved_argument("sinks", sinks)] + [
+                ("new", shape, k.dtype) for shape in kept_kv_shapes(k.shape, v.shape, mesh, schedule, head_chunks)]
 
     @staticmethod
     def backward(ctx, dout, _dlse):

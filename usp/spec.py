@@ -13,6 +13,10 @@ Notation: ``U`` Ulysses degree, ``R`` ring degree, ``P = U * R``, ``H`` query he
   :func:`required_multiple`; Note [zigzag layout] in ``usp/layout.py``).
 * Heads: K/V replication (:func:`kv_replication`), the valid head chunks (:func:`valid_head_chunks`) and the
   head-group pipeline depth (:func:`head_groups`; Note [head-group pipeline] in ``usp/ulysses.py``).
+* Sliding windows: which ring steps a window needs, the halo rows each step exchanges and the compute of each
+  sub-block (:func:`normalize_window`, :func:`band_pieces`, :func:`band_area`, :class:`SlidingWindow`,
+  :func:`sliding_window`; Note [window blocks]). ``usp.layout.WindowSchedule`` is a ``SlidingWindow`` with the
+  kernel masks attached; the planner prices the same object.
 * Communication: the ring's steps and what each step sends (:func:`ring_steps`, :func:`forward_step_rotations`,
   :func:`backward_step_rotations`) and the collective calls of one layer (:func:`layer_collectives`).
 """
@@ -21,12 +25,13 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 __all__ = [
     "Placement", "PLACEMENTS", "sequence_parallel_rank_grid", "ulysses_stride", "ring_stride",
     "Layout", "choose_layout", "required_multiple",
     "kv_replication", "replicated_kv_heads", "valid_head_chunks", "head_groups",
+    "normalize_window", "band_pieces", "band_area", "SlidingWindow", "sliding_window",
     "ring_steps", "forward_step_rotations", "backward_step_rotations",
     "PassCollectives", "LayerCollectives", "layer_collectives",
 ]
@@ -151,16 +156,222 @@ def head_groups(heads: int, kv_heads: int, ulysses: int, head_chunks: int = 1) -
     return 2 if kv_group % head_chunks == 0 or head_chunks % kv_group == 0 else 1
 
 
+# -------------------------------------------------------------------------------------------- sliding windows
+def normalize_window(window_size, causal: bool, seqlen: int) -> Tuple[int, int]:
+    """``window_size`` as ``(left, right)`` with causal's ``right = 0`` applied and bounds that cannot bind on a
+    sequence of ``seqlen`` tokens (``>= seqlen - 1``) turned into -1 (unbounded)."""
+    left, right = window_size
+    if causal:
+        right = 0
+    if left >= seqlen - 1:
+        left = -1
+    if right >= seqlen - 1:
+        right = -1
+    return left, right
+
+
+#: one piece of a windowed block: ``(q_rows, k_rows, left, right)``, rows as slices of the block (or of the
+#: rank's shard), the window bottom-right aligned in the piece's own rows (-1 = unbounded; ``right == 0`` causal)
+Piece = Tuple[slice, slice, int, int]
+
+
+def band_pieces(q_start: int, q_len: int, k_start: int, k_len: int, left: int, right: int) -> List[Piece]:
+    """Note [window blocks]. The part of a ``q_len x k_len`` block (query/key chunks starting at global positions
+    ``q_start``/``k_start``) that a window ``(left, right)`` over global positions lets through (-1 = unbounded;
+    causal is ``right = 0``), as a list of pieces ``(q_rows, k_rows, left', right')`` in block rows: empty when no
+    query sees a key. Rows that see nothing are trimmed, so every query row of a piece sees a key and every key
+    row is seen (what Note [kernel contract] in ``usp/kernels/base.py`` promises windowed kernels), and the window
+    is re-expressed bottom-right aligned in the piece's own rows (``left'``, ``right'``). A plain causal mask on a
+    non-square piece is split into its full part and its square causal part, so causal stays on square blocks.
+    ``usp.layout.band_block`` attaches the kernel ``Mask`` to each piece."""
+    inf = float("inf")
+    delta = q_start - k_start  # key j (block row) - query i (block row) lies in [lo, hi]
+    lo = -inf if left == -1 else delta - left
+    hi = inf if right == -1 else delta + right
+    i0, i1 = max(0, -hi), min(q_len - 1, k_len - 1 - lo)
+    j0, j1 = max(0, lo), min(k_len - 1, q_len - 1 + hi)
+    if i0 > i1 or j0 > j1:
+        return []
+    i0, i1, j0, j1 = int(i0), int(i1), int(j0), int(j1)
+    s_q, s_k = i1 - i0 + 1, j1 - j0 + 1
+    lo_t, hi_t = lo + i0 - j0, hi + i0 - j0  # the band in the trimmed piece, top-left
+    big_l = -1 if lo_t == -inf else int(-lo_t + s_k - s_q)
+    big_r = -1 if hi_t == inf else int(hi_t - (s_k - s_q))
+    if big_l != -1 and big_l >= s_k - 1:
+        big_l = -1
+    if big_r != -1 and big_r >= s_q - 1:
+        big_r = -1
+    if big_l == -1 and big_r == 0 and s_q != s_k:
+        if s_k > s_q:  # keys before the square part are seen by every row
+            extra = s_k - s_q
+            return [(slice(i0, i1 + 1), slice(j0, j0 + extra), -1, -1),
+                    (slice(i0, i1 + 1), slice(j0 + extra, j1 + 1), -1, 0)]
+        extra = s_q - s_k  # s_q > s_k: bottom-right causal leaves the first rows without keys: trim them
+        return [(slice(i0 + extra, i1 + 1), slice(j0, j1 + 1), -1, 0)]
+    return [(slice(i0, i1 + 1), slice(j0, j1 + 1), big_l, big_r)]
+
+
+def band_area(q_len: int, k_len: int, left: int, right: int) -> int:
+    """The (query, key) pairs a ``q_len x k_len`` piece with the bottom-right aligned window ``(left, right)``
+    computes (-1 = unbounded): ``q_len * k_len`` for a full piece, ``n (n + 1) / 2`` for a causal square. The
+    planner's FLOPs of a piece are ``4 * b * heads * d * band_area`` (Note [window blocks]). Closed form: with
+    ``D(t)`` the pairs with ``j - i <= t``, the area is ``D(off + right) - D(off - left - 1)``,
+    ``off = k_len - q_len``."""
+
+    def ramp(m: int) -> int:  # sum_{x=1..m} clamp(x, 0, k_len)
+        if m <= 0:
+            return 0
+        if m <= k_len:
+            return m * (m + 1) // 2
+        return k_len * (k_len + 1) // 2 + (m - k_len) * k_len
+
+    def below(t: int) -> int:  # pairs with j - i <= t: sum_{i<q_len} clamp(i + t + 1, 0, k_len)
+        return ramp(t + q_len) - ramp(t)
+
+    off = k_len - q_len
+    hi = k_len if right == -1 else off + right
+    lo = -q_len if left == -1 else off - left
+    return max(0, below(hi) - below(lo - 1))
+
+
+class SlidingWindow:
+    """The ring facts of a sliding window ``(left, right)`` over global positions (normalized: -1 = unbounded,
+    causal ``right == 0``) on the layout ``causal`` picks (zigzag when causal and ``R > 1``): what
+    ``usp.layout.WindowSchedule`` runs (it is one, with the kernel masks attached) and what the planner prices.
+    All methods take the ring size ``R`` and ``local_len``, the tokens a ring rank holds (``seqlen / R``).
+
+    * :meth:`pieces`: the sub-blocks ring rank ``r`` computes against ring rank ``r - step``'s K/V, in rows of the
+      two shards (Note [window blocks]; step 0 is the rank's own K/V);
+    * :meth:`halo`: the rows of the visiting K/V a rank needs at a step (one bounding range);
+    * :meth:`active_steps`, :meth:`exchange_steps`: the steps some rank / this rank exchanges K/V at;
+    * :meth:`keep_halos`: whether the forward keeps the received halos for the backward;
+    * :meth:`collectives`: the batched P2P calls of one ring pass (Note [sparse ring] in ``usp/ring.py``).
+
+    Only the chunk pairs the window connects are visited (``O(R * (1 + window / chunk))``), so the planner can
+    ask about rings of thousands of ranks.
+    """
+
+    def __init__(self, causal: bool, left: int, right: int):
+        self.causal, self.left, self.right = causal, left, right
+        self._tables: Dict[Tuple[int, int], Dict[Tuple[int, int], List[Piece]]] = {}
+        self._facts: Dict[tuple, object] = {}
+
+    def __repr__(self) -> str:
+        return f"SlidingWindow(causal={self.causal}, window=({self.left}, {self.right}))"
+
+    def chunks(self, ring_rank: int, ring_size: int, local_len: int):
+        """``(global_start, length, local_offset)`` of the chunks ring rank ``ring_rank`` holds."""
+        if choose_layout(ring_size, self.causal) is Layout.ZIGZAG:
+            c = local_len // 2
+            return ((ring_rank * c, c, 0), ((2 * ring_size - 1 - ring_rank) * c, c, c))
+        return ((ring_rank * local_len, local_len, 0),)
+
+    def _table(self, ring_size: int, local_len: int) -> Dict[Tuple[int, int], List[Piece]]:
+        """``{(receiver, step): pieces}`` for the non-empty ones, pieces ordered by (query chunk, key chunk)."""
+        key = (ring_size, local_len)
+        if key in self._tables:
+            return self._tables[key]
+        zigzag = choose_layout(ring_size, self.causal) is Layout.ZIGZAG
+        c = local_len // 2 if zigzag else local_len
+        n = 2 * ring_size if zigzag else ring_size
+
+        def owner(a: int) -> Tuple[int, int]:  # (ring rank, local offset) of global chunk a
+            if zigzag and a >= ring_size:
+                return 2 * ring_size - 1 - a, c
+            return a, 0
+
+        found: Dict[Tuple[int, int], list] = {}
+        for a in range(n):  # query chunk a sees key chunks first..last at most
+            first = 0 if self.left == -1 else max(0, (a * c - self.left) // c)
+            last = n - 1 if self.right == -1 else min(n - 1, ((a + 1) * c - 1 + self.right) // c)
+            receiver, q_off = owner(a)
+            for b in range(first, last + 1):
+                pieces = band_pieces(a * c, c, b * c, c, self.left, self.right)
+                if pieces:
+                    source, k_off = owner(b)
+                    found.setdefault((receiver, (receiver - source) % ring_size), []).append((q_off, k_off, pieces))
+        table = {}
+        for where, parts in found.items():
+            parts.sort(key=lambda part: part[:2])
+            table[where] = [(slice(q_off + q.start, q_off + q.stop), slice(k_off + k.start, k_off + k.stop), l, r)
+                            for q_off, k_off, pieces in parts for q, k, l, r in pieces]
+        self._tables[key] = table
+        return table
+
+    def pieces(self, step: int, ring_rank: int, ring_size: int, local_len: int) -> List[Piece]:
+        """The sub-blocks ``(q_rows, k_rows, left, right)`` ring rank ``ring_rank`` computes against ring rank
+        ``ring_rank - step``'s K/V (rows of the two shards; empty: nothing, neither computed nor transferred)."""
+        return self._table(ring_size, local_len).get((ring_rank, step), [])
+
+    def halo(self, step: int, receiver: int, ring_size: int, local_len: int) -> Optional[slice]:
+        """The rows of ring rank ``receiver - step``'s K/V that ``receiver`` needs at ``step`` (one bounding
+        range), ``None`` for none."""
+        pieces = self.pieces(step, receiver, ring_size, local_len)
+        if step == 0 or not pieces:
+            return None
+        return slice(min(p[1].start for p in pieces), max(p[1].stop for p in pieces))
+
+    def _memo(self, name: str, ring_size: int, local_len: int, compute):
+        key = (name, ring_size, local_len)
+        if key not in self._facts:
+            self._facts[key] = compute()
+        return self._facts[key]
+
+    def active_steps(self, ring_size: int, local_len: int) -> Tuple[int, ...]:
+        """The ring steps ``1..R-1`` at which some ring rank needs K/V (the same on every rank)."""
+        return self._memo("active", ring_size, local_len, lambda: tuple(sorted(
+            {step for _, step in self._table(ring_size, local_len) if step != 0})))
+
+    def exchange_steps(self, ring_rank: int, ring_size: int, local_len: int) -> Tuple[int, ...]:
+        """The steps at which ``ring_rank`` sends or receives a halo (one batched P2P call each, per direction of
+        data: K/V forward, dK/dV backward)."""
+        table = self._table(ring_size, local_len)
+        return tuple(j for j in self.active_steps(ring_size, local_len)
+                     if (ring_rank, j) in table or ((ring_rank + j) % ring_size, j) in table)
+
+    def keep_halos(self, ring_size: int, local_len: int) -> bool:
+        """Whether the forward keeps the halos it received for the backward (no second K/V exchange): when they add
+        up to at most one shard on every rank, the memory the dense ring keeps anyway (its last K/V block)."""
+        def keep() -> bool:
+            received = [0] * ring_size
+            for (receiver, step) in self._table(ring_size, local_len):
+                if step:
+                    halo = self.halo(step, receiver, ring_size, local_len)
+                    received[receiver] += halo.stop - halo.start
+            return max(received) <= local_len
+
+        return self._memo("keep", ring_size, local_len, keep)
+
+    def collectives(self, ring_rank: int, ring_size: int, local_len: int, head_chunks: int = 1) -> Tuple[int, int]:
+        """``(forward, backward)`` batched P2P calls of one ring pass on ``ring_rank``: a K/V exchange per step it
+        takes part in; backward a dK/dV exchange per such step, plus the K/V again unless the halos were kept
+        (``keep_halos``, and one pass: head chunks do not keep them)."""
+        steps = len(self.exchange_steps(ring_rank, ring_size, local_len))
+        kept = self.keep_halos(ring_size, local_len) and head_chunks == 1
+        return steps, steps * (1 if kept else 2)
+
+
+def sliding_window(causal: bool, window_size=(-1, -1), seqlen: Optional[int] = None) -> Optional[SlidingWindow]:
+    """The :class:`SlidingWindow` of a (validated) ``window_size``, or ``None`` when no bound binds on a sequence of
+    ``seqlen`` tokens (a window wider than the sequence is no window: the dense schedules run)."""
+    left, right = (tuple(window_size) if seqlen is None else normalize_window(window_size, causal, seqlen))
+    if causal:
+        right = 0
+    if left == -1 and (right == -1 or (causal and right == 0)):
+        return None
+    return SlidingWindow(causal, left, right)
+
+
 # ---------------------------------------------------------------------------------------------- communication
 def ring_steps(ring: int, causal: bool) -> int:
     """Steps of one pass round the ring: step ``j`` computes this rank's queries against ring rank ``r - j``'s
     K/V (``usp/ring.py``). The dense schedules (``FullSchedule``, ``ZigzagCausalSchedule`` in ``usp/layout.py``)
     visit every rank's K/V: ``R`` steps.
 
-    Schedule-dependent counts live here: a schedule that needs fewer steps (e.g. a sliding window that no query
-    of a distant rank reaches, issue 11) returns its step count here (with the arguments it needs), and the
-    rotations of :func:`forward_step_rotations` / :func:`backward_step_rotations`, the counts of
-    :func:`layer_collectives` and the planner's ring terms all follow from it."""
+    Schedule-dependent counts live in this module: a sliding window visits only the steps its queries reach, and
+    not as a rotation (each rank exchanges halos directly with the rank ``j`` away): its steps and calls are
+    :class:`SlidingWindow`'s (``active_steps``, ``exchange_steps``, ``collectives``), which
+    :func:`layer_collectives` and the planner's ring terms read."""
     return ring
 
 
@@ -201,7 +412,8 @@ class LayerCollectives:
 
 
 def layer_collectives(ulysses: int, ring: int, heads: int, kv_heads: int, head_chunks: int = 1,
-                      causal: bool = True, return_lse: bool = False) -> LayerCollectives:
+                      causal: bool = True, return_lse: bool = False, window_size=(-1, -1),
+                      seqlen: Optional[int] = None, ring_rank: Optional[int] = None) -> LayerCollectives:
     """The collective calls of one layer of ``usp.long_context_attention`` on a ``ulysses x ring`` mesh, per rank.
 
     ``kv_heads`` as the caller passes them (replicated here). ``G = head_groups(...)`` head groups
@@ -213,13 +425,26 @@ def layer_collectives(ulysses: int, ring: int, heads: int, kv_heads: int, head_c
       K/V (:func:`forward_step_rotations`); backward ``S - 2`` K/V and ``S - 1`` dK/dV
       (:func:`backward_step_rotations`), plus one K/V fetch when chunked (``C > 1``: the block the forward ended
       on is not kept, Note [head chunks] in ``usp/ring.py``).
+    * a sliding window ``window_size`` (``seqlen`` then required; one that binds nowhere is no window): per head
+      group and chunk the :meth:`SlidingWindow.collectives` of ring rank ``ring_rank`` (Note [sparse ring]: one
+      batched exchange per step the rank takes part in, backward the dK/dV return and, unless the halos were kept,
+      the K/V again); ranks differ at the ends of the sequence, and ``ring_rank=None`` gives the busiest one's.
     """
     replicated = replicated_kv_heads(kv_heads, ulysses)
     groups = head_groups(heads, replicated, ulysses, head_chunks)
     a2a = 4 * groups if ulysses > 1 else 0
     lse = 1 if ulysses > 1 and return_lse else 0
     forward_p2p = backward_p2p = 0
-    if ring > 1:
+    window = None
+    if tuple(window_size) != (-1, -1):
+        if seqlen is None:
+            raise ValueError("layer_collectives: a window_size needs the global seqlen (which steps a window "
+                             "reaches depends on the shard length)")
+        window = sliding_window(causal, window_size, seqlen)
+    if window is not None and ring > 1:
+        ranks = range(ring) if ring_rank is None else (ring_rank,)
+        forward_p2p, backward_p2p = max(window.collectives(r, ring, seqlen // ring, head_chunks) for r in ranks)
+    elif ring > 1:
         steps = ring_steps(ring, causal)
         forward_p2p = sum(forward_step_rotations(j, steps) for j in range(steps))
         backward_p2p = sum(sum(backward_step_rotations(j, steps)) for j in range(steps))

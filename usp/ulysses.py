@@ -17,7 +17,8 @@ import torch
 
 from .comm.all_to_all import (pack_heads_to_seq, pack_seq_to_heads, start_all_to_all, unpack_heads_to_seq_into,
                               unpack_seq_to_heads)
-from .ring import apply_sinks, refuse_double_backward, ring_backward, ring_forward, sink_grad
+from .ring import (_accumulator_dtype, apply_sinks, kept_kv_shapes, refuse_double_backward, ring_backward,
+                   ring_forward, saved_argument, sink_grad)
 from .spec import head_groups  # noqa: F401 (the pipeline depth lives in usp.spec)
 
 
@@ -56,6 +57,25 @@ class UlyssesRingFunction(torch.autograd.Function):
         lse = torch.cat(lses, dim=1) if groups > 1 else lses[0]
         ctx.mark_non_differentiable(lse)
         return out, lse
+
+    @staticmethod
+    def saved_layout(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks=1, deterministic=False,
+                     sinks=None):
+        """What ``forward`` saves, in order, from shapes alone, as ``usp.ring.RingAttentionFunction.saved_layout``
+        says it: per head group the traded ``q, k, v [b, s*U, heads/(U*groups), .]``, the group's ``out`` and
+        ``lse`` and its ring's ``last_kv``, then ``sinks``."""
+        world = mesh.ulysses
+
+        def traded(x):
+            b, s, h, d = x.shape
+            return (b, s * world, h // (world * groups), d)
+
+        q_g, k_g, v_g = traded(q), traded(k), traded(v)
+        b, s, h, _ = q_g
+        group = [("new", q_g, q.dtype), ("new", k_g, k.dtype), ("new", v_g, v.dtype),
+                 ("new", (b, s, h, v_g[3]), q.dtype), ("new", (b, h, s), _accumulator_dtype(q.dtype))]
+        group += [("new", shape, k.dtype) for shape in kept_kv_shapes(k_g, v_g, mesh, schedule, head_chunks)]
+        return group * groups + [saved_argument("sinks", sinks)]
 
     @staticmethod
     def backward(ctx, dout, _dlse):

@@ -27,6 +27,10 @@ document is cut on its own, exactly like the dense zigzag (Note [zigzag layout] 
   back, as in the dense path). If the ring rank's row count is not a multiple of ``U``, a padding-only document of
   ``pad_chunk`` rows per chunk is appended.
 
+Sliding windows (``window_size``, over positions inside each document) keep this layout: each block's calls are
+the window's trimmed pieces per document, one call per distinct mask (Note [varlen windows] at
+``VarlenSchedule._window_calls``).
+
 Padding is never attended. It sits at the end of its document, after every real token, so a causal mask hides it
 from every real query: in every block above, a real query only ever meets keys that are earlier in its document,
 hence real. Non-causal blocks (``R > 1``) cut each visiting chunk into its real prefix and its padding as separate
@@ -49,7 +53,7 @@ import torch
 from torch import nn
 
 from .attention import (call_fields, check_deterministic, check_device_matches_mesh, check_mask_options, check_qkv,
-                        mask_fields, refuse_compiled_masks, resolve_scale, sequence_parallel_attention)
+                        mask_fields, resolve_scale, sequence_parallel_attention)
 from .kernels.base import Mask, MaskNeeds
 from .consistency import agree
 from .kernels.varlen import (
@@ -60,7 +64,7 @@ from .kernels.varlen import (
     VarlenSeqs,
     resolve_varlen_backend,
 )
-from .layout import _all_gather_cat, _normalize_dim, normalize_window, schedule_for
+from .layout import _all_gather_cat, _normalize_dim, band_block, normalize_window, schedule_for
 from .mesh import SequenceParallelMesh
 
 __all__ = [
@@ -340,18 +344,25 @@ def _device_padding(layout: VarlenLayout, ulysses_rank: int, ring_rank: int, dev
 # ---------------------------------------------------------------------------------------------- schedule
 class VarlenSchedule:
     """The dense ring schedule (``usp.layout.schedule_for``) with each block's varlen calls attached as its
-    ``mask`` (the ring loop hands it to ``VarlenBlockKernel``). Bound to one ``VarlenLayout``; reused across calls."""
+    ``mask`` (the ring loop hands it to ``VarlenBlockKernel``). Bound to one ``VarlenLayout``; reused across calls.
+
+    With a ``window`` that binds on some document, every block's calls come from Note [varlen windows]; a ring step
+    whose block no document's window reaches is skipped (``block`` returns ``None``; its K/V still rotate)."""
 
     sparse = False
 
-    def __init__(self, layout: VarlenLayout, softcap: float = 0.0):
+    def __init__(self, layout: VarlenLayout, softcap: float = 0.0, window: Tuple[int, int] = (-1, -1)):
         self.layout = layout
+        self.softcap = softcap
+        left, right = normalize_window(window, layout.causal, max(layout.doc_lengths))
+        self.window = None if left == -1 and right in ((-1, 0) if layout.causal else (-1,)) else (left, right)
         self._base = schedule_for(layout.causal)
         m = self._mask = lambda causal: Mask(-1, 0 if causal else -1, softcap)  # noqa: E731
         self._by_source: Dict[int, VarlenBlock] = {}
+        self._windowed: Dict[Tuple[int, int], Optional[VarlenBlock]] = {}
         sizes = layout.chunk_sizes
         chunks = VarlenSeqs(sizes, sizes)
-        if layout.zigzag:
+        if layout.zigzag and self.window is None:
             c = sum(sizes)
             heads, tails = slice(0, c), slice(c, 2 * c)
             self._diagonal = VarlenBlock(
@@ -368,7 +379,6 @@ class VarlenSchedule:
             )
 
     def _contiguous_block(self, source: int) -> VarlenBlock:
-        m = self._mask
         if source not in self._by_source:
             layout = self.layout
             n_docs = len(layout.doc_lengths)
@@ -388,9 +398,82 @@ class VarlenSchedule:
             seqs = VarlenSeqs(q_lengths, k_lengths)
             total = sum(layout.chunk_sizes)
             self._by_source[source] = VarlenBlock(
-                [VarlenCall(slice(0, total), slice(0, total), seqs, layout.causal)], total, total
+                [VarlenCall(slice(0, total), slice(0, total), seqs, self._mask(layout.causal))], total, total
             )
         return self._by_source[source]
+
+    def _regions(self, rows: slice, rank: int, ring_size: int) -> List[Tuple[int, int]]:
+        """``(block row offset, chunk index)`` of the chunk groups (one chunk of every document) in ``rows`` of ring
+        rank ``rank``'s sequence (``rows`` as the base schedule gives them: all, first half, second half)."""
+        if not self.layout.zigzag:
+            return [(0, rank)]
+        tail = 2 * ring_size - 1 - rank
+        if rows == slice(None):
+            return [(0, rank), (sum(self.layout.chunk_sizes), tail)]
+        return [(0, rank)] if rows.start == 0 else [(0, tail)]
+
+    def _window_calls(self, q_off: int, q_chunk: int, k_off: int, k_chunk: int) -> List[VarlenCall]:
+        """Note [varlen windows]. The calls of one pair of chunk groups: query chunk ``q_chunk`` of every document
+        (block rows from ``q_off``) against key chunk ``k_chunk`` of every document (from ``k_off``).
+
+        Per document ``j`` (chunk size ``c``) the window's pieces are ``band_block`` of the two chunks at their
+        positions in the document (``q_chunk * c``, ``k_chunk * c``): trimmed, each with its own bottom-right
+        ``Mask``. Documents are grouped by that mask, one call per distinct mask: documents of one chunk size
+        share it, and so do all documents the window covers whole (their mask is plain causal or full). In a call,
+        a document's piece is one sequence; its rows outside the piece, and every row of the documents outside
+        the group, are sequences with no keys or no queries (out = 0, lse = -inf, no gradient; coalesced).
+        Padding: causal, padding keys come after every real query (the causal band hides them); non-causal, only
+        the real prefix of a key chunk enters ``band_block`` (its mask then depends on that prefix too: the
+        chunk holding a document's end may need its own call). The padding-only document gets no keys."""
+        layout, (left, right) = self.layout, self.window
+        n_docs = len(layout.doc_lengths)
+        groups: Dict[Mask, Dict[int, Tuple[slice, slice]]] = {}
+        for j, c in enumerate(layout.chunk_sizes[:n_docs]):
+            keys = c if layout.causal else min(max(layout.doc_lengths[j] - k_chunk * c, 0), c)
+            for q_rows, k_rows, mask in band_block(q_chunk * c, c, k_chunk * c, keys, left, right, self.softcap):
+                groups.setdefault(mask, {})[j] = (q_rows, k_rows)
+        total = sum(layout.chunk_sizes)
+        calls = []
+        for mask, pieces in groups.items():
+            q_lengths: List[int] = []
+            k_lengths: List[int] = []
+
+            def add(n_q: int, n_k: int) -> None:
+                if not n_q and not n_k:
+                    return
+                if (n_k == 0 and q_lengths and k_lengths[-1] == 0) or (n_q == 0 and q_lengths and q_lengths[-1] == 0):
+                    q_lengths[-1] += n_q  # same kind as the last sequence (no keys / no queries): one sequence
+                    k_lengths[-1] += n_k
+                    return
+                q_lengths.append(n_q)
+                k_lengths.append(n_k)
+
+            for j, c in enumerate(layout.chunk_sizes):
+                q_rows, k_rows = pieces.get(j, (slice(c, c), slice(c, c)))
+                add(q_rows.start, 0)
+                add(0, k_rows.start)
+                add(q_rows.stop - q_rows.start, k_rows.stop - k_rows.start)
+                add(c - q_rows.stop, 0)
+                add(0, c - k_rows.stop)
+            calls.append(VarlenCall(slice(q_off, q_off + total), slice(k_off, k_off + total),
+                                    VarlenSeqs(q_lengths, k_lengths), mask))
+        return calls
+
+    def _windowed_block(self, task, step: int, ring_rank: int, ring_size: int) -> Optional[VarlenBlock]:
+        key = (step, ring_rank)
+        if key not in self._windowed:
+            source = (ring_rank - step) % ring_size
+            calls = [call for q_off, q_chunk in self._regions(task.q_rows, ring_rank, ring_size)
+                     for k_off, k_chunk in self._regions(task.kv_rows, source, ring_size)
+                     for call in self._window_calls(q_off, q_chunk, k_off, k_chunk)]
+            total = sum(self.layout.chunk_sizes)
+            halves = 2 if self.layout.zigzag else 1
+            q_len = total * (halves if task.q_rows == slice(None) else 1)
+            k_len = total * (halves if task.kv_rows == slice(None) else 1)
+            # step 0 always runs (the ring loop starts its sums there), possibly as a block of no calls
+            block = VarlenBlock(calls, q_len, k_len, final=ring_size == 1) if calls or step == 0 else None
+            self._windowed[key] = block
+        return self._windowed[key]
 
     def block(self, step: int, ring_rank: int, ring_size: int, local_len: int):
         if local_len != self.layout.ring_tokens or ring_size != self.layout.ring:
@@ -401,6 +484,9 @@ class VarlenSchedule:
         task = self._base.block(step, ring_rank, ring_size, local_len)
         if task is None:
             return None
+        if self.window is not None:
+            mask = self._windowed_block(task, step, ring_rank, ring_size)
+            return None if mask is None else dataclasses.replace(task, mask=mask)
         if self.layout.zigzag:
             if step == 0:
                 mask = self._diagonal
@@ -414,8 +500,9 @@ class VarlenSchedule:
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule_for_layout(layout: VarlenLayout, softcap: float = 0.0) -> VarlenSchedule:
-    return VarlenSchedule(layout, softcap)
+def _schedule_for_layout(layout: VarlenLayout, softcap: float = 0.0,
+                         window: Tuple[int, int] = (-1, -1)) -> VarlenSchedule:
+    return VarlenSchedule(layout, softcap, tuple(window))
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -458,13 +545,9 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, back
         )
     scale = resolve_scale(softmax_scale, d)
     check_deterministic(deterministic)
-    window = normalize_window(window, causal, longest)
-    if window != (-1, -1) and window != (-1, 0):
-        raise ValueError(
-            f"window_size={tuple(window_size)} with packed documents (cu_seqlens): a window narrower than the longest "
-            f"document ({longest} tokens) is not supported on the packed path yet (any varlen backend); use dense "
-            f"input, or a window >= {longest - 1} (which is no window)")
-    needs = MaskNeeds(softcap=softcap > 0, v_head_dim=v.shape[-1] if v.shape[-1] != d else None)
+    window = normalize_window(window, causal, longest)  # bounds no document reaches are no bounds
+    binds = window != (-1, 0 if causal else -1)
+    needs = MaskNeeds(window=binds, softcap=softcap > 0, v_head_dim=v.shape[-1] if v.shape[-1] != d else None)
     kernel = resolve_varlen_backend(backend, q.device, q.dtype, d, deterministic, needs)
     check_device_matches_mesh(q, mesh)
     return layout, kernel, scale, window, softcap
@@ -518,8 +601,9 @@ def long_context_attention_varlen(
         backend: "auto" (fa4, then torch_flash, cudnn, reference), a name of ``usp.kernels.varlen.VARLEN_BACKENDS``,
             or a ``VarlenKernel``.
         deterministic: bitwise-repeatable out and gradients (see ``usp.long_context_attention``).
-        window_size: as ``usp.long_context_attention``, inside each document; on this packed path only windows that
-            bind on no document (``>= longest - 1``, i.e. none) are accepted yet: a narrower one raises ValueError.
+        window_size: as ``usp.long_context_attention``, over positions inside each document (query ``i`` of a
+            document sees its keys ``j`` with ``i - left <= j <= i + right``); needs a varlen kernel with windows
+            (reference, fa4, fa2). Same shards as without it (Note [varlen windows]).
         softcap, sinks: as ``usp.long_context_attention`` (softcap needs a varlen kernel with it: reference, fa4,
             fa2; sinks work with every kernel).
 
@@ -530,16 +614,15 @@ def long_context_attention_varlen(
     if torch.compiler.is_compiling():  # one custom op for dynamo (Note [compiled attention] in usp.compiled)
         from .compiled import compiled_attention
 
-        refuse_compiled_masks(window_size, softcap, sinks)
         return compiled_attention(q, k, v, mesh, (cu_seqlens, max_seqlen), dict(
             causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
-            deterministic=deterministic))
-    layout, kernel, scale, _, softcap = agreed_call(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale,
+            deterministic=deterministic, window_size=window_size, softcap=softcap), sinks)
+    layout, kernel, scale, window, softcap = agreed_call(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale,
                                                     return_lse, backend, deterministic, window_size, softcap, sinks,
                                                     with_softcap=True)
     out, lse = sequence_parallel_attention(  # one packed row: [1, t, h, d]
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mesh, VarlenBlockKernel(kernel),
-        _schedule_for_layout(layout, softcap), scale, return_lse, deterministic=deterministic, sinks=sinks,
+        _schedule_for_layout(layout, softcap, window), scale, return_lse, deterministic=deterministic, sinks=sinks,
     )
     out = out[0]
     padding = _device_padding(layout, mesh.ulysses_rank, mesh.ring_rank, out.device)
@@ -590,8 +673,10 @@ class LongContextAttentionVarlen(nn.Module):
 
     def resolved_backend(self, q: Tensor) -> VarlenKernel:
         """The varlen kernel that runs for inputs like ``q`` (device, dtype, head_dim)."""
+        left, right = self.window_size  # a window may still bind on no document of some batch
+        window = left != -1 or (right != -1 and not (self.causal and right == 0))
         return resolve_varlen_backend(self.backend, q.device, q.dtype, q.shape[-1], self.deterministic,
-                                      MaskNeeds(softcap=bool(self.softcap)))
+                                      MaskNeeds(window=window, softcap=bool(self.softcap)))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, max_seqlen: Optional[int] = None,
                 sinks: Optional[Tensor] = None) -> Tensor:

@@ -34,6 +34,32 @@ Note [masks]. usp applies the causal mask inside the kernel over *global* positi
 would attend to padding, so padded or packed batches must go through the varlen path. Without a registered mask
 function transformers would skip mask creation and silently drop the padding mask; that is why one is registered.
 
+Note [masks of model families]. Models with other masks than plain causal pass them to the attention function as
+kwargs, per layer; they map onto usp's options exactly (the core computes them over *global* positions, on the
+same shards as the global layers):
+
+* ``sliding_window=W`` (Mistral: every layer; Qwen2 with ``use_sliding_window``, Gemma 2/3, gpt-oss: the layers
+  whose ``config.layer_types`` entry is ``"sliding_attention"``, the attribute ``module.sliding_window``; None on
+  full layers). transformers' causal mask lets query ``i`` see key ``j`` iff ``0 <= i - j < W``, i.e. flash-attn's
+  ``window_size=(W - 1, 0)``; for a bidirectional layer (``is_causal=False``, e.g. Gemma 3's
+  ``use_bidirectional_attention``) ``|i - j| < W``, i.e. ``(W - 1, W - 1)`` (transformers' flash-attention path
+  uses the same pair). A window as wide as the sequence is no window.
+* ``softcap=c`` (Gemma 2's ``attn_logit_softcapping``): ``c * tanh(q.k * scaling / c)`` before the softmax, the
+  same as usp's ``softcap``; None is off.
+* ``s_aux=sinks`` (gpt-oss: the parameter ``module.sinks [num_attention_heads]``): one logit per query head in the
+  softmax denominator, usp's ``sinks``. Its gradient on each rank is the partial sum of that rank's rows and heads;
+  ``usp.integrations.data.all_reduce_gradients`` sums it with every other parameter's.
+* ``scaling``: whatever the model computes (Gemma's ``query_pre_attn_scalar ** -0.5``, DeepSeek V3's YaRN mscale)
+  is passed as ``softmax_scale``.
+* MLA (DeepSeek V3): ``value`` has its own head_dim (``v_head_dim``), the output has it too.
+
+What the core cannot do raises there, with its reason, on every rank before any collective (e.g. a named backend
+without softcap, or one without the MLA value head size). Packed batches (``cu_seq_lens_q``) take the same options
+through ``long_context_attention_varlen``: the window applies inside each document. Known gap: mask semantics that
+transformers expresses only in the 4D mask it builds (Llama 4's chunked attention, Gemma 3's bidirectional
+image-token spans) are not passed as kwargs, and the usp mask function does not detect them yet (Note [masks]);
+those models are not supported.
+
 Note [own config]. Models built from one config object share it, and the attention implementation lives on the
 config. So ``enable`` first gives the model its own copies of its config objects (``model.config`` and every
 submodule's ``config``, deep-copied together so that sub-configs stay shared inside the model) and only then
@@ -59,6 +85,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import numbers
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple, Union
@@ -133,12 +160,12 @@ def attention_forward(
         attention_mask: must be None (see Note [masks]); a mask here raises.
         scaling: the softmax scale (default ``d ** -0.5``).
         dropout: must be 0 (usp has no attention dropout); set ``config.attention_dropout = 0``.
-        kwargs: ``sliding_window`` (allowed only when it covers the whole global sequence), ``softcap`` and
-            ``s_aux`` (refused), ``cu_seq_lens_q/k`` and ``max_length_q/k`` (the varlen path), ``is_causal``;
-            other kwargs (``position_ids``, ``use_cache``, ...) are ignored.
+        kwargs: ``sliding_window``, ``softcap`` and ``s_aux`` (usp's ``window_size``, ``softcap`` and ``sinks``:
+            Note [masks of model families]), ``cu_seq_lens_q/k`` and ``max_length_q/k`` (the varlen path),
+            ``is_causal``; other kwargs (``position_ids``, ``use_cache``, ...) are ignored.
 
     Returns:
-        ``(out [b, s_local, h, d], None)``: no attention weights.
+        ``(out [b, s_local, h, d_v], None)``: no attention weights (``d_v``: value's head_dim, MLA's may differ).
     """
     binding = _binding(module)
     if binding is None:
@@ -157,22 +184,11 @@ def attention_forward(
             f"usp attention has no dropout, got dropout={dropout} (training); set the model's "
             "config.attention_dropout = 0.0 (and the attention modules' attention_dropout) before training"
         )
-    softcap = kwargs.get("softcap")
-    if softcap:
-        raise NotImplementedError(f"usp attention does not support logit softcapping yet (softcap={softcap})")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("usp attention does not support attention sinks (s_aux) yet")
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     is_causal = bool(is_causal)
-    seqlen = query.shape[2] * mesh.sequence_parallel_size
-    sliding_window = kwargs.get("sliding_window")
-    if sliding_window is not None and sliding_window < seqlen:
-        raise NotImplementedError(
-            f"usp attention does not support sliding-window attention yet (sliding_window={sliding_window} < global "
-            f"sequence length {seqlen}); use a model/config without a sliding window (e.g. use_sliding_window=False)"
-        )
+    masks = _mask_options(module, kwargs, is_causal)
     if key.shape[2] != query.shape[2]:
         raise ValueError(
             f"usp attention is self-attention over one shard: query has {query.shape[2]} tokens, key {key.shape[2]}; "
@@ -184,7 +200,7 @@ def attention_forward(
             "causal=False; shard with shard_batch(..., causal=True) and enable(..., causal=True)"
         )
     if kwargs.get("cu_seq_lens_q") is not None:
-        return _varlen(binding, query, key, value, is_causal, scaling, kwargs), None
+        return _varlen(binding, query, key, value, is_causal, scaling, kwargs, masks), None
     # [b, h, s, d] views of [b, s, h, d] projections: transposing back is free
     out = long_context_attention(
         query.transpose(1, 2),
@@ -194,8 +210,26 @@ def attention_forward(
         causal=is_causal,
         softmax_scale=scaling,
         backend=binding.backend,
+        **masks,
     )
     return out, None
+
+
+def _mask_options(module: nn.Module, kwargs: dict, is_causal: bool) -> dict:
+    """transformers' mask kwargs as usp's ``window_size``, ``softcap`` and ``sinks`` (Note [masks of model
+    families]); the core validates them on every rank before any collective."""
+    window = (-1, -1)
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None:
+        if not isinstance(sliding_window, numbers.Integral) or isinstance(sliding_window, bool) or sliding_window < 1:
+            raise ValueError(
+                f"{type(module).__name__} passed sliding_window={sliding_window!r}; usp takes None or an int >= 1 "
+                "(transformers' meaning: the number of tokens a query sees, its own included)"
+            )
+        left = int(sliding_window) - 1  # causal: i - j < sliding_window; bidirectional: |i - j| < sliding_window
+        window = (left, 0 if is_causal else left)
+    softcap = kwargs.get("softcap")
+    return dict(window_size=window, softcap=0.0 if softcap is None else softcap, sinks=kwargs.get("s_aux"))
 
 
 def _varlen_function():
@@ -211,7 +245,7 @@ def _varlen_function():
     return function
 
 
-def _varlen(binding: _Binding, query, key, value, is_causal, scaling, kwargs) -> Tensor:
+def _varlen(binding: _Binding, query, key, value, is_causal, scaling, kwargs, masks) -> Tensor:
     """Packed batches (``cu_seq_lens_q``): one packed row through ``long_context_attention_varlen``.
 
     ``cu_seq_lens_q`` are the *global* document boundaries (``shard_packed_batch`` returns them), the local rows are
@@ -238,6 +272,7 @@ def _varlen(binding: _Binding, query, key, value, is_causal, scaling, kwargs) ->
         binding.mesh,
         causal=is_causal,
         softmax_scale=scaling,
+        **masks,
     )
     return out.unsqueeze(0)
 
@@ -499,7 +534,7 @@ def enable(
 
     Args:
         model: a ``transformers.PreTrainedModel`` whose attention goes through ``AttentionInterface`` (Llama,
-            Qwen2/3, Mistral, Gemma, ... in transformers >= 4.56).
+            Qwen2/3, Mistral, Gemma 2/3, gpt-oss, DeepSeek V3, ... in transformers >= 4.56).
         mesh: the ``usp.SequenceParallelMesh``; the model's attention heads must be divisible by ``mesh.ulysses``.
         mode: ``"register"`` (default; implementation name "usp") or ``"replace"`` (keep the model's "sdpa" /
             "flash_attention_2|3|4" name; see the module docstring).
@@ -508,10 +543,11 @@ def enable(
             Non-causal layers are exact on either layout; causal layers need True when ring > 1.
         check_inputs: check ``position_ids`` once per forward (see Note [input checks]).
 
-    Call it on every rank after loading (and after ``.to(device)``), before wrapping in DDP/FSDP. Generation
-    (KV caches), attention dropout, sliding windows shorter than the sequence, softcapping and attention sinks
-    raise a clear error at the first forward. ``disable(model)`` undoes it. The model gets its own copy of its
-    config objects first (Note [own config]): other models built from the same config are left as they were.
+    Call it on every rank after loading (and after ``.to(device)``), before wrapping in DDP/FSDP. Sliding windows,
+    logit softcapping, attention sinks and MLA value head sizes run exactly (Note [masks of model families]);
+    generation (KV caches), attention dropout and what the core cannot do (e.g. a named ``backend`` without
+    softcap) raise a clear error at the first forward. ``disable(model)`` undoes it. The model gets its own copy of
+    its config objects first (Note [own config]): other models built from the same config are left as they were.
     Rotary embeddings whose frequencies depend on the sequence length (``rope_type`` "dynamic", "longrope") see
     the global length, as in one process (Note [length-dependent RoPE]).
     """

@@ -123,8 +123,9 @@ class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
 
 class ContractCheckingVarlenKernel(WrappedKernelCapabilities, VarlenKernel):
     """A varlen kernel that checks the packed form of Note [kernel contract] and then runs ``kernel``: ``q [t_q, h,
-    d]``, ``k, v [t_k, h_kv, d]`` (rows of ``seqs``), last dim contiguous; ``lse [h, t_q]`` contiguous; ``causal`` only
-    where every query sequence is as long as its key sequence (``usp.kernels.varlen``)."""
+    d]``, ``k, v [t_k, h_kv, d]`` (rows of ``seqs``), last dim contiguous; ``lse [h, t_q]`` contiguous; plain causal
+    only where every sequence with both queries and keys is square, a window only on trimmed sequences
+    (``usp.kernels.varlen``)."""
 
     def __init__(self, kernel: VarlenKernel):
         self._wrap(kernel, "contract_checked_")
@@ -148,8 +149,8 @@ class ContractCheckingVarlenKernel(WrappedKernelCapabilities, VarlenKernel):
         _check_tensor(name, "k", k, (seqs.total_k, h_kv, d), q.dtype, q.device, contiguous=False)
         _check_tensor(name, "v", v, (seqs.total_k, h_kv, dv), q.dtype, q.device, contiguous=False)
         mask = _check_mask(self.kernel, causal, 0, 0, "call")
-        if mask.causal and seqs.q_lengths != seqs.k_lengths:
-            _fail(name, f"causal mask with query lengths different from key lengths: {seqs}")
+        if mask.causal and any(a != b for a, b in zip(seqs.q_lengths, seqs.k_lengths) if a and b):
+            _fail(name, f"causal mask on a sequence whose query and key lengths differ: {seqs}")
         if mask.windowed:  # every sequence trimmed (an empty side is fine: its rows are fixed up)
             for s_q, s_k in zip(seqs.q_lengths, seqs.k_lengths):
                 if s_q and s_k:

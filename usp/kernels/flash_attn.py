@@ -42,7 +42,10 @@ class FlashAttn4Capabilities:
     device_types = ("cuda",)
     supports_window = True  # window_size_left/right (None = unbounded)
     supports_softcap = True
-    different_v_head_dim = True  # head_dim_v: 8..256 on SM90, 8..128 or (192, 128) past it
+    # A value head size other than q/k's: flash-attn-4 4.0.0b36's SM90 backward asserts "GQA backward requires
+    # head_dim == head_dim_v" (seen on 2x H200, 2026-11-30), and the MHA case has not run on a GPU here: refused
+    # until it has (the reference kernels do it).
+    different_v_head_dim = False
 
     def _v_head_dim_reason(self, head_dim: int, v_head_dim: int) -> Optional[str]:
         if _capability_major() == 9 or (head_dim, v_head_dim) == (192, 128):

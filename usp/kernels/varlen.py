@@ -4,14 +4,18 @@ Two levels. Shapes: ``t_q``/``t_k`` packed query/key rows, ``h``/``h_kv`` heads,
 ``base.py``).
 
 * ``VarlenKernel``: one call over packed sequences, the contract of ``flash_attn_varlen_func``.
-  ``forward(q, k, v, seqs, causal, scale) -> (out, lse)``: ``q [t_q, h, d]``, ``k, v [t_k, h_kv, d]``,
+  ``forward(q, k, v, seqs, mask, scale) -> (out, lse)``: ``q [t_q, h, d]``, ``k, v [t_k, h_kv, d]``,
   ``out [t_q, h, d]`` in ``q.dtype``, ``lse [h, t_q]`` float32 (float64 for float64 inputs).
-  ``backward(dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False) -> (dq, dk, dv)``.
+  ``backward(dout, q, k, v, out, lse, seqs, mask, scale, deterministic=False) -> (dq, dk, dv)``.
   Strides as in Note [kernel contract] (``base.py``): every tensor's last dim contiguous, ``lse`` (backward input)
   contiguous.
-  Query sequence ``i`` (rows ``seqs.cu_q[i]:seqs.cu_q[i+1]``) attends key sequence ``i`` only. A causal mask is
-  bottom-right aligned (flash-attn's convention); usp asks for causal only where every query sequence is as long as
-  its key sequence, where top-left and bottom-right agree. Sequences may be empty on either side.
+  Query sequence ``i`` (rows ``seqs.cu_q[i]:seqs.cu_q[i+1]``) attends key sequence ``i`` only. ``mask`` is one
+  ``Mask`` (Note [block mask]) for every sequence of the call, bottom-right aligned *per sequence* like
+  flash-attn's varlen ``window_size``: query ``i`` of a sequence with ``q_len`` rows and ``k_len`` keys sees key
+  ``j`` iff ``i + k_len - q_len - left <= j <= i + k_len - q_len + right`` (-1: unbounded; causal is
+  ``(-1, 0)``). usp asks for plain causal only where every sequence with both queries and keys is square (where
+  top-left and bottom-right agree), and for a window only on sequences trimmed as Note [kernel contract] says
+  (every query row sees a key, every key row is seen). Sequences may be empty on either side.
 * ``VarlenBlockKernel``: an ``AttentionKernel`` (what ``usp.ring`` calls) whose ``causal`` argument is a
   ``VarlenBlock``, the varlen calls that make up one ring block (built by ``usp.varlen``). It takes the ring's
   ``[1, s, h, d]`` row slices, runs the calls on row ranges of them, merges calls that share query rows, and
@@ -168,7 +172,8 @@ class VarlenKernel(KernelCapabilities):
 
 
 class ReferenceVarlenKernel(VarlenKernel):
-    """Pure PyTorch, a block-diagonal (per-sequence, optionally causal) mask over the packed rows.
+    """Pure PyTorch, a block-diagonal mask over the packed rows: per sequence, the ``Mask``'s bottom-right aligned
+    window (causal, sliding, full; the module docstring's rule, flash-attn's varlen ``window_size``) and softcap.
 
     Computes in float32 (float64 for float64 inputs), rounds results to the input dtype. ``O(h * t_q * t_k)``
     memory: this is the CPU/CI path and the numerical reference, not a fast kernel. GQA by grouping query heads.
@@ -544,13 +549,16 @@ class VarlenCall:
 class VarlenBlock:
     """The varlen calls that make up one ring block, over a block of ``q_len`` query and ``k_len`` key rows.
 
-    Every query row and every key row must be covered by at least one call; calls that share query rows have their
-    results merged (in float32) by their LSE, so each call must cover disjoint key rows for the rows it shares.
+    Calls that share query rows have their results merged (in float32) by their LSE, so each must cover disjoint
+    key rows for the rows it shares; a call's query rows equal an earlier call's or overlap none. Rows that no call
+    covers (a windowed block that some documents do not reach, or none) come out as ``out = 0``, ``lse = -inf``
+    and zero gradients. ``final``: the block is its rows' only one (``R == 1``), so results come back in the input
+    dtype (rounded once) even when calls were merged.
     """
 
-    def __init__(self, calls: Sequence[VarlenCall], q_len: int, k_len: int):
+    def __init__(self, calls: Sequence[VarlenCall], q_len: int, k_len: int, final: bool = False):
         self.calls = tuple(calls)
-        self.q_len, self.k_len = q_len, k_len
+        self.q_len, self.k_len, self.final = q_len, k_len, final
         q_ranges: List[Tuple[int, int]] = []
         k_ranges: List[Tuple[int, int]] = []
         merges = []
@@ -567,19 +575,21 @@ class VarlenBlock:
             merges.append(merge)
             q_ranges.append(q_range)
             k_ranges.append(k_range)
-        for ranges, total, what in ((q_ranges, q_len, "query"), (k_ranges, k_len, "key")):
-            covered = 0
-            for a, b in sorted(ranges):
-                if a > covered:
-                    break
-                covered = max(covered, b)
-            if covered < total:
-                raise ValueError(f"the calls of a varlen block must cover every {what} row")
         self.merges = tuple(merges)
-        self.single = len(self.calls) == 1
+        self.covers_q = _covers(q_ranges, q_len)
+        self.single = len(self.calls) == 1 and self.covers_q and _covers(k_ranges, k_len)
 
     def __repr__(self) -> str:
         return f"VarlenBlock(q_len={self.q_len}, k_len={self.k_len}, calls={list(self.calls)})"
+
+
+def _covers(ranges: List[Tuple[int, int]], total: int) -> bool:
+    covered = 0
+    for a, b in sorted(ranges):
+        if a > covered:
+            break
+        covered = max(covered, b)
+    return covered >= total
 
 
 def _fix_empty_forward(out: Tensor, lse: Tensor, seqs: VarlenSeqs) -> None:
@@ -604,7 +614,7 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
     Takes the ring's ``[1, s, h, d]`` tensors and ``[1, h, s]`` LSE (batch 1: the packed rows). A block of one call
     returns the kernel's results as they are (input dtype). Otherwise the output is float32 where calls are merged
     and the gradients are float32 sums (the ring loop accumulates and casts them at the end), so no partial result
-    is rounded to the input dtype twice. ``R == 1`` blocks are always one call, so there the input dtype comes back.
+    is rounded to the input dtype twice. ``R == 1`` blocks (``VarlenBlock.final``) return the input dtype.
     """
 
     def __init__(self, kernel: VarlenKernel):
@@ -628,25 +638,32 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
             out, lse = self._forward_call(q0, k0, v0, block.calls[0], scale)
             return out.unsqueeze(0), lse.unsqueeze(0)
         t_q, h, d = q0.shape[0], q0.shape[1], v0.shape[2]
-        out = lse = None
+        wide = torch.promote_types(q.dtype, torch.float32)
+        out_dtype = wide if any(block.merges) or not block.covers_q else q.dtype
+        if block.covers_q:  # every row written by its first call
+            out = torch.empty((t_q, h, d), dtype=out_dtype, device=q.device)
+            lse = torch.empty((h, t_q), dtype=wide, device=q.device)
+        else:  # rows no call reaches: no keys
+            out = torch.zeros((t_q, h, d), dtype=out_dtype, device=q.device)
+            lse = torch.full((h, t_q), float("-inf"), dtype=wide, device=q.device)
         for call, merge in zip(block.calls, block.merges):
             call_out, call_lse = self._forward_call(q0, k0, v0, call, scale)
-            if out is None:
-                out_dtype = torch.promote_types(q.dtype, torch.float32) if any(block.merges) else q.dtype
-                out = torch.empty((t_q, h, d), dtype=out_dtype, device=q.device)
-                lse = torch.empty((h, t_q), dtype=call_lse.dtype, device=q.device)
             if merge:
                 merge_attention_(out[call.q].unsqueeze(0), lse[:, call.q].unsqueeze(0),
                                  call_out.unsqueeze(0), call_lse.unsqueeze(0))
             else:
                 out[call.q].copy_(call_out)
                 lse[:, call.q].copy_(call_lse)
+        if block.final:
+            out = out.to(q.dtype)
         return out.unsqueeze(0), lse.unsqueeze(0)
 
     def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
         block = self._block(causal)
         dout0, q0, k0, v0, out0, lse0 = dout[0], q[0], k[0], v[0], out[0], lse[0]
-        grads = None
+        if not block.single:  # float32 sums (zero where no call reaches)
+            acc = torch.promote_types(q.dtype, torch.float32)
+            grads = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q0, k0, v0)]
         for call in block.calls:
             # a column slice of the [h, t] LSE is strided: the contract promises kernels a contiguous one
             dq, dk, dv = self.kernel.backward(
@@ -656,12 +673,11 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
             _fix_empty_backward(dq, dk, dv, call.seqs)
             if block.single:
                 return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
-            if grads is None:
-                acc = torch.promote_types(q.dtype, torch.float32)
-                grads = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q0, k0, v0)]
             grads[0][call.q].add_(dq)
             grads[1][call.k].add_(dk)
             grads[2][call.k].add_(dv)
+        if block.final:
+            grads = [g.to(t.dtype) for g, t in zip(grads, (q0, k0, v0))]
         return tuple(g.unsqueeze(0) for g in grads)
 
     def __repr__(self) -> str:
