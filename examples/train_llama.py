@@ -145,7 +145,7 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     if cfg.device == "cuda":
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (FACTS.md)
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (benchmarks/RESULTS.md)
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)

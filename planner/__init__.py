@@ -13,6 +13,7 @@ not import torch, and neither does planning: the rules of the core it prices (la
 placements, head groups, K/V replication, head chunks, collective counts) come from ``usp.spec``, which imports
 nothing from torch; the probe imports torch.
 """
+from .batch import Chooser, choose
 from .cost import CostModel, MemoryCost, PassCost, Shape
 from .search import Candidate, Plan, plan, predict, sweep
 from .topology import DEFAULT_PRESET, Topology, TopologyError, list_presets, load_topology
@@ -20,6 +21,7 @@ from .units import PlannerError
 
 __all__ = [
     "Candidate",
+    "Chooser",
     "CostModel",
     "DEFAULT_PRESET",
     "MemoryCost",
@@ -27,6 +29,7 @@ __all__ = [
     "Plan",
     "PlannerError",
     "Shape",
+    "choose",
     "Topology",
     "TopologyError",
     "list_presets",

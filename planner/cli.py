@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-layers", default=None, metavar="W:G",
                    help="price a mix: W windowed (--window) and G global layers, e.g. 5:1 or the model's counts "
                    "40:8; times are the sum over the W+G layers")
+    p.add_argument("--cu-seqlens", type=_int_list, default=None, metavar="0,L0,L0+L1,...",
+                   help="price a packed batch of documents: its cu_seqlens (--seqlen then optional)")
+    p.add_argument("--doc-lengths", type=_int_list, default=None, metavar="L0,L1,...",
+                   help="price a packed batch of documents of these lengths")
+    p.add_argument("--histogram", default=None, metavar="FILE",
+                   help="price a packed batch from a histogram file: YAML/JSON {length: count} or 'length count' "
+                   "lines")
     p.add_argument("--topology", default=None,
                    help=f"preset name (NAME or NAME:hosts=N) or topology YAML path (default {DEFAULT_PRESET})")
     p.add_argument("--gpus-per-node", type=int, default=None,
@@ -330,7 +337,8 @@ def _run_plan(args: argparse.Namespace, out) -> int:
             print(load_topology(name).describe(), file=out)
         return 0
     missing = [flag for flag, value in (("--world-size", args.world_size), ("--heads", args.heads)) if value is None]
-    if args.seqlen is None and args.sweep is None:
+    packed = dict(cu_seqlens=args.cu_seqlens, doc_lengths=args.doc_lengths, histogram=args.histogram)
+    if args.seqlen is None and args.sweep is None and all(v is None for v in packed.values()):
         missing.append("--seqlen")
     if missing:
         return _fail(f"the following arguments are required: {', '.join(missing)} (see {PROG} --help)")
@@ -358,7 +366,7 @@ def _run_plan(args: argparse.Namespace, out) -> int:
                     for n, r in results]
             _dump({"sweep": data}, args.format, out)
         return 0
-    p = plan(args.world_size, args.seqlen, args.heads, **common)
+    p = plan(args.world_size, args.seqlen, args.heads, **common, **packed)
     if args.format == "table":
         _render_plan(p, _topology_line(args), out, rich_ok, args.wide)
     else:

@@ -60,14 +60,16 @@ GPU-memory traffic (not FLOPs, but time on the compute stream), at the topology'
     the all-to-all time;
   * ring sums [CORE ``usp/ring.py`` Note [narrow sums], ``usp/merge.py``], the "merge" part of a breakdown, over
     the rows (keys) each block touched. The forward merge is the fused kernel of ``csrc/`` (one pass: read the
-    accumulator and the block output, write the accumulator). ``R == 2`` (at most two terms per row): the sums
-    stay in the input dtype: forward ``3·B · q_h`` per merged row; backward, dq ``3·B`` over the rows of step 1
-    and, at the owner, dK/dV ``3·B`` over every row (received partial + own block), no zero-fill, no casts.
+    accumulator and the block output, write the accumulator). ``R == 2`` (at most two terms per row,
+    ``usp.spec.narrow_sums``): the sums stay in the input dtype: forward ``3·B · q_h`` per merged row;
+    backward, dq ``3·B`` over the rows of step 1 and, at the owner, dK/dV ``3·B`` over every row (received
+    partial + own block), no zero-fill, no casts.
     ``R > 2``: float32 accumulators: forward step 0's output promoted (``B + 4``), each merge ``(8 + B)``, the
     final cast ``(4 + B)`` (all ``· q_h``); backward the fp32 dq and dKV sums are created (``4 + B``), every
     step ``add_``s its block gradients (``8 + B``) and the final casts cost ``(4 + B)``, over ``q_h + 2·kv_h``
     elements. Causal zigzag steps ``>= 1`` touch 3/4 of the rows (keys) on average: half the steps take every row
-    against half the keys, half take half the rows against every key. Counts ``q_h``, ``kv_h`` are defined under
+    against half the keys, half take half the rows against every key (``usp.spec.dense_block``, averaged by
+    ``usp.spec.block_fractions``). Counts ``q_h``, ``kv_h`` are defined under
     memory below.
 
 Ring P2P [CORE], [TE]; each step is double-buffered (the next transfer is issued before the current block's
@@ -296,7 +298,7 @@ class _Block:
     q: float          # query tokens
     k: float          # key tokens
     causal: bool
-    rows: float = 1.0  # fraction of the local queries the block updates (zigzag half blocks: 3/4 on average)
+    rows: float = 1.0  # fraction of the local queries the block updates, on average (usp.spec.block_fractions)
 
     def flops(self, shape: Shape, heads_per_rank: float) -> float:
         f = 4.0 * shape.batch * heads_per_rank * self.q * self.k * shape.head_dim
@@ -372,7 +374,7 @@ class CostModel:
         """One all_to_all_single of a ``buffer_bytes`` buffer per rank in every Ulysses group at once."""
         if ulysses == 1:
             return 0.0
-        if placement == "ulysses_inner" or ring == 1:  # contiguous groups: a probe's fit may apply
+        if spec.ulysses_stride(ulysses, ring, placement) == 1:  # contiguous groups: a probe's fit may apply
             measured = self.topology.measured_a2a(ulysses, self.ulysses_hosts(ulysses, ring, placement)[0])
             if measured is not None:
                 return measured.time(buffer_bytes)
@@ -390,15 +392,20 @@ class CostModel:
     # ------------------------------------------------------------------ compute
     @staticmethod
     def blocks(shape: Shape, ring: int, limit: Optional[int] = None) -> List[_Block]:
-        """The block of each ring step, or of the first ``limit`` steps."""
-        s = shape.seqlen
-        if ring == 1:
-            return [_Block(s, s, shape.causal)]
-        local = s / ring
+        """The block of each ring step, or of the first ``limit`` steps: the runtime's (``usp.spec.dense_block``)
+        as ``usp.spec.block_fractions`` averages them, step 0 the diagonal and every later step the average visit
+        (``q`` the local queries, ``k`` the keys that give the average area, ``rows`` the average fraction of the
+        queries it updates; zigzag: half the area, 3/4 of the rows)."""
+        local = shape.seqlen / ring
         count = ring if limit is None else min(ring, limit)
-        if not shape.causal:
-            return [_Block(local, local, False) for _ in range(count)]
-        return [_Block(local, local, True)] + [_Block(local, local / 2, False, 0.75) for _ in range(count - 1)]
+
+        def average(step: int) -> _Block:
+            parts = spec.block_fractions(shape.causal, step)
+            area = sum(w * q * k for w, q, k, _ in parts)
+            rows = sum(w * q for w, q, _, _ in parts)
+            return _Block(local, local * area, any(causal for _, _, _, causal in parts), rows)
+
+        return [average(0)] + [average(1) for _ in range(count - 1)]
 
     # ------------------------------------------------------------------ the model
     def evaluate(self, shape: Shape, ulysses: int, ring: int, placement: str,
@@ -458,7 +465,7 @@ class CostModel:
         fwd.kernel_calls = bwd.kernel_calls = G * C * ring
         fwd.overhead = bwd.overhead = per_step * ring
         # --- sums of the ring (GPU-memory traffic on the compute stream; usp/ring.py, usp/merge.py)
-        narrow = ring == 2
+        narrow = spec.narrow_sums(ring)  # Note [narrow sums]: used below only when R > 1
         m_fwd = {i: 0.0 for i, _ in steps}
         m_bwd = {i: 0.0 for i, _ in steps}
         if ring > 1 and hbm:
@@ -680,7 +687,7 @@ class CostModel:
         kv_h = b * (s / ring) * (kv / ulysses) * d
         lse = b * (H / ulysses) * (s / ring)
         saved = B * (2 * q_h + 2 * kv_h) + FP32 * lse
-        C, narrow = head_chunks, ring == 2 and not sparse
+        C, narrow = head_chunks, spec.narrow_sums(ring, sparse)  # used below only when R > 1
         Ckv = min(C, max(1, kv // ulysses))  # chunks beyond the K/V heads share one K/V head each
         if ring > 1 and C == 1:
             saved += 2 * kv_h * B  # the forward's last K/V block, one per head group (each 1/G of the heads)

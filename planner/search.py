@@ -66,6 +66,9 @@ class Candidate:
     #: a mix of layer types (``window_layers``): ``[{"kind": "windowed"|"global", "count": n, "forward":
     #: PassCost, "backward": PassCost}]``, one layer of each kind; ``forward``/``backward`` are their sum
     layers: List[dict] = field(default_factory=list)
+    #: a packed batch (``documents=``): its layout, padding, local tokens, kernel calls and imbalance
+    #: (``planner.batch.BatchCost.to_dict``)
+    batch: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -89,7 +92,7 @@ class Candidate:
                 "memory": None if self.memory is None else self.memory.to_dict(),
                 "kv_heads_used": self.kv_heads_used, "notes": list(self.notes), "head_chunks": self.head_chunks,
                 "layers": [{"kind": x["kind"], "count": x["count"], "forward": x["forward"].to_dict(),
-                            "backward": x["backward"].to_dict()} for x in self.layers]}
+                            "backward": x["backward"].to_dict()} for x in self.layers], "batch": dict(self.batch)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Candidate":
@@ -102,7 +105,7 @@ class Candidate:
                    head_chunks=int(data.get("head_chunks", 1)),
                    layers=[{"kind": str(x["kind"]), "count": int(x["count"]),
                             "forward": PassCost.from_dict(x["forward"]), "backward": PassCost.from_dict(x["backward"])}
-                           for x in data.get("layers") or []])
+                           for x in data.get("layers") or []], batch=dict(data.get("batch") or {}))
 
 
 @dataclass
@@ -136,6 +139,8 @@ class Plan:
     #: ``(windowed, global)`` layer counts priced together (``forward``/``backward`` are their sum), or None: one
     #: layer, windowed when ``shape.window`` is set
     window_layers: Optional[Tuple[int, int]] = None
+    #: the packed batch priced (``documents=``): ``{"source", "documents", "total", "longest"}``, or None
+    documents: Optional[dict] = None
 
     # ------------------------------------------------------------------ derived
     @property
@@ -215,7 +220,11 @@ class Plan:
             time = time.replace("per layer", f"per {windowed + dense} layers ({windowed} windowed + {dense} global)")
         elif tuple(self.shape.window) != (-1, -1):
             time = time.replace("per layer", "per windowed layer")
-        return (f"Ulysses {self.ulysses} x ring {self.ring} ({self.placement}{chunks}): {time}, "
+        packed = ""
+        if self.documents is not None and self.candidates and self.candidates[0].batch:
+            packed = (f" ({self.documents['documents']} documents, {self.candidates[0].batch['padding']} padding "
+                      "tokens)")
+        return (f"Ulysses {self.ulysses} x ring {self.ring} ({self.placement}{chunks}): {time}{packed}, "
                 f"{format_bytes(self.memory_bytes)} per GPU")
 
     def snippet(self) -> str:
@@ -266,6 +275,7 @@ class Plan:
             "memory": self.memory.to_dict(), "memory_limit_bytes": self.memory_limit,
             "forward_only": self.forward_only, "notes": list(self.notes), "head_chunks": self.head_chunks,
             "window_layers": None if self.window_layers is None else list(self.window_layers),
+            "documents": self.documents,
             "why": self.explain(),
             "candidates": [c.to_dict() for c in self.candidates],
         }
@@ -290,6 +300,7 @@ class Plan:
                 notes=list(data.get("notes") or []), head_chunks=int(data.get("head_chunks", 1)),
                 window_layers=(None if data.get("window_layers") is None
                                else (int(data["window_layers"][0]), int(data["window_layers"][1]))),
+                documents=data.get("documents"),
             )
         except KeyError as exc:
             raise PlannerError(f"plan is missing key {exc.args[0]!r}") from None
@@ -327,6 +338,7 @@ class _Request:
     kernel: str
     forward_only: bool
     window_layers: Optional[Tuple[int, int]] = None
+    documents: Optional[Any] = None  # planner.batch.Documents
 
     def layers(self) -> List[Tuple[str, int, Shape]]:
         """``[(kind, count, shape)]`` of the layer types priced: one layer, or the ``window_layers`` mix."""
@@ -464,6 +476,17 @@ def _evaluate(model: CostModel, req: _Request, ulysses: int, ring: int, placemen
     if head_chunks is not None and head_chunks not in options:
         raise PlannerError(f"head_chunks={head_chunks} must divide the {shape.heads // ulysses} query and "
                            f"{kv // ulysses} K/V heads per Ulysses rank; valid values: {options}")
+    if req.documents is not None:  # a packed batch: padded per document, no length constraint
+        from .batch import evaluate_batch
+
+        cand.forward, cand.backward, cand.memory, cost = evaluate_batch(
+            model, shape, req.documents, ulysses, ring, placement, kernel_profile, head_chunks or 1)
+        cand.head_chunks = head_chunks or 1
+        cand.batch = cost.to_dict()
+        if cand.memory.peak > cap:
+            cand.feasible = False
+            cand.reason = f"needs {format_bytes(cand.memory.peak)} per GPU > limit {format_bytes(cap)}"
+        return cand
     multiple = required_seqlen_multiple(ulysses, ring, shape.causal)
     if shape.seqlen % multiple and tuple(shape.window) != (-1, -1):  # a window's pieces need whole shards
         cand.feasible = False
@@ -581,7 +604,8 @@ def _search(req: _Request, model: Optional[CostModel] = None) -> Plan:
                 memory=best.memory, topology=req.topology.name, topology_source=req.topology_source,
                 kernel=profile.name, memory_limit=req.memory_limit, forward_only=req.forward_only,
                 candidates=feasible + rejected,
-                notes=notes + best.notes, head_chunks=best.head_chunks, window_layers=req.window_layers)
+                notes=notes + best.notes, head_chunks=best.head_chunks, window_layers=req.window_layers,
+                documents=None if req.documents is None else req.documents.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -591,7 +615,8 @@ def plan(world_size: int, seqlen: Union[int, str], heads: int, kv_heads: Optiona
          memory_limit: Union[None, int, str] = None, *, sequence_parallel_size: Optional[int] = None,
          kernel: str = "auto", gpus_per_node: Optional[int] = None, forward_only: bool = False,
          window: Union[None, int, Tuple[int, int]] = None,
-         window_layers: Union[None, str, Tuple[int, int]] = None) -> Plan:
+         window_layers: Union[None, str, Tuple[int, int]] = None, cu_seqlens: Any = None, doc_lengths: Any = None,
+         histogram: Any = None) -> Plan:
     """Choose the Ulysses x ring split for one attention layer (or a mix of windowed and global layers).
 
     Args:
@@ -619,14 +644,40 @@ def plan(world_size: int, seqlen: Union[int, str], heads: int, kv_heads: Optiona
             windowed and ``G`` global layers (counts: the model's own, e.g. ``"40:8"``, or a ratio, ``"5:1"``; the
             order of the layers does not matter). The plan's ``forward``/``backward`` are then the sum over those
             ``W + G`` layers (per layer type in each candidate's ``layers``), memory the larger layer's.
+        cu_seqlens, doc_lengths, histogram: a packed batch of documents (at most one of them: ``cu_seqlens`` as
+            ``usp.long_context_attention_varlen`` takes it, a list of document lengths, or a histogram file /
+            ``{length: count}`` mapping; ``planner.batch``). The layer is then priced as the packed path runs it:
+            per-document padding, each ring block's varlen calls on every document's chunks, the slowest rank
+            (each candidate's ``batch``). ``seqlen`` may be None (the batch's total; if given it must match).
 
     Returns the fastest feasible :class:`Plan`. Raises ``ValueError`` (:class:`PlannerError`) with one line naming
     the bad argument, or saying why nothing fits.
     """
+    seqlen, docs = _documents(seqlen, window, batch, cu_seqlens, doc_lengths, histogram)
     shape = _shape(seqlen, heads, kv_heads, head_dim, batch, dtype, causal, window)
     req = _request(world_size, shape, topology, memory_limit, sequence_parallel_size, kernel, gpus_per_node,
                    forward_only, window_layers)
+    req.documents = docs
     return _search(req)
+
+
+def _documents(seqlen: Any, window: Any, batch: Any, cu_seqlens: Any, doc_lengths: Any,
+               histogram: Any) -> Tuple[Any, Any]:
+    """``(seqlen, planner.batch.Documents or None)``: the packed batch given, checked against ``seqlen``."""
+    if cu_seqlens is None and doc_lengths is None and histogram is None:
+        return seqlen, None
+    from .batch import documents
+
+    docs = documents(cu_seqlens=cu_seqlens, lengths=doc_lengths, histogram=histogram)
+    if window is not None:
+        raise PlannerError("window with documents: sliding windows over packed documents are not priced yet; "
+                           "plan the batch without window=")
+    if batch != 1:
+        raise PlannerError(f"batch={batch} with documents: a packed batch is one row (batch=1)")
+    if seqlen is not None and parse_seqlen(seqlen) != docs.total:
+        raise PlannerError(f"seqlen={seqlen} does not match the documents' total of {docs.total} tokens; pass "
+                           "seqlen=None")
+    return docs.total, docs
 
 
 def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_heads: Optional[int] = None,
@@ -635,10 +686,12 @@ def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_hea
             world_size: Optional[int] = None, memory_limit: Union[None, int, str] = None, *,
             kernel: str = "auto", gpus_per_node: Optional[int] = None, head_chunks: Optional[int] = 1,
             window: Union[None, int, Tuple[int, int]] = None,
-            window_layers: Union[None, str, Tuple[int, int]] = None) -> Candidate:
+            window_layers: Union[None, str, Tuple[int, int]] = None, cu_seqlens: Any = None,
+            doc_lengths: Any = None, histogram: Any = None) -> Candidate:
     """Predict one fixed split (for comparing measured against predicted). ``world_size`` defaults to ``U*R``;
     ``head_chunks`` as passed to the attention (``None``: the smallest that fits the memory cap, as ``plan`` does);
-    ``window``, ``window_layers`` as for :func:`plan`.
+    ``window``, ``window_layers`` and the packed batch (``cu_seqlens``, ``doc_lengths``, ``histogram``) as for
+    :func:`plan`.
 
     Returns a :class:`Candidate` (``forward``, ``backward``, ``memory``, ``total``); ``feasible`` is False with a
     ``reason`` when the split breaks a constraint (its costs are still filled in unless the heads do not divide).
@@ -648,8 +701,10 @@ def predict(ulysses: int, ring: int, seqlen: Union[int, str], heads: int, kv_hea
     placement = _placement(placement)
     sp = ulysses * ring
     world_size = sp if world_size is None else world_size
+    seqlen, docs = _documents(seqlen, window, batch, cu_seqlens, doc_lengths, histogram)
     shape = _shape(seqlen, heads, kv_heads, head_dim, batch, dtype, causal, window)
     req = _request(world_size, shape, topology, memory_limit, sp, kernel, gpus_per_node, False, window_layers)
+    req.documents = docs
     profile, notes = req.topology.kernel(req.kernel, req.shape.dtype, req.shape.head_dim)
     cap = req.memory_limit if req.memory_limit is not None else req.topology.gpu_memory
     cand = _evaluate(CostModel(req.topology, req.world_size, sp), req, ulysses, ring, placement, profile, cap,

@@ -77,6 +77,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from usp import spec
+
 from .units import PlannerError, canonical_dtype
 
 __all__ = [
@@ -1069,28 +1071,11 @@ class HostClassFabric:
     # ------------------------------------------------------------------ flows of one rank
     def _a2a_partners(self, x: int, ulysses: int, ring: int, placement: str) -> Tuple[List[int], int]:
         """Same-host partners (ranks) of rank ``x`` in its Ulysses group, and the number of off-host ones."""
-        sp, gph = ulysses * ring, self.gph
+        gph = self.gph
         h = x // gph
         lo, hi = h * gph, min((h + 1) * gph, self.world_size)
-        if placement == "ulysses_inner" or ring == 1:
-            start = x - x % ulysses
-            same = range(max(start, lo), min(start + ulysses, hi))
-        else:
-            base = x - x % sp
-            lo, hi = max(lo, base), min(hi, base + sp)
-            first = lo + (x - lo) % ring
-            same = range(first, hi, ring)
-        partners = [y for y in same if y != x]
+        partners = [y for y in spec.ulysses_group(x, ulysses, ring, placement) if lo <= y < hi and y != x]
         return partners, ulysses - 1 - len(partners)
-
-    @staticmethod
-    def _ring_next(x: int, ulysses: int, ring: int, placement: str, step: int) -> int:
-        sp = ulysses * ring
-        if placement == "ulysses_inner" or ulysses == 1:
-            base = x - x % sp
-            return base + (x - base + step * ulysses) % sp
-        chunk = x - x % ring
-        return chunk + (x - chunk + step) % ring
 
     # ------------------------------------------------------------------ loads of one host
     def _host_load(self, h: int, kind: str, ulysses: int, ring: int, placement: str) -> Tuple[float, float]:
@@ -1110,8 +1095,8 @@ class HostClassFabric:
                 for y in same:
                     in_intra[y] = in_intra.get(y, 0) + 1
             else:
-                nxt = self._ring_next(x, ulysses, ring, placement, 1)
-                prv = self._ring_next(x, ulysses, ring, placement, -1)
+                nxt = spec.ring_peer(x, 1, ulysses, ring, placement)
+                prv = spec.ring_peer(x, -1, ulysses, ring, placement)
                 if nxt == x:
                     out_intra[x], out_inter[x], in_inter[x] = [], 0, 0
                     continue
@@ -1172,8 +1157,11 @@ class HostClassFabric:
         sp = ulysses * ring
         period = math.lcm(sp, gph)
         period_hosts = min(hosts, period // gph)
-        inner = ulysses if placement == "ulysses_inner" else ring
-        margin = (-(-ulysses // gph) if placement == "ulysses_inner" else 0) + 1
+        inner = spec.inner_axis_size(ulysses, ring, placement)
+        # the ring's wrap-around reaches one ring stride back (U ranks with ulysses_inner; adjacent with ring_inner,
+        # where nothing crosses a block boundary but the hosts that straddle one)
+        head_first = spec.Placement.parse(placement) is spec.Placement.ULYSSES_INNER
+        margin = (-(-spec.ring_stride(ulysses, ring, placement) // gph) if head_first else 0) + 1
         block_hosts = sp // gph
         chosen = set(range(max(0, hosts - margin - 1), hosts))
         for b in range(period // sp + 1):  # hosts within reach of each block boundary of one period
@@ -1212,14 +1200,17 @@ class HostClassFabric:
         gph = self.gph
         if ulysses == 1 or ring == 1:
             placement = "ulysses_inner"
-        stride = 1 if placement == "ulysses_inner" else ring
-        spanned = len({(k * stride) // gph for k in range(ulysses)})
-        if placement == "ulysses_inner":
+        spanned = len({r // gph for r in spec.ulysses_group(0, ulysses, ring, placement)})
+        if spec.ulysses_stride(ulysses, ring, placement) == 1:
             crosses = any((s // gph) != ((s + ulysses - 1) // gph)
                           for s in range(0, min(self.world_size, math.lcm(ulysses, gph)), ulysses))
         else:
+            def hosts_of(dp: int, ring_rank: int) -> set:  # the hosts of the Ulysses group at (dp, ring_rank)
+                first = spec.sequence_parallel_rank(dp, ring_rank, 0, ulysses, ring, placement)
+                return {x // gph for x in spec.ulysses_group(first, ulysses, ring, placement)}
+
             crosses = ulysses > 1 and (ring >= gph or any(
-                len({(b * ulysses * ring + u * ring + r) // gph for u in range(ulysses)}) > 1
+                len(hosts_of(b, r)) > 1
                 for b in range(min(self.world_size, math.lcm(ulysses * ring, gph)) // (ulysses * ring))
                 for r in range(ring)))
         return spanned, crosses

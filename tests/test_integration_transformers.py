@@ -78,9 +78,8 @@ def _world2(rank, world_size, state_dict, batches, packed, rope_states, family_s
         name: guarded(run_sequence_parallel, mesh, state_dict, ids, labels, checkpointing=True)
         for name, mesh in (("1x2", mesh12), ("2x1", mesh21))}
     # packed documents: cu_seq_lens_* reach the attention function, which runs usp's varlen path
-    has_varlen = usp_hf._varlen_function() is not None
     results["packed"] = {name: guarded(run_packed, mesh, state_dict, *packed)
-                         for name, mesh in (("1x2", mesh12), ("2x1", mesh21))} if has_varlen else None
+                         for name, mesh in (("1x2", mesh12), ("2x1", mesh21))}
     results["bystander_implementation"] = bystander.config._attn_implementation
     # enabling one model leaves a model built from the same config object alone
     results["shared_config"] = guarded(shared_config_models, mesh12, state_dict, ids)
@@ -147,16 +146,13 @@ def _world2(rank, world_size, state_dict, batches, packed, rope_states, family_s
         ("heads not divisible by ulysses",
          lambda: usp_hf.enable(make_model(hidden_size=48, num_attention_heads=3, num_key_value_heads=1), mesh21)),
         ("replace from eager", lambda: usp_hf.enable(make_model(attn_implementation="eager"), mesh12, mode="replace")),
+        ("chunked attention (Llama 4)", lambda: usp_hf.enable(_llama4_chunked(), mesh12)),
         ("shard_batch bad length", lambda: data.shard_batch({"input_ids": ids[:, :-2]}, mesh12)),
         ("shard_batch unknown key", lambda: data.shard_batch({"input_ids": ids, "pixel_values": ids}, mesh12)),
         ("shard_batch padding", lambda: data.shard_batch(
             {"input_ids": ids, "attention_mask": torch.cat([torch.ones(BATCH, SEQLEN - 1), torch.zeros(BATCH, 1)], 1)},
             mesh12)),
     ]
-    if not has_varlen:
-        cu = torch.tensor([0, 10, local], dtype=torch.int32)
-        checks.append(("packed batch without varlen", lambda: usp_hf.attention_forward(
-            attn, q[:1], kv[:1], kv[:1], None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)))
     results["errors"] = capture(checks)
     # a correct call after all the refused ones: would hang if a refused call had entered a collective
     results["after_errors"] = data.reduce_loss(
@@ -164,6 +160,16 @@ def _world2(rank, world_size, state_dict, batches, packed, rope_states, family_s
     usp_hf.disable(model)
     results["disabled_implementation"] = model.config._attn_implementation
     return portable(results)
+
+
+def _llama4_chunked():
+    """A tiny Llama 4 text model with chunked attention, which transformers applies only through its 4D mask."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    config = Llama4TextConfig(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64,
+                              num_local_experts=2, attention_chunk_size=16)
+    return Llama4ForCausalLM(config)
 
 
 def _world4(rank, world_size, state_dict, batches, packed, family_states):
@@ -178,11 +184,8 @@ def _world4(rank, world_size, state_dict, batches, packed, family_states):
     e2e["2x2 register"] = run_sequence_parallel(usp.SequenceParallelMesh(ulysses=2, ring=2), state_dict, ids, labels)
     e2e["2x2 ring_inner replace"] = run_sequence_parallel(
         usp.SequenceParallelMesh(ulysses=2, ring=2, placement="ring_inner"), state_dict, ids, labels, mode="replace")
-    import usp.integrations.transformers as usp_hf
-
-    if usp_hf._varlen_function() is not None:
-        mesh = usp.SequenceParallelMesh(ulysses=2, ring=2)
-        results["packed"] = {"2x2": guarded(run_packed, mesh, state_dict, *packed)}
+    mesh = usp.SequenceParallelMesh(ulysses=2, ring=2)
+    results["packed"] = {"2x2": guarded(run_packed, mesh, state_dict, *packed)}
     meshes = {"2x2": usp.SequenceParallelMesh(ulysses=2, ring=2),
               "2x2 ring_inner": usp.SequenceParallelMesh(ulysses=2, ring=2, placement="ring_inner")}
     results["families"] = family_cases(meshes, [("2x2", "register"), ("2x2 ring_inner", "replace")], family_states,
@@ -321,8 +324,6 @@ def test_activation_checkpointing_matches_single_process(world2, references):
 
 def _check_packed(per_rank, references):
     _, _, truth, single, _ = references
-    if per_rank[0]["packed"] is None:
-        pytest.skip("this usp has no varlen path (usp.long_context_attention_varlen)")
     problems = []
     for rank, results in enumerate(per_rank):
         for name, result in results["packed"].items():
@@ -497,16 +498,16 @@ def test_refused_inputs_raise_clear_errors_on_every_rank(world2, references):
         "not a model": ("TypeError", r"PreTrainedModel"),
         "heads not divisible by ulysses": ("ValueError", r"num_attention_heads=3.*ulysses=2.*\[1, 3\]"),
         "replace from eager": ("ValueError", r"'eager'.*mode='register'"),
+        "chunked attention (Llama 4)": ("ValueError", r"attention_chunk_size=16.*not supported"),
         "shard_batch bad length": ("ValueError", r"input_ids.*multiple of 4.*pad it to 44"),
         "shard_batch unknown key": ("ValueError", r"pixel_values"),
         "shard_batch padding": ("ValueError", r"zeros.*varlen"),
-        "packed batch without varlen": ("NotImplementedError", r"varlen"),
     }
     for rank, results in enumerate(world2):
         errors = results["errors"]
         for name, (exception, pattern) in expected.items():
             if name not in errors:
-                continue  # the varlen check runs only while usp has no varlen path
+                continue  # a check this rank did not run
             assert matches(errors[name], exception, pattern), f"rank {rank} {name}: got {errors[name]}"
         assert errors["all-ones mask is fine"] is None
         assert errors["sliding window covering the sequence"] is None

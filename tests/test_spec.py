@@ -27,10 +27,11 @@ def test_the_runtime_uses_the_spec_itself():
 
 
 def test_the_planner_uses_the_spec_itself():
-    from usp.planner import cost, search
+    from usp.planner import cost, search, topology
 
     assert cost.head_groups is spec.head_groups and cost.replicated_kv_heads is spec.replicated_kv_heads
     assert cost.head_chunk_options is spec.valid_head_chunks and cost.PLACEMENTS == spec.PLACEMENTS
+    assert cost.spec is spec and topology.spec is spec
     assert search.required_seqlen_multiple is spec.required_multiple
 
 
@@ -49,6 +50,87 @@ def test_rank_grid_is_the_documented_affine_layout():
                                          else ulysses_rank * r + ring_rank)
                                 assert rank == dp * sp + inner
                     assert sorted(x for b in grid for row in b for x in row) == list(range(world // sp * sp))
+
+
+def test_rank_functions_are_the_grid():
+    """``sequence_parallel_rank`` / ``_coords`` invert each other, and ``ring_peer`` / ``ulysses_group`` (what the
+    planner's host classes load the links with) walk the grid the mesh builds its groups from."""
+    for world in (4, 12, 24):
+        for sp in [d for d in range(1, world + 1) if world % d == 0]:
+            for u in [d for d in range(1, sp + 1) if sp % d == 0]:
+                r = sp // u
+                for placement in spec.PLACEMENTS:
+                    grid = spec.sequence_parallel_rank_grid(world, u, r, placement)
+                    assert spec.inner_axis_size(u, r, placement) == (u if placement == "ulysses_inner" else r)
+                    for dp, block in enumerate(grid):
+                        for ring_rank, row in enumerate(block):
+                            assert spec.ulysses_group(row[-1], u, r, placement) == row
+                            for ulysses_rank, rank in enumerate(row):
+                                assert spec.sequence_parallel_coords(rank, u, r, placement) == (
+                                    dp, ring_rank, ulysses_rank)
+                                for step in (-1, 1, 2, r + 1):
+                                    assert (spec.ring_peer(rank, step, u, r, placement)
+                                            == block[(ring_rank + step) % r][ulysses_rank])
+
+
+def test_the_planner_loads_the_grids_groups():
+    """The planner's compact host classes find each rank's Ulysses partners and ring neighbours from the spec's
+    rank layout: the same partners the grid's groups give (two hosts of 8 GPUs)."""
+    from usp.planner.topology import Topology
+
+    classes = Topology.preset("dgx-h100-cluster").host_classes(16)
+    for u, r in ((1, 16), (2, 8), (4, 4), (8, 2), (16, 1)):
+        for placement in spec.PLACEMENTS:
+            grid = spec.sequence_parallel_rank_grid(16, u, r, placement)
+            for block in grid:
+                for row in block:
+                    for x in row:
+                        same, off = classes._a2a_partners(x, u, r, placement)
+                        want = [y for y in row if y != x and y // classes.gph == x // classes.gph]
+                        assert (sorted(same), off) == (sorted(want), u - 1 - len(want))
+
+
+def test_the_dense_schedules_are_the_specs_blocks():
+    """``usp.layout``'s dense schedules run ``spec.dense_block``; the ring's narrow sums are ``spec.narrow_sums``."""
+    import usp.ring
+    from usp.layout import FullSchedule, ZigzagCausalSchedule
+
+    assert usp.ring.narrow_sums is spec.narrow_sums
+    assert [spec.narrow_sums(r) for r in (1, 2, 3, 8)] == [True, True, False, False]
+    assert not spec.narrow_sums(2, sparse=True)
+    for causal, schedule in ((True, ZigzagCausalSchedule(0.5)), (False, FullSchedule(0.5))):
+        for ring in (1, 2, 3, 4, 8):
+            for r in range(ring):
+                for j in range(ring):
+                    t = schedule.block(j, r, ring, 12)
+                    assert (t.q_rows, t.kv_rows, t.causal, t.softcap) == spec.dense_block(causal, j, r, ring, 12) + (
+                        0.5,)
+
+
+def _rows(sl, n):
+    return len(range(*sl.indices(n)))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_planner_prices_the_specs_blocks(causal):
+    """The planner's blocks (``CostModel.blocks``: the diagonal, then the average visit) are the average of
+    ``spec.dense_block`` over every ring rank and step >= 1, for any ring size: the area and the rows updated."""
+    from usp.planner.cost import CostModel, Shape
+
+    for ring in (2, 3, 4, 5, 8, 16):
+        local = 16
+        shape = Shape(seqlen=ring * local, heads=8, kv_heads=8, head_dim=64, causal=causal)
+        blocks = CostModel.blocks(shape, ring)
+        assert len(blocks) == ring
+        diag = spec.dense_block(causal, 0, 0, ring, local)
+        assert (blocks[0].q * blocks[0].k, blocks[0].causal) == (
+            _rows(diag[0], local) * _rows(diag[1], local), diag[2])
+        visits = [spec.dense_block(causal, j, r, ring, local) for j in range(1, ring) for r in range(ring)]
+        area = sum(_rows(q, local) * _rows(k, local) for q, k, _ in visits) / len(visits)
+        rows = sum(_rows(q, local) for q, _, _ in visits) / len(visits) / local
+        for b in blocks[1:]:
+            assert b.q * b.k == pytest.approx(area) and b.rows == pytest.approx(rows) and not b.causal
+    assert CostModel.blocks(Shape(seqlen=64, heads=8, kv_heads=8, head_dim=64, causal=causal), 1)[0].q == 64
 
 
 def test_placement_names():

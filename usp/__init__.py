@@ -40,19 +40,22 @@ __all__ = [
     "position_ids_varlen",
     "shard_varlen",
     "varlen_layout",
+    "plan",
+    "Plan",
+    "choose",
 ]
 
 
 #: public name -> the submodule that defines it (imported on first access; the planner's two as well)
 _PUBLIC = {
-    "LongContextAttention": "attention", "long_context_attention": "attention",
+    "LongContextAttention": "modules", "long_context_attention": "attention",
     "AttentionKernel": "kernels", "available_backends": "kernels", "resolve_backend": "kernels",
     "gather": "layout", "position_ids": "layout", "shard": "layout",
     "Placement": "spec", "SequenceParallelMesh": "mesh",
     **{name: "varlen" for name in ("LongContextAttentionVarlen", "VarlenLayout", "gather_varlen",
                                    "long_context_attention_varlen", "padding_mask_varlen", "position_ids_varlen",
                                    "shard_varlen", "varlen_layout")},
-    "plan": "planner", "Plan": "planner",
+    "plan": "planner", "Plan": "planner", "choose": "planner",
 }
 
 

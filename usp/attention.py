@@ -21,7 +21,6 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .comm.all_to_all import _heads_to_seq
 from .consistency import agree
@@ -328,81 +327,14 @@ def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_l
     return out, lse
 
 
-class LongContextAttention(nn.Module):
-    """Drop-in attention module: ``forward(q, k, v)`` on local shards in flash-attn layout.
+def __getattr__(name: str):
+    """``LongContextAttention``, from ``usp.modules`` (one module class for dense and packed input; it imports this
+    module and ``usp.varlen``, which imports this module too, so it is looked up on first use)."""
+    if name == "LongContextAttention":
+        from .modules import LongContextAttention
 
-    Args:
-        mesh: the ``usp.SequenceParallelMesh`` to run on.
-        causal: causal mask over global positions (see ``long_context_attention``).
-        softmax_scale: default ``head_dim ** -0.5``.
-        backend: kernel choice, "auto" by default; ``resolved_backend(q)`` tells which kernel runs.
-        head_chunks: ring passes per Ulysses head group, to cut working memory (see ``long_context_attention``);
-            dense inputs only.
-        deterministic: bitwise-repeatable out and gradients (see ``long_context_attention``).
-        window_size, softcap: the mask options of ``long_context_attention``; ``sinks`` (a parameter tensor) go
-            to ``forward``.
-    """
-
-    def __init__(
-        self,
-        mesh: SequenceParallelMesh,
-        causal: bool = True,
-        softmax_scale: Optional[float] = None,
-        backend: Union[str, AttentionKernel] = "auto",
-        head_chunks: int = 1,
-        deterministic: bool = False,
-        window_size: Tuple[int, int] = (-1, -1),
-        softcap: float = 0.0,
-    ):
-        super().__init__()
-        if not isinstance(mesh, SequenceParallelMesh):
-            raise TypeError(f"mesh must be a usp.SequenceParallelMesh, got {type(mesh).__name__}")
-        self.mesh = mesh
-        self.causal = causal
-        self.softmax_scale = softmax_scale
-        self.backend = backend
-        self.head_chunks = head_chunks
-        self.deterministic = deterministic
-        self.window_size = tuple(window_size) if isinstance(window_size, list) else window_size
-        self.softcap = softcap
-
-    def resolved_backend(self, q: Tensor) -> AttentionKernel:
-        """The kernel that runs for inputs like ``q`` (device, dtype, head_dim) with this module's mask options
-        (a window counts as needed whatever the sequence length)."""
-        needs = MaskNeeds(window=tuple(self.window_size) not in ((-1, -1), (-1, 0)), softcap=bool(self.softcap))
-        return resolve_backend(self.backend, q.device, q.dtype, q.shape[-1], self.deterministic, needs)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens=None, max_seqlen: Optional[int] = None,
-                sinks: Optional[Tensor] = None) -> Tensor:
-        """Dense: ``q [b, s_local, h, d]``, ``k, v [b, s_local, h_kv, d]`` -> ``[b, s_local, h, d]``.
-
-        Packed documents: ``q [t_local, h, d]``, ``k, v [t_local, h_kv, d]`` with the *global* ``cu_seqlens``
-        (see ``usp.long_context_attention_varlen``) -> ``[t_local, h, d]``.
-        """
-        if cu_seqlens is not None:
-            if self.head_chunks != 1:
-                raise ValueError(f"head_chunks={self.head_chunks} is for dense inputs; packed batches "
-                                 "(cu_seqlens) run with head_chunks=1")
-            from .varlen import long_context_attention_varlen  # lazy: varlen imports this module
-
-            return long_context_attention_varlen(q, k, v, cu_seqlens, max_seqlen, self.mesh, causal=self.causal,
-                                                 softmax_scale=self.softmax_scale, backend=self.backend,
-                                                 deterministic=self.deterministic, window_size=self.window_size,
-                                                 softcap=self.softcap, sinks=sinks)
-        if max_seqlen is not None:
-            raise ValueError("max_seqlen is only for packed batches: pass cu_seqlens too (or neither)")
-        return long_context_attention(
-            q, k, v, self.mesh, causal=self.causal, softmax_scale=self.softmax_scale, backend=self.backend,
-            head_chunks=self.head_chunks, deterministic=self.deterministic, window_size=self.window_size,
-            softcap=self.softcap, sinks=sinks,
-        )
-
-    def extra_repr(self) -> str:
-        chunks = f", head_chunks={self.head_chunks}" if self.head_chunks != 1 else ""
-        deterministic = ", deterministic=True" if self.deterministic else ""
-        mask = (f", window_size={tuple(self.window_size)}" if tuple(self.window_size) != (-1, -1) else "") + (
-            f", softcap={self.softcap}" if self.softcap else "")
-        return f"mesh={self.mesh!r}, causal={self.causal}, backend={self.backend!r}{chunks}{deterministic}{mask}"
+        return LongContextAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # usp's custom ops exist before dynamo traces a call (it cannot import a module inside a checkpointed region)

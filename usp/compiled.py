@@ -127,8 +127,8 @@ class _Call:
                     o["deterministic"], *masks)[:3]
             self.head_chunks, self.layout = o["head_chunks"], None
         else:
-            from . import varlen
-            from .kernels.varlen import VarlenBlockKernel
+            from . import varlen  # lazy: usp.varlen imports usp.attention, which imports this module
+            from .kernels.varlen_block import VarlenBlockKernel
 
             if agree:
                 self.layout, kernel, self.scale, window, softcap = varlen.agreed_call(
@@ -146,9 +146,7 @@ class _Call:
                                                           o["deterministic"])
 
     def padding(self, device) -> Optional[Tensor]:
-        from .varlen import _device_padding
-
-        return _device_padding(self.layout, self.mesh.ulysses_rank, self.mesh.ring_rank, device)
+        return self.layout.device_padding(self.mesh.ulysses_rank, self.mesh.ring_rank, device)
 
     def context(self, q4: Tensor, k4: Tensor, v4: Tensor, saved: Sequence[Tensor],
                 sinks: Optional[Tensor]) -> _Context:

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from .kernels.base import Mask
 from .mesh import SequenceParallelMesh
 # the layout rules and the window arithmetic live in usp.spec (torch-free: the planner reads them too)
-from .spec import (Layout, SlidingWindow, band_pieces, choose_layout, normalize_window, required_multiple,
-                   sliding_window)
+from .spec import (Layout, SlidingWindow, band_pieces, choose_layout, dense_block, normalize_window,
+                   required_multiple, sliding_window)
 
 __all__ = ["Layout", "choose_layout", "required_multiple", "position_ids", "shard", "gather"]
 
@@ -126,8 +126,9 @@ class BlockTask:
     """One block of a ring step: local query rows ``q_rows`` against rows ``kv_rows`` of the visiting K/V.
 
     ``mask`` is for kernels that need more than a causal flag: when set, the ring loop passes it to the kernel in
-    place of ``causal`` (``kernel_mask``). The varlen path (``usp.varlen``) puts a ``usp.kernels.varlen.VarlenBlock``
-    there: the per-document sequences of this block. Dense schedules leave it ``None``.
+    place of ``causal`` (``kernel_mask``). The varlen path (``usp.schedule_varlen``) puts a
+    ``usp.kernels.varlen_block.VarlenBlock`` there: the per-document sequences of this block. Dense schedules leave
+    it ``None``.
     """
 
     q_rows: slice
@@ -145,41 +146,33 @@ class BlockTask:
         return Mask(-1, 0 if self.causal else -1, self.softcap)
 
 
-_ALL = slice(None)
-
-
 class FullSchedule:
-    """Non-causal (any layout): every step is the full local Q against the full visiting K/V."""
+    """Non-causal (any layout): every step is the full local Q against the full visiting K/V
+    (``usp.spec.dense_block``)."""
 
-    layout = Layout.CONTIGUOUS
     sparse = False
 
     def __init__(self, softcap: float = 0.0):
         self.softcap = softcap
 
-    def block(self, step: int, ring_rank: int, ring_size: int, local_len: int) -> Optional[BlockTask]:
-        return BlockTask(_ALL, _ALL, False, softcap=self.softcap)
+    def block(self, step: int, ring_rank: int, ring_size: int, local_len: int) -> BlockTask:
+        q_rows, kv_rows, causal = dense_block(False, step, ring_rank, ring_size, local_len)
+        return BlockTask(q_rows, kv_rows, causal, softcap=self.softcap)
 
 
 class ZigzagCausalSchedule:
-    """Causal over the zigzag layout (see Note [zigzag layout]); with R == 1 it is plain causal attention."""
+    """Causal over the zigzag layout (see Note [zigzag layout]); with R == 1 it is plain causal attention. The
+    blocks are ``usp.spec.dense_block``'s (the planner prices the same ones): step 0 the rank's own causal block,
+    later steps the first half of the visiting K/V or the second half of the local queries."""
 
-    layout = Layout.ZIGZAG
     sparse = False
 
     def __init__(self, softcap: float = 0.0):
         self.softcap = softcap
 
-    def block(self, step: int, ring_rank: int, ring_size: int, local_len: int) -> Optional[BlockTask]:
-        if step == 0:
-            return BlockTask(_ALL, _ALL, True, softcap=self.softcap)
-        half = local_len // 2
-        source = (ring_rank - step) % ring_size
-        if source < ring_rank:
-            # visiting chunks: `source` (before both of ours) and 2R-1-source (after both): first half only
-            return BlockTask(_ALL, slice(0, half), False, softcap=self.softcap)
-        # visiting chunks both lie before our second chunk and after our first: second half of Q only
-        return BlockTask(slice(half, local_len), _ALL, False, softcap=self.softcap)
+    def block(self, step: int, ring_rank: int, ring_size: int, local_len: int) -> BlockTask:
+        q_rows, kv_rows, causal = dense_block(True, step, ring_rank, ring_size, local_len)
+        return BlockTask(q_rows, kv_rows, causal, softcap=self.softcap)
 
 
 def band_block(q_start: int, q_len: int, k_start: int, k_len: int, left: int, right: int, softcap: float):

@@ -31,6 +31,7 @@ from .comm.p2p import RingRotation
 from .kernels.base import AttentionKernel
 from .merge import merge_attention_
 from .mesh import SequenceParallelMesh
+from .spec import narrow_sums
 
 Tensor = torch.Tensor
 _KV_TAG, _DKV_TAG = 0, 1
@@ -208,8 +209,10 @@ def _narrow_sums(ring_size: int) -> bool:
     """Note [narrow sums]. Every row of the output, dQ and dK/dV sums the contributions of at most ``ring_size``
     blocks. With two, the running sum is kept in the kernels' dtype: the merge and PyTorch's half-precision
     ``add_`` compute in float32 and round once, exactly what a float32 accumulator followed by a cast does, with
-    no float32 buffers, no casts, and half the dK/dV bytes on the wire. With more, float32 accumulators."""
-    return ring_size <= 2
+    no float32 buffers, no casts, and half the dK/dV bytes on the wire. With more, float32 accumulators. The rule
+    is ``usp.spec.narrow_sums`` (the planner prices the same); the sparse ring of a window always sums in
+    float32."""
+    return narrow_sums(ring_size)
 
 
 class _GradientSum:

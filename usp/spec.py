@@ -8,9 +8,13 @@ prices what they say, and the tests compare the collectives they count with :fun
 Notation: ``U`` Ulysses degree, ``R`` ring degree, ``P = U * R``, ``H`` query heads, ``Hkv`` K/V heads,
 ``Hkv'`` K/V heads after replication, ``G`` head groups, ``C`` head chunks.
 
-* Placements and the rank grid (:class:`Placement`, :func:`sequence_parallel_rank_grid`).
+* Placements and the rank grid (:class:`Placement`, :func:`sequence_parallel_rank_grid`, the affine rank layout
+  :func:`sequence_parallel_rank` / :func:`sequence_parallel_coords` and the group members it implies,
+  :func:`ring_peer`, :func:`ulysses_group`).
 * Layouts and the sequence-length multiple each needs (:class:`Layout`, :func:`choose_layout`,
-  :func:`required_multiple`; Note [zigzag layout] in ``usp/layout.py``).
+  :func:`required_multiple`; Note [zigzag layout] in ``usp/layout.py``); the dense ring schedules' block of each
+  step (:func:`dense_block`; the planner's average, :func:`block_fractions`) and where the ring's sums are kept
+  (:func:`narrow_sums`, Note [narrow sums] in ``usp/ring.py``).
 * Heads: K/V replication (:func:`kv_replication`), the valid head chunks (:func:`valid_head_chunks`) and the
   head-group pipeline depth (:func:`head_groups`; Note [head-group pipeline] in ``usp/ulysses.py``).
 * Sliding windows: which ring steps a window needs, the halo rows each step exchanges and the compute of each
@@ -28,12 +32,14 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 __all__ = [
-    "Placement", "PLACEMENTS", "sequence_parallel_rank_grid", "ulysses_stride", "ring_stride",
-    "Layout", "choose_layout", "required_multiple",
+    "Placement", "PLACEMENTS", "sequence_parallel_rank_grid", "ulysses_stride", "ring_stride", "inner_axis_size",
+    "sequence_parallel_rank", "sequence_parallel_coords", "ring_peer", "ulysses_group",
+    "Layout", "choose_layout", "required_multiple", "dense_block", "block_fractions", "narrow_sums",
     "kv_replication", "replicated_kv_heads", "valid_head_chunks", "head_groups",
     "normalize_window", "band_pieces", "band_area", "SlidingWindow", "sliding_window",
     "ring_steps", "forward_step_rotations", "backward_step_rotations",
     "PassCollectives", "LayerCollectives", "layer_collectives",
+    "varlen_chunks_per_doc", "varlen_pad_chunk", "varlen_block_calls",
 ]
 
 
@@ -55,6 +61,8 @@ class Placement(str, enum.Enum):
         ``-`` for ``_``); a ValueError naming ``argument`` and the valid values otherwise."""
         if isinstance(value, cls):
             return value
+        if isinstance(value, str) and value in _PLACEMENT_VALUES:  # the common case, cheap (the planner asks per rank)
+            return _PLACEMENT_VALUES[value]
         if isinstance(value, str):
             normalized = value.strip().lower().replace("-", "_")
             aliases = {"head_first": cls.ULYSSES_INNER, "ulysses_first": cls.ULYSSES_INNER,
@@ -70,6 +78,8 @@ class Placement(str, enum.Enum):
         )
 
 
+_PLACEMENT_VALUES: Dict[str, Placement] = {p.value: p for p in Placement}
+
 #: the placement names, the default first
 PLACEMENTS: Tuple[str, ...] = tuple(p.value for p in Placement)
 
@@ -84,15 +94,49 @@ def ring_stride(ulysses: int, ring: int, placement: Union[str, Placement]) -> in
     return ulysses if Placement.parse(placement) is Placement.ULYSSES_INNER else 1
 
 
+def inner_axis_size(ulysses: int, ring: int, placement: Union[str, Placement]) -> int:
+    """The size of the axis on adjacent ranks (``U`` for ``ulysses_inner``, ``R`` for ``ring_inner``): the groups
+    of the other axis are strided by it, and the rank pattern inside a replica repeats every that many ranks."""
+    return ulysses if Placement.parse(placement) is Placement.ULYSSES_INNER else ring
+
+
+def sequence_parallel_rank(dp: int, ring_rank: int, ulysses_rank: int, ulysses: int, ring: int,
+                           placement: Union[str, Placement]) -> int:
+    """The global rank at ``(dp, ring_rank, ulysses_rank)`` (the affine layout of :class:`Placement`)."""
+    return (dp * ulysses * ring + ring_rank * ring_stride(ulysses, ring, placement)
+            + ulysses_rank * ulysses_stride(ulysses, ring, placement))
+
+
+def sequence_parallel_coords(rank: int, ulysses: int, ring: int,
+                             placement: Union[str, Placement]) -> Tuple[int, int, int]:
+    """``(dp, ring_rank, ulysses_rank)`` of a global rank: the inverse of :func:`sequence_parallel_rank`."""
+    dp, inner = divmod(rank, ulysses * ring)
+    if Placement.parse(placement) is Placement.ULYSSES_INNER:
+        ring_rank, ulysses_rank = divmod(inner, ulysses)
+    else:
+        ulysses_rank, ring_rank = divmod(inner, ring)
+    return dp, ring_rank, ulysses_rank
+
+
+def ring_peer(rank: int, step: int, ulysses: int, ring: int, placement: Union[str, Placement]) -> int:
+    """The rank ``step`` places after ``rank`` round its ring (negative: before; wraps around)."""
+    dp, ring_rank, ulysses_rank = sequence_parallel_coords(rank, ulysses, ring, placement)
+    return sequence_parallel_rank(dp, (ring_rank + step) % ring, ulysses_rank, ulysses, ring, placement)
+
+
+def ulysses_group(rank: int, ulysses: int, ring: int, placement: Union[str, Placement]) -> List[int]:
+    """The global ranks of ``rank``'s Ulysses group, in Ulysses-rank order."""
+    dp, ring_rank, _ = sequence_parallel_coords(rank, ulysses, ring, placement)
+    return [sequence_parallel_rank(dp, ring_rank, u, ulysses, ring, placement) for u in range(ulysses)]
+
+
 def sequence_parallel_rank_grid(world_size: int, ulysses: int, ring: int,
                                 placement: Union[str, Placement]) -> List[List[List[int]]]:
     """Global ranks as nested lists ``grid[dp][ring_rank][ulysses_rank]`` for the given placement (see
     :class:`Placement`). Pure function (no process groups): the mesh builds its groups from it, the planner
     loads the links with it."""
-    sp = ulysses * ring
-    u_stride, r_stride = ulysses_stride(ulysses, ring, placement), ring_stride(ulysses, ring, placement)
-    return [[[dp * sp + r * r_stride + u * u_stride for u in range(ulysses)] for r in range(ring)]
-            for dp in range(world_size // sp)]
+    return [[[sequence_parallel_rank(dp, r, u, ulysses, ring, placement) for u in range(ulysses)]
+             for r in range(ring)] for dp in range(world_size // (ulysses * ring))]
 
 
 # ---------------------------------------------------------------------------------------------------- layouts
@@ -115,6 +159,51 @@ def required_multiple(ulysses: int, ring: int, causal: bool) -> int:
     if choose_layout(ring, causal) is Layout.ZIGZAG:
         return math.lcm(2 * ring, ring * ulysses)
     return ring * ulysses
+
+
+#: every query row and every K/V row of a block
+_ALL = slice(None)
+
+
+def dense_block(causal: bool, step: int, ring_rank: int, ring_size: int, local_len: int) -> Tuple[slice, slice, bool]:
+    """The block ring rank ``ring_rank`` computes at ``step`` (against ring rank ``ring_rank - step``'s K/V) in
+    the dense schedules (``usp.layout.FullSchedule``, ``ZigzagCausalSchedule``): ``(q_rows, kv_rows, causal)``,
+    rows as slices of the ``local_len`` rows of the two shards.
+
+    Non-causal: every step is the full local Q against the full visiting K/V. Causal (Note [zigzag layout]):
+    step 0 is the rank's own, causal, block; a visiting rank's chunks either both lie before this rank's second
+    chunk and after its first (``source > ring_rank``: the second half of Q against all of the K/V) or one before
+    both and one after both (``source < ring_rank``: all of Q against the first half of the K/V)."""
+    if not causal:
+        return _ALL, _ALL, False
+    if step == 0:
+        return _ALL, _ALL, True
+    half = local_len // 2
+    if (ring_rank - step) % ring_size < ring_rank:
+        return _ALL, slice(0, half), False
+    return slice(half, local_len), _ALL, False
+
+
+def block_fractions(causal: bool, step: int) -> List[Tuple[float, float, float, bool]]:
+    """The :func:`dense_block` s of ``step`` 0 (the diagonal) or of a step ``>= 1`` averaged over every ring rank
+    and step, as ``(weight, q_fraction, k_fraction, causal)`` with fractions of the local shard and weights that
+    sum to 1. Over the ordered pairs ``(ring_rank, source)`` with ``source != ring_rank`` half have the source
+    before and half after, at any ring size, so the average is the mean of the two kinds a ring of two has: what
+    the planner prices (``usp.planner.cost.CostModel.blocks``)."""
+
+    def length(rows: slice) -> int:
+        return len(range(*rows.indices(2)))
+
+    ranks = (0,) if step == 0 else (1, 0)  # ring of two, two rows a shard: the source before, then after
+    blocks = [dense_block(causal, min(step, 1), r, 2, 2) for r in ranks]
+    return [(1 / len(blocks), length(q) / 2, length(k) / 2, c) for q, k, c in blocks]
+
+
+def narrow_sums(ring: int, sparse: bool = False) -> bool:
+    """Note [narrow sums] in ``usp/ring.py``: whether the ring's running sums (output, dQ, dK/dV) stay in the
+    kernels' dtype instead of float32: when every row sums at most two blocks (``ring <= 2``) in the dense ring;
+    never in the sparse ring of a sliding window (``sparse``: float32 at any ring size)."""
+    return ring <= 2 and not sparse
 
 
 # ------------------------------------------------------------------------------------------------------ heads
@@ -452,3 +541,38 @@ def layer_collectives(ulysses: int, ring: int, heads: int, kv_heads: int, head_c
     passes = groups * head_chunks
     return LayerCollectives(forward=PassCollectives(all_to_all=a2a + lse, p2p=passes * forward_p2p),
                             backward=PassCollectives(all_to_all=a2a, p2p=passes * backward_p2p))
+
+
+# ------------------------------------------------------------------------------------------- packed documents
+def varlen_chunks_per_doc(ring: int, causal: bool) -> int:
+    """Chunks each packed document is cut into (Note [varlen zigzag layout] in ``usp/varlen.py``): ``2R`` for the
+    per-document zigzag (causal, ``R > 1``), else ``R``. Document ``j`` is padded at its end to
+    ``chunks * ceil(L_j / chunks)`` tokens."""
+    return 2 * ring if choose_layout(ring, causal) is Layout.ZIGZAG else ring
+
+
+def varlen_pad_chunk(chunk_rows: int, ulysses: int, ring: int, causal: bool) -> int:
+    """Rows per chunk of the padding-only document appended so that a ring rank's rows (``chunk_rows = sum_j
+    c_j``, times 2 with the zigzag) split into ``ulysses`` equal pieces: the smallest ``p >= 0`` with
+    ``halves * (chunk_rows + p) % ulysses == 0``."""
+    halves = 2 if choose_layout(ring, causal) is Layout.ZIGZAG else 1
+    step = ulysses // math.gcd(halves, ulysses)  # halves * x is a multiple of U iff x is a multiple of this
+    return (-chunk_rows) % step
+
+
+def varlen_block_calls(ring: int, causal: bool, step: int, ring_rank: int = 0) -> Tuple[Tuple[str, str, bool], ...]:
+    """The varlen kernel calls of one ring block of the packed path (``usp.varlen.VarlenSchedule``, no window), as
+    ``(query chunk, key chunk, causal)`` per call, chunks named ``"head"`` / ``"tail"`` (zigzag: chunk ``r`` /
+    ``2R-1-r`` of every document of the rank that holds them) or ``"all"`` (the one chunk). Every call covers
+    one chunk of every document on each side (``c_j x c_j`` per document).
+
+    Zigzag (causal, ``R > 1``): the diagonal (step 0) is heads x heads (causal), tails x heads, tails x tails
+    (causal); a visiting rank before this one (``source < ring_rank``) gives all our rows x its heads (two calls),
+    one after it our tails x its heads and tails (two calls). Otherwise one call per block."""
+    if choose_layout(ring, causal) is not Layout.ZIGZAG:
+        return (("all", "all", causal),)
+    if step == 0:
+        return (("head", "head", True), ("tail", "head", False), ("tail", "tail", True))
+    if (ring_rank - step) % ring < ring_rank:
+        return (("head", "head", False), ("tail", "head", False))
+    return (("tail", "head", False), ("tail", "tail", False))

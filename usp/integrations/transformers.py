@@ -57,8 +57,8 @@ What the core cannot do raises there, with its reason, on every rank before any 
 without softcap, or one without the MLA value head size). Packed batches (``cu_seq_lens_q``) take the same options
 through ``long_context_attention_varlen``: the window applies inside each document. Known gap: mask semantics that
 transformers expresses only in the 4D mask it builds (Llama 4's chunked attention, Gemma 3's bidirectional
-image-token spans) are not passed as kwargs, and the usp mask function does not detect them yet (Note [masks]);
-those models are not supported.
+image-token spans) are not passed as kwargs: ``enable`` refuses those models (``attention_chunk_size`` set, or
+Gemma 3 with a vision tower) instead of computing plain causal.
 
 Note [own config]. Models built from one config object share it, and the attention implementation lives on the
 config. So ``enable`` first gives the model its own copies of its config objects (``model.config`` and every
@@ -98,6 +98,7 @@ from .. import layout
 from ..attention import long_context_attention
 from ..kernels import AttentionKernel
 from ..mesh import SequenceParallelMesh
+from ..varlen import long_context_attention_varlen
 
 __all__ = ["ATTN_IMPLEMENTATION", "REPLACEABLE", "enable", "disable", "attention_forward", "mask_function"]
 
@@ -232,38 +233,19 @@ def _mask_options(module: nn.Module, kwargs: dict, is_causal: bool) -> dict:
     return dict(window_size=window, softcap=0.0 if softcap is None else softcap, sinks=kwargs.get("s_aux"))
 
 
-def _varlen_function():
-    """``long_context_attention_varlen`` (issue 6), or None while this usp has no varlen path."""
-    import usp
-
-    function = getattr(usp, "long_context_attention_varlen", None)
-    if function is None:
-        try:
-            from ..varlen import long_context_attention_varlen as function
-        except ImportError:
-            return None
-    return function
-
-
 def _varlen(binding: _Binding, query, key, value, is_causal, scaling, kwargs, masks) -> Tensor:
     """Packed batches (``cu_seq_lens_q``): one packed row through ``long_context_attention_varlen``.
 
     ``cu_seq_lens_q`` are the *global* document boundaries (``shard_packed_batch`` returns them), the local rows are
     ``usp.varlen.shard_varlen``'s shard, padding included.
     """
-    varlen = _varlen_function()
-    if varlen is None:
-        raise NotImplementedError(
-            "packed batches (cu_seq_lens_q/cu_seq_lens_k) need usp's varlen path "
-            "(usp.long_context_attention_varlen), which this usp version does not have yet"
-        )
     cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
     if query.shape[0] != 1:
         raise ValueError(f"the varlen path takes one packed row (batch 1), got batch {query.shape[0]}")
     if cu_k is not None and cu_k is not cu_q and not torch.equal(torch.as_tensor(cu_q), torch.as_tensor(cu_k)):
         raise ValueError("usp's varlen path is self-attention: cu_seq_lens_k must equal cu_seq_lens_q")
     # [1, h, t_local, d] -> [t_local, h, d] (flash_attn_varlen_func layout), views
-    out = varlen(
+    out = long_context_attention_varlen(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
         value[0].transpose(0, 1),
@@ -521,6 +503,24 @@ class _InputCheck:
 
 
 # ---------------------------------------------------------------------------------------------- enable / disable
+def _refuse_mask_only_semantics(config, text_config) -> None:
+    """Refuse the models whose attention pattern transformers expresses only in the 4D mask it builds (Note [masks of
+    model families], known gap): usp builds no such mask, so they would silently get plain causal attention."""
+    chunk = getattr(text_config, "attention_chunk_size", None)
+    if chunk is not None:
+        raise ValueError(
+            f"the model uses chunked attention (attention_chunk_size={chunk}, e.g. Llama 4's local layers), which "
+            "transformers applies only through its 4D mask: usp cannot honour it and does not compute it as plain "
+            "causal; this model family is not supported"
+        )
+    if getattr(config, "model_type", None) == "gemma3" and getattr(config, "vision_config", None) is not None:
+        raise ValueError(
+            "Gemma 3 with a vision tower attends bidirectionally among each image's tokens, which transformers "
+            "applies only through its 4D mask: usp cannot honour it; enable the text model (Gemma3ForCausalLM, "
+            "model_type 'gemma3_text') instead"
+        )
+
+
 def enable(
     model: nn.Module,
     mesh: SequenceParallelMesh,
@@ -569,6 +569,7 @@ def enable(
             f"the model has num_attention_heads={heads}, not divisible by the mesh's ulysses={mesh.ulysses}; "
             f"Ulysses degrees valid for this model: {valid}"
         )
+    _refuse_mask_only_semantics(model.config, text_config)
     current = model.config._attn_implementation
     if mode == "replace" and current not in REPLACEABLE:
         raise ValueError(

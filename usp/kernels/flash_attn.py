@@ -1,7 +1,8 @@
 """The external flash-attn package, adapted once, here.
 
 * FlashAttention-4 (``flash-attn-4``, module ``flash_attn.cute``; Hopper/Blackwell): fastest on H100 (~665 TFLOP/s
-  fwd+bwd, FACTS.md). Native GQA, ``[b, s, h, d]`` layout, LSE ``[b, h, s]`` fp32.
+  fwd+bwd, ``benchmarks/RESULTS.md``, reference measurements). Native GQA, ``[b, s, h, d]`` layout, LSE
+  ``[b, h, s]`` fp32.
 * FlashAttention-2 (``flash_attn``): the same contract through ``flash_attn.flash_attn_interface``.
 
 Only the private entry points' *documented* keyword arguments are used; nothing is introspected at run time.

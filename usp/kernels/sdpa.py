@@ -20,7 +20,8 @@ def _bhsd(x: Tensor) -> Tensor:
 
 
 class CudnnKernel(AttentionKernel):
-    """``aten._scaled_dot_product_cudnn_attention``: ~580 TFLOP/s fwd+bwd on H100 (see FACTS.md)."""
+    """``aten._scaled_dot_product_cudnn_attention``: ~580 TFLOP/s fwd+bwd on H100 (``benchmarks/RESULTS.md``,
+    reference measurements)."""
 
     name = "cudnn"
     dtypes = _HALF

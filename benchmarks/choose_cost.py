@@ -1,0 +1,41 @@
+"""CPU cost of ``usp.choose`` per batch (issue 14: under 1 ms for 1,000 documents).
+
+    python benchmarks/choose_cost.py [--documents 1000] [--calls 2000]
+
+A long-tailed batch of ``--documents`` documents (seeded), three meshes of 8 GPUs (8x1, 2x4, 1x8) on the
+``dgx-h100`` preset, GQA 32/8; the chooser is built and warmed once (as a training loop would), then the median
+wall time of ``--calls`` calls of ``usp.choose(cu_seqlens, meshes, ...)`` with a list ``cu_seqlens``.
+"""
+import argparse
+import statistics
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+import usp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--documents", type=int, default=1000)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    lengths = np.minimum((64 * (1 - rng.random(args.documents)) ** (-1 / 1.1)).astype(int), 65536)
+    cu = [0] + np.cumsum(lengths).tolist()
+    meshes = [SimpleNamespace(ulysses=u, ring=8 // u) for u in (8, 2, 1)]
+    options = dict(heads=32, kv_heads=8, topology="dgx-h100", kernel="torch_flash")
+    pick = usp.choose(cu, meshes, **options)  # builds and warms the chooser
+    times = []
+    for _ in range(args.calls):
+        t = time.perf_counter()
+        usp.choose(cu, meshes, **options)
+        times.append(time.perf_counter() - t)
+    print(f"{args.documents} documents, {sum(lengths)} tokens, {len(meshes)} meshes: pick U{pick.ulysses}xR{pick.ring}; "
+          f"median {statistics.median(times) * 1e6:.0f} us, p90 {sorted(times)[int(0.9 * len(times))] * 1e6:.0f} us "
+          f"per call ({args.calls} calls)")
+
+
+if __name__ == "__main__":
+    main()
