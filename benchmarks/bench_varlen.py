@@ -37,10 +37,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import usp  # noqa: E402
 from usp.kernels import resolve_backend  # noqa: E402
 from usp.kernels.varlen import VarlenSeqs, resolve_varlen_backend  # noqa: E402
+from cuda_timing import init_distributed  # noqa: E402
 from usp.varlen import long_context_attention_varlen, shard_varlen, varlen_layout  # noqa: E402
 
 RING_FLASH_ATTN_VARLEN_RATIO = 0.759  # ring-flash-attention README: varlen zigzag, 8xH800, fwd+bwd, vs "theoretic"
@@ -203,12 +205,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    rank, world, device = init_distributed()
     heads, kv_heads = (int(x) for x in args.heads.split("/"))
     causal = not args.non_causal
     meshes: List[Tuple[int, int]] = [tuple(int(x) for x in m.lower().split("x")) for m in args.meshes.split(",")]

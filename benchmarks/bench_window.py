@@ -108,18 +108,13 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     import usp
-    from cuda_timing import events_ms
+    from cuda_timing import events_ms, init_distributed
     from usp.kernels import resolve_backend
     from usp.kernels.base import Mask, MaskNeeds
 
     began = time.perf_counter()
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    rank, world, device = init_distributed()
     dtype = torch.bfloat16 if cuda else torch.float32
     heads, kv_heads = (int(x) for x in args.heads.split("/"))
     d = args.head_dim

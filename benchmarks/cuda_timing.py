@@ -1,8 +1,23 @@
-"""CUDA-event timing shared by the quick GPU scripts (``quick_splits.py``, ``profile_step.py``,
-``kernel_overhead.py``); the harness ``bench_attention.py`` has its own, collective-aware loop."""
+"""CUDA-event timing and process-group start-up shared by the quick GPU scripts (``quick_splits.py``,
+``profile_step.py``, ``kernel_overhead.py``, ``bench_varlen.py``, ``bench_window.py``); the harness
+``bench_attention.py`` has its own, collective-aware loop."""
+import os
 import statistics
 
 import torch
+import torch.distributed as dist
+
+
+def init_distributed():
+    """The process group under torchrun: NCCL with this rank's GPU, or gloo on the CPU. Returns (rank, world,
+    device)."""
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
 def events_ms(fn) -> float:

@@ -122,9 +122,31 @@ def _norm(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x.double())) if x.numel() else 0.0
 
 
+def run_distributed(full: Dict[str, torch.Tensor], mesh, causal: bool, **options) -> dict:
+    """usp on this rank's shards of the full ``q, k, v, dout`` (forward with ``return_lse``, backward), counting the
+    collectives of each pass; returns the local tensors and the gathered out, LSE and dq/dk/dv."""
+    import usp
+
+    local = {name: usp.shard(t, mesh, dim=1, causal=causal) for name, t in full.items()}
+    q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    with count_collectives() as fwd_counts:
+        out, lse = usp.long_context_attention(q, k, v, mesh, causal=causal, return_lse=True, **options)
+    fwd_counts = dict(fwd_counts)
+    with count_collectives() as bwd_counts:
+        out.backward(local["dout"])
+    gathered = {
+        "out": usp.gather(out.detach(), mesh, dim=1, causal=causal),
+        "lse": usp.gather(lse, mesh, dim=2, causal=causal),
+        "dq": usp.gather(q.grad, mesh, dim=1, causal=causal),
+        "dk": usp.gather(k.grad, mesh, dim=1, causal=causal),
+        "dv": usp.gather(v.grad, mesh, dim=1, causal=causal),
+    }
+    return {"out": out, "lse": lse, "q": q, "local": local, "gathered": gathered,
+            "collectives": {"forward": fwd_counts, "backward": dict(bwd_counts)}}
+
+
 def run_case(case: Case, mesh, device: torch.device, seed: int = 0) -> dict:
     """Run one case on every rank of ``mesh``; return errors, baselines, ratios and collective counts."""
-    import usp
     from usp.kernels import resolve_backend
     from usp.kernels.reference import ReferenceKernel
 
@@ -152,23 +174,9 @@ def run_case(case: Case, mesh, device: torch.device, seed: int = 0) -> dict:
     dq1, dk1, dv1 = kernel.backward(full["dout"], full["q"], full["k"], full["v"], out1, lse1, case.causal, scale)
     single = {"out": out1, "lse": lse1, "dq": dq1, "dk": dk1, "dv": dv1}
 
-    local = {name: usp.shard(t, mesh, dim=1, causal=case.causal) for name, t in full.items()}
-    q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
-    with count_collectives() as fwd_counts:
-        out, lse = usp.long_context_attention(
-            q, k, v, mesh, causal=case.causal, return_lse=True, backend=backend, head_chunks=case.head_chunks
-        )
-    fwd_counts = dict(fwd_counts)
-    with count_collectives() as bwd_counts:
-        out.backward(local["dout"])
-    bwd_counts = dict(bwd_counts)
-    gathered = {
-        "out": usp.gather(out.detach(), mesh, dim=1, causal=case.causal),
-        "lse": usp.gather(lse, mesh, dim=2, causal=case.causal),
-        "dq": usp.gather(q.grad, mesh, dim=1, causal=case.causal),
-        "dk": usp.gather(k.grad, mesh, dim=1, causal=case.causal),
-        "dv": usp.gather(v.grad, mesh, dim=1, causal=case.causal),
-    }
+    run = run_distributed(full, mesh, case.causal, backend=backend, head_chunks=case.head_chunks)
+    out, lse, q, local, gathered = run["out"], run["lse"], run["q"], run["local"], run["gathered"]
+    fwd_counts, bwd_counts = run["collectives"]["forward"], run["collectives"]["backward"]
     result = {"case": asdict(case), "kernel": kernel.name, "tensors": {},
               "collectives": {"forward": fwd_counts, "backward": bwd_counts},
               "dtypes": {"out": str(out.dtype), "dq": str(q.grad.dtype), "lse": str(lse.dtype)},

@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 import torch
 
-from attention_cases import FP32_ULP, Case, case_backend, count_collectives, expected_mask_collectives, _norm
+from attention_cases import FP32_ULP, Case, _norm, case_backend, expected_mask_collectives, run_distributed
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,6 @@ def reference(q, k, v, sinks, causal, window, softcap, scale):
 
 
 def run_mask_case(case: MaskCase, mesh, seed: int = 0, device=None) -> dict:
-    import usp
     from usp.kernels import resolve_backend
     from usp.kernels.base import Mask
     from usp.layout import normalize_window
@@ -113,24 +112,11 @@ def run_mask_case(case: MaskCase, mesh, seed: int = 0, device=None) -> dict:
     if case.sinks:
         single["dsinks"] = sink_grad(full["dout"], out1, lse1, sinks_full)
 
-    local = {n: usp.shard(t, mesh, dim=1, causal=case.causal) for n, t in full.items()}
-    q, k, v = (local[n].clone().requires_grad_() for n in ("q", "k", "v"))
     sinks = sinks_full.clone().requires_grad_() if case.sinks else None
-    kwargs = dict(causal=case.causal, return_lse=True, backend=backend, head_chunks=case.head_chunks,
-                  window_size=case.window, softcap=case.softcap, sinks=sinks)
-    with count_collectives() as fwd:
-        out, lse = usp.long_context_attention(q, k, v, mesh, **kwargs)
-    fwd = dict(fwd)
-    with count_collectives() as bwd:
-        out.backward(local["dout"])
-    bwd = dict(bwd)
-    gathered = {
-        "out": usp.gather(out.detach(), mesh, dim=1, causal=case.causal),
-        "lse": usp.gather(lse, mesh, dim=2, causal=case.causal),
-        "dq": usp.gather(q.grad, mesh, dim=1, causal=case.causal),
-        "dk": usp.gather(k.grad, mesh, dim=1, causal=case.causal),
-        "dv": usp.gather(v.grad, mesh, dim=1, causal=case.causal),
-    }
+    run = run_distributed(full, mesh, case.causal, backend=backend, head_chunks=case.head_chunks,
+                          window_size=case.window, softcap=case.softcap, sinks=sinks)
+    out, q, local, gathered = run["out"], run["q"], run["local"], run["gathered"]
+    fwd, bwd = run["collectives"]["forward"], run["collectives"]["backward"]
     if case.sinks:  # a partial sum per rank: summed over the sequence-parallel ranks, like any parameter
         total = sinks.grad.clone()
         torch.distributed.all_reduce(total)
