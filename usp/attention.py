@@ -302,22 +302,30 @@ def agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend, head_
     return (kernel, scale, schedule) if with_schedule else (kernel, scale)
 
 
+def autograd_function(mesh: SequenceParallelMesh, kernel, schedule, scale, heads: int, kv_heads: int,
+                      head_chunks: int, deterministic: bool):
+    """``(function, args, repeat)`` for ``heads`` query and ``kv_heads`` K/V heads: the autograd function of step 2
+    (the ring alone, or Ulysses x ring with its head-group pipeline), its arguments between ``v`` and ``sinks``, and
+    the K/V head replication step 1 applies before it (1 = none). Shared with ``usp.compiled``."""
+    ulysses = mesh.ulysses
+    if ulysses == 1:
+        return RingAttentionFunction, (mesh, kernel, schedule, scale, head_chunks, deterministic), 1
+    repeat = kv_replication(kv_heads, ulysses)
+    groups = head_groups(heads, kv_heads * repeat, ulysses, head_chunks)
+    return UlyssesRingFunction, (mesh, kernel, schedule, scale, groups, head_chunks, deterministic), repeat
+
+
 def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse, head_chunks=1,
                                 deterministic=False, sinks=None):
     """Steps 1-3 of the module docstring on validated ``[b, s_local, h, d]`` shards, for any kernel and schedule
     (the dense path and the packed-document path share it). Returns ``(out, lse [b, h, s_local] or None)``."""
     ulysses = mesh.ulysses
-    if ulysses > 1:
-        repeat = kv_replication(k.shape[2], ulysses)
-        if repeat > 1:
-            k = _ReplicateKVHeads.apply(k, repeat)
-            v = _ReplicateKVHeads.apply(v, repeat)
-        groups = head_groups(q.shape[2], k.shape[2], ulysses, head_chunks)
-        out, lse = UlyssesRingFunction.apply(q, k, v, mesh, kernel, schedule, scale, groups, head_chunks,
-                                             deterministic, sinks)
-    else:
-        out, lse = RingAttentionFunction.apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic,
-                                               sinks)
+    function, args, repeat = autograd_function(mesh, kernel, schedule, scale, q.shape[2], k.shape[2], head_chunks,
+                                               deterministic)
+    if repeat > 1:
+        k = _ReplicateKVHeads.apply(k, repeat)
+        v = _ReplicateKVHeads.apply(v, repeat)
+    out, lse = function.apply(q, k, v, *args, sinks)
     if not return_lse:
         return out, None
     if ulysses > 1:

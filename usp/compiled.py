@@ -44,8 +44,6 @@ from . import attention as _dense
 from .comm.all_to_all import _heads_to_seq
 from .layout import schedule_for
 from .mesh import SequenceParallelMesh
-from .ring import RingAttentionFunction
-from .ulysses import UlyssesRingFunction, head_groups
 
 __all__ = ["compiled_attention"]
 
@@ -94,18 +92,6 @@ class _Like:
         self.shape, self.dtype = tuple(shape), dtype
 
 
-def _function(mesh: SequenceParallelMesh, kernel, schedule, scale, heads: int, kv_heads: int, head_chunks: int,
-              deterministic: bool):
-    """``(function, args, repeat)``: the autograd function ``usp.attention.sequence_parallel_attention`` applies,
-    its arguments between ``v`` and ``sinks``, and the K/V head replication before it."""
-    ulysses = mesh.ulysses
-    if ulysses == 1:
-        return RingAttentionFunction, (mesh, kernel, schedule, scale, head_chunks, deterministic), 1
-    repeat = _dense.kv_replication(kv_heads, ulysses)
-    groups = head_groups(heads, kv_heads * repeat, ulysses, head_chunks)
-    return UlyssesRingFunction, (mesh, kernel, schedule, scale, groups, head_chunks, deterministic), repeat
-
-
 class _Call:
     """One attention call resolved inside an op: the mesh, the kernel, the schedule and the autograd function with
     its arguments, exactly as ``long_context_attention`` / ``long_context_attention_varlen`` build them."""
@@ -141,9 +127,9 @@ class _Call:
             self.kernel = VarlenBlockKernel(kernel)
             self.schedule = varlen._schedule_for_layout(self.layout, softcap, window)
             self.head_chunks = 1
-        self.function, self.args, self.repeat = _function(self.mesh, self.kernel, self.schedule, self.scale,
-                                                          q.shape[-2], k.shape[-2], self.head_chunks,
-                                                          o["deterministic"])
+        self.function, self.args, self.repeat = _dense.autograd_function(
+            self.mesh, self.kernel, self.schedule, self.scale, q.shape[-2], k.shape[-2], self.head_chunks,
+            o["deterministic"])
 
     def padding(self, device) -> Optional[Tensor]:
         return self.layout.device_padding(self.mesh.ulysses_rank, self.mesh.ring_rank, device)
@@ -196,8 +182,8 @@ def _saved_plan(q, k, v, sinks: Optional[Tensor], dense: bool, mesh: SequencePar
     else:
         schedule = schedule_for(o["causal"])
     head_chunks = o["head_chunks"] if dense else 1
-    function, args, repeat = _function(mesh, None, schedule, None, q4.shape[-2], k4.shape[-2], head_chunks,
-                                       o["deterministic"])
+    function, args, repeat = _dense.autograd_function(mesh, None, schedule, None, q4.shape[-2], k4.shape[-2],
+                                                      head_chunks, o["deterministic"])
     kr, vr = (_Like(x.shape[:-2] + (x.shape[-2] * repeat, x.shape[-1]), x.dtype) for x in (k4, v4))
     plan = function.saved_layout(q4, kr, vr, *args, sinks)
     return [("new" if kind == "out" and not dense else kind, shape, dtype) for kind, shape, dtype in plan]

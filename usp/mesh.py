@@ -557,14 +557,3 @@ def _new_group(ranks: Sequence[int], backend: Optional[str] = None) -> dist.Proc
     order of ``ranks`` (so ``consistency_group`` rank ``i`` is sequence-parallel rank ``i``)."""
     return dist.new_group(ranks=list(ranks), backend=backend, use_local_synchronization=True, **_UNSORTED)
 
-
-def _new_subgroup(rank_lists: Sequence[Sequence[int]], backend: Optional[str] = None) -> dist.ProcessGroup:
-    """Create this rank's group among ``rank_lists`` (one list per group, together a partition of the ranks)."""
-    me = dist.get_rank()
-    mine = [ranks for ranks in rank_lists if me in ranks]
-    if len(mine) != 1:
-        raise ValueError(
-            f"global rank {me} is in {len(mine)} of the rank lists {[list(r) for r in rank_lists]}; it must be in "
-            "exactly one (build the mesh only on the ranks of its group)"
-        )
-    return _new_group(mine[0], backend)

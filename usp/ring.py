@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-
 import torch.distributed as dist
 
 from .comm.p2p import RingRotation
@@ -369,11 +368,23 @@ def _wait(requests) -> None:
         request.wait()
 
 
-def _halo_buffers(kv: List[Tensor], halo: Optional[slice]) -> List[Tensor]:
+def _halo_buffers(kv: List[Tensor], halo: Optional[slice], dtype: Optional[torch.dtype] = None) -> List[Tensor]:
+    """Receive buffers for the ``halo`` rows of ``kv`` (in ``dtype``, default theirs); none without a halo."""
     if halo is None:
         return []
-    return [torch.empty(t.shape[:1] + (halo.stop - halo.start,) + t.shape[2:], dtype=t.dtype, device=t.device)
-            for t in kv]
+    return [torch.empty(t.shape[:1] + (halo.stop - halo.start,) + t.shape[2:], dtype=dtype or t.dtype,
+                        device=t.device) for t in kv]
+
+
+def _post_halo_exchange(mesh: SequenceParallelMesh, schedule, kv: List[Tensor], step: int, local_len: int):
+    """Post step ``step``'s K/V halo exchange: send the rows ring rank ``r + step`` needs, receive the rows this rank
+    needs from ``r - step``. Returns ``(requests, received buffers, this rank's halo slice or None)``."""
+    ring_rank, ring_size = mesh.ring_rank, mesh.ring
+    to_halo = schedule.halo(step, (ring_rank + step) % ring_size, ring_size, local_len)
+    send = [] if to_halo is None else [t[:, to_halo].contiguous() for t in kv]
+    my_halo = schedule.halo(step, ring_rank, ring_size, local_len)
+    recv = _halo_buffers(kv, my_halo)
+    return _exchange(mesh, step, send, recv, _SPARSE_TAG + 2 * step), recv, my_halo
 
 
 def _shifted(rows: slice, halo: slice) -> slice:
@@ -396,11 +407,7 @@ def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale):
     kv = [k.contiguous(), v.contiguous()]
 
     def post(step):
-        to_halo = schedule.halo(step, (ring_rank + step) % ring_size, ring_size, local_len)
-        send = [] if to_halo is None else [t[:, to_halo].contiguous() for t in kv]
-        my_halo = schedule.halo(step, ring_rank, ring_size, local_len)
-        recv = _halo_buffers(kv, my_halo)
-        return _exchange(mesh, step, send, recv, _SPARSE_TAG + 2 * step), recv, my_halo
+        return _post_halo_exchange(mesh, schedule, kv, step, local_len)
 
     def compute(tasks, blocks, halo):
         for task in tasks:
@@ -456,13 +463,10 @@ def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule
 
     def fetch(step):
         """The K/V halo for ``step``: kept, or exchanged again (requests to wait for)."""
-        my_halo = schedule.halo(step, ring_rank, ring_size, local_len)
         if kept is not None:
+            my_halo = schedule.halo(step, ring_rank, ring_size, local_len)
             return None, (kept[:2] if my_halo is not None else []), my_halo
-        to_halo = schedule.halo(step, (ring_rank + step) % ring_size, ring_size, local_len)
-        send = [] if to_halo is None else [t[:, to_halo].contiguous() for t in kv]
-        recv = _halo_buffers(kv, my_halo)
-        return _exchange(mesh, step, send, recv, _SPARSE_TAG + 2 * step), recv, my_halo
+        return _post_halo_exchange(mesh, schedule, kv, step, local_len)
 
     pending = fetch(steps[0]) if steps else None
     if kept is not None and pending is not None and pending[2] is not None:
@@ -482,8 +486,7 @@ def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule
             backward_blocks(schedule.blocks(step, ring_rank, ring_size, local_len), received, halo, partial)
         # the partial dK/dV of the halo goes back to its owner (r - step); ours comes back from r + step
         mine = schedule.halo(step, (ring_rank + step) % ring_size, ring_size, local_len)
-        incoming = [] if mine is None else [torch.empty(t.shape[:1] + (mine.stop - mine.start,) + t.shape[2:],
-                                                        dtype=acc, device=t.device) for t in kv]
+        incoming = _halo_buffers(kv, mine, acc)
         returning.append((_exchange(mesh, step, partial, incoming, _SPARSE_TAG + 2 * step + 1, forward=False),
                           incoming, mine))
     for requests, incoming, mine in returning:
