@@ -1,6 +1,14 @@
 """Packed variable-length documents through usp's varlen path on 2 GPUs (issue 6), next to the dense case.
 
     torchrun --nproc-per-node 2 benchmarks/bench_varlen.py --out benchmarks/varlen_results.json
+    torchrun --nproc-per-node 2 benchmarks/bench_varlen.py --backend fa2 --peers rfa_zigzag,rfa_llama3 \
+        --points long_tail:128k,many_tiny:1m --topology benchmarks/data/probe_h200x2_20261130.yaml --no-dense
+
+Mixes (``MIXES``, seeded, summing exactly to the total): ``long_tail`` (Pareto lengths from 64, capped at a
+quarter of the total), ``uniform_short`` (4-8K), ``one_giant`` (one document of three quarters of the total among
+512-4096-token ones), ``many_tiny`` (64-1024). ``--peers`` adds ring-flash-attention's zigzag and llama3 varlen
+functions on the same inputs (flash-attn 2 kernels; compare with ``--backend fa2``), ``--topology`` the planner's
+pick and predictions.
 
 For every total length (default 128K and 256K tokens): a long-tailed document mix (seeded Pareto lengths, capped at a
 quarter of the total, summing exactly to the total) and the dense sequence of the same length. Heads 32/8 (GQA),
@@ -66,6 +74,35 @@ def long_tailed_lengths(total: int, seed: int, alpha: float = 1.1, minimum: int 
         left -= n
     rng.shuffle(lengths)
     return lengths
+
+
+def _uniform_lengths(total: int, seed: int, low: int, high: int, rng=None) -> List[int]:
+    """Seeded lengths uniform in ``[low, high]`` summing exactly to ``total`` (the last one cut short)."""
+    rng = rng or random.Random(seed)
+    lengths: List[int] = []
+    left = total
+    while left > 0:
+        lengths.append(min(rng.randint(low, high), left))
+        left -= lengths[-1]
+    return lengths
+
+
+def one_giant_lengths(total: int, seed: int) -> List[int]:
+    """One document of three quarters of the batch among short ones (512-4096 tokens), shuffled."""
+    rng = random.Random(seed)
+    giant = 3 * total // 4
+    lengths = [giant] + _uniform_lengths(total - giant, seed, 512, 4096, rng)
+    rng.shuffle(lengths)
+    return lengths
+
+
+#: the document mixes of the packed benchmarks (issue 14): name -> lengths(total, seed), summing to total
+MIXES: Dict[str, Callable[[int, int], List[int]]] = {
+    "long_tail": lambda total, seed: long_tailed_lengths(total, seed),
+    "uniform_short": lambda total, seed: _uniform_lengths(total, seed, 4096, 8192),
+    "one_giant": one_giant_lengths,
+    "many_tiny": lambda total, seed: _uniform_lengths(total, seed, 64, 1024),
+}
 
 
 def flops(lengths: Sequence[int], heads: int, head_dim: int, causal: bool) -> float:
@@ -179,6 +216,91 @@ def usp_dense_step(seqlen, mesh, heads, kv_heads, head_dim, causal, backend, dev
     return step
 
 
+def import_ring_flash_attn():
+    """ring-flash-attention (its HF adapter fails to import on transformers 5.x: stubbed out; we use none of it)."""
+    import types
+
+    if "ring_flash_attn.adapters" not in sys.modules:
+        stub = types.ModuleType("ring_flash_attn.adapters")
+        stub.substitute_hf_flash_attn = stub.update_ring_flash_attn_params = None
+        sys.modules["ring_flash_attn.adapters"] = stub
+    import ring_flash_attn
+
+    return ring_flash_attn
+
+
+def rfa_zigzag_step(lengths, heads, kv_heads, head_dim, device) -> Tuple[Callable[[], None], int]:
+    """ring-flash-attn's ``zigzag_ring_flash_attn_varlen_func`` over the whole process group, causal. It needs every
+    document a multiple of ``2 * world`` tokens: each is padded to one (returns the padded total, for the record).
+    Rank ``r``'s shard is chunks ``r`` and ``2w-1-r`` of every document, as its tests build it."""
+    rfa = import_ring_flash_attn()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    unit = 2 * world
+    padded = [-(-n // unit) * unit for n in lengths]
+    cu = [0]
+    for n in padded:
+        cu.append(cu[-1] + n)
+    rows = torch.cat([torch.cat([torch.arange(a + r * (n // unit), a + (r + 1) * (n // unit))
+                                 for r in (rank, unit - 1 - rank)]) for a, n in zip(cu[:-1], padded)]).to(device)
+    local = {}
+    for name, h, seed in (("q", heads, 1), ("k", kv_heads, 3), ("v", kv_heads, 4), ("dout", heads, 2)):
+        local[name] = randn((cu[-1], h, head_dim), device, seed).index_select(0, rows).contiguous()
+    q, k, v = (local[n].requires_grad_() for n in ("q", "k", "v"))
+    local_cu = torch.tensor(cu, dtype=torch.int32, device=device) // world
+    max_local = max(padded) // world
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        out = rfa.zigzag_ring_flash_attn_varlen_func(q, k, v, local_cu, max_local, causal=True)
+        out.backward(local["dout"])
+
+    return step, cu[-1]
+
+
+def rfa_llama3_step(lengths, heads, kv_heads, head_dim, device, heads_k_stride: int) -> Callable[[], None]:
+    """ring-flash-attn's ``llama3_flash_attn_varlen_func`` (contiguous shards, K/V all-gathered ``heads_k_stride``
+    heads at a time), causal; the total must divide by the world size."""
+    rfa = import_ring_flash_attn()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    total = sum(lengths)
+    assert total % world == 0, total
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=device)
+    cu_q, cu_k, k_slice = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)
+    max_q, max_k = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+    rows = slice(rank * total // world, (rank + 1) * total // world)
+    local = {}
+    for name, h, seed in (("q", heads, 1), ("k", kv_heads, 3), ("v", kv_heads, 4), ("dout", heads, 2)):
+        local[name] = randn((total, h, head_dim), device, seed)[rows].contiguous()
+    q, k, v = (local[n].requires_grad_() for n in ("q", "k", "v"))
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        out = rfa.llama3_flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, heads_k_stride, k_slice,
+                                                causal=True)
+        out.backward(local["dout"])
+
+    return step
+
+
+def planner_pick(lengths, world, heads, kv_heads, head_dim, causal, kernel, topology) -> Dict[str, object]:
+    """``usp.plan`` on the packed batch: the split it picks and every candidate's predicted fwd+bwd ms."""
+    from usp.planner import PlannerError, plan
+
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    try:
+        result = plan(world, cu[-1], heads, kv_heads, head_dim, causal=causal, topology=topology, kernel=kernel,
+                      cu_seqlens=cu)
+    except PlannerError as error:  # e.g. no rates for this kernel in the topology: say so in the record
+        return {"pick": None, "error": str(error)}
+    feasible = [c for c in result.candidates if c.feasible]
+    return {"pick": f"{feasible[0].ulysses}x{feasible[0].ring}",
+            "predicted_ms": {f"{c.ulysses}x{c.ring}": c.total * 1e3 for c in feasible}}
+
+
 def _empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -189,14 +311,36 @@ def scaled_lengths(lengths: Sequence[int], world: int) -> List[int]:
     return [-(-n // world) for n in lengths]
 
 
+def parse_points(args) -> List[Tuple[str, int]]:
+    """``(mix, total)`` pairs: ``--points mix:total,...`` or every ``--mixes`` x ``--totals``."""
+    if args.points:
+        points = []
+        for item in args.points.split(","):
+            mix, total = item.split(":")
+            if mix not in MIXES:
+                raise SystemExit(f"--points: unknown mix {mix!r}; valid: {sorted(MIXES)}")
+            points.append((mix, parse_tokens(total)))
+        return points
+    return [(mix, parse_tokens(t)) for mix in args.mixes.split(",") for t in args.totals.split(",")]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--totals", default="128k,256k", help="total tokens per packed batch, comma separated")
+    parser.add_argument("--mixes", default="long_tail", help=f"document mixes, comma separated: {sorted(MIXES)}")
+    parser.add_argument("--points", default="", help="mix:total pairs (e.g. long_tail:128k,many_tiny:1m); "
+                                                     "overrides --mixes x --totals")
     parser.add_argument("--heads", default="32/8", help="query heads / KV heads")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--non-causal", action="store_true")
-    parser.add_argument("--backend", default="auto", help="varlen backend (fa4, torch_flash); dense uses the same")
+    parser.add_argument("--backend", default="auto", help="varlen backend (fa2, fa4, torch_flash); dense uses the same")
     parser.add_argument("--meshes", default="1x2,2x1", help="UxR meshes, comma separated")
+    parser.add_argument("--peers", default="", help="ring-flash-attn side by side (causal, flash-attn 2 kernels): "
+                                                    "rfa_zigzag, rfa_llama3")
+    parser.add_argument("--llama3-strides", default="1,8", help="heads_k_stride values tried for rfa_llama3 (the "
+                                                                "fastest is reported)")
+    parser.add_argument("--topology", default=None, help="planner topology (preset or probe file): record usp.plan's "
+                                                         "pick and predictions for every point")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -209,6 +353,7 @@ def main(argv=None) -> None:
     heads, kv_heads = (int(x) for x in args.heads.split("/"))
     causal = not args.non_causal
     meshes: List[Tuple[int, int]] = [tuple(int(x) for x in m.lower().split("x")) for m in args.meshes.split(",")]
+    peers = [p for p in args.peers.split(",") if p]
     varlen_kernel = resolve_varlen_backend(args.backend, device, torch.bfloat16, args.head_dim)
     dense_kernel = resolve_backend(varlen_kernel.name, device, torch.bfloat16, args.head_dim)
     timer = Timer(args.warmup, args.iters, device)
@@ -218,16 +363,16 @@ def main(argv=None) -> None:
             print(message, flush=True)
 
     records = []
-    for total in (parse_tokens(t) for t in args.totals.split(",")):
-        lengths = long_tailed_lengths(total, args.seed)
+    for mix, total in parse_points(args):
+        lengths = MIXES[mix](total, args.seed)
         problems = [("varlen", lengths)] + ([] if args.no_dense else [("dense", [total])])
         for kind, docs in problems:
             work = flops(docs, heads, args.head_dim, causal)
             record = {
-                "kind": kind, "total_tokens": total, "documents": len(docs), "longest": max(docs),
-                "median_doc": statistics.median(docs), "heads": heads, "kv_heads": kv_heads,
+                "kind": kind, "mix": mix if kind == "varlen" else None, "total_tokens": total, "documents": len(docs),
+                "longest": max(docs), "median_doc": statistics.median(docs), "heads": heads, "kv_heads": kv_heads,
                 "head_dim": args.head_dim, "causal": causal, "dtype": "bfloat16", "kernel": varlen_kernel.name,
-                "flops": work, "meshes": {},
+                "flops": work, "meshes": {}, "peers": {},
             }
             if kind == "varlen":
                 record["doc_lengths"] = docs
@@ -245,14 +390,18 @@ def main(argv=None) -> None:
             _empty_cache(device)
             record["t1_ms"], record["t1_peak_gib"] = t1["median_ms"], t1["peak_gib"]
             record["t_kernel_local_shard_ms"] = t_shard["median_ms"]
-            log(f"{kind} {total} tokens, {len(docs)} docs (longest {max(docs)}): 1 GPU {t1['median_ms']:.2f} ms, "
-                f"local-shard kernel {t_shard['median_ms']:.2f} ms")
+            log(f"{kind} {mix} {total} tokens, {len(docs)} docs (longest {max(docs)}): 1 GPU {t1['median_ms']:.2f} "
+                f"ms, local-shard kernel {t_shard['median_ms']:.2f} ms")
             for u, r in meshes:
                 mesh = usp.SequenceParallelMesh(ulysses=u, ring=r)
+                placement = None
                 if kind == "varlen":
                     step = usp_varlen_step(docs, mesh, heads, kv_heads, args.head_dim, causal, args.backend, device)
                     layout = varlen_layout([0] + list(torch.tensor(docs).cumsum(0).tolist()), mesh, causal)
                     padding = layout.padding
+                    if hasattr(layout, "cut_docs"):  # Note [document placement]
+                        placement = {"cut": len(layout.cut_docs), "whole": [len(d) for d in layout.whole_docs],
+                                     "cut_rows": layout.cut_rows, "ring_tokens": layout.ring_tokens}
                 else:
                     step = usp_dense_step(total, mesh, heads, kv_heads, args.head_dim, causal, args.backend, device)
                     padding = 0
@@ -265,11 +414,43 @@ def main(argv=None) -> None:
                     "efficiency": record["t1_ms"] / (p * tp["median_ms"]),
                     "rfa_ratio": p * record["t_kernel_local_shard_ms"] / tp["median_ms"],
                     "tflops_per_gpu": work / (p * tp["median_ms"] * 1e-3) / 1e12, "padding_tokens": padding,
+                    "placement": placement,
                 }
                 record["meshes"][f"{u}x{r}"] = entry
-                log(f"  {u}x{r}: {tp['median_ms']:.2f} ms, E {entry['efficiency']:.3f}, "
-                    f"rfa ratio {entry['rfa_ratio']:.3f}, {entry['tflops_per_gpu']:.0f} TFLOP/s/GPU, "
-                    f"peak {tp['peak_gib']:.1f} GiB, padding {padding}")
+                log(f"  usp {u}x{r}: {tp['median_ms']:.2f} ms, E {entry['efficiency']:.3f}, "
+                    f"{entry['tflops_per_gpu']:.0f} TFLOP/s/GPU, peak {tp['peak_gib']:.1f} GiB, padding {padding}, "
+                    f"placement {placement}")
+            if kind == "varlen" and causal:
+                for peer in peers:
+                    if peer == "rfa_zigzag":
+                        step, padded_total = rfa_zigzag_step(docs, heads, kv_heads, args.head_dim, device)
+                        tries = {"": step}
+                    elif peer == "rfa_llama3":
+                        padded_total = total
+                        tries = {f"heads_k_stride={stride}": rfa_llama3_step(docs, heads, kv_heads, args.head_dim,
+                                                                              device, int(stride))
+                                 for stride in args.llama3_strides.split(",") if kv_heads % int(stride) == 0}
+                    else:
+                        raise SystemExit(f"--peers: unknown peer {peer!r}; valid: rfa_zigzag, rfa_llama3")
+                    best = None
+                    for label, step in tries.items():
+                        tp = timer(step)
+                        _empty_cache(device)
+                        if best is None or tp["median_ms"] < best[1]["median_ms"]:
+                            best = (label, tp)
+                    del tries, step
+                    _empty_cache(device)
+                    label, tp = best
+                    entry = {"tp_ms": tp["median_ms"], "times_ms": tp["times_ms"], "peak_gib": tp["peak_gib"],
+                             "efficiency": record["t1_ms"] / (world * tp["median_ms"]), "variant": label,
+                             "padded_total": padded_total}
+                    record["peers"][peer] = entry
+                    log(f"  {peer} {label}: {tp['median_ms']:.2f} ms, E {entry['efficiency']:.3f}, "
+                        f"peak {tp['peak_gib']:.1f} GiB (tokens incl. its padding: {padded_total})")
+            if kind == "varlen" and args.topology:
+                record["planner"] = planner_pick(docs, world, heads, kv_heads, args.head_dim, causal,
+                                                 varlen_kernel.name, args.topology)
+                log(f"  planner: {record['planner']}")
             records.append(record)
     if rank == 0:
         result = {
@@ -277,7 +458,7 @@ def main(argv=None) -> None:
             "command": "torchrun --nproc-per-node %d benchmarks/bench_varlen.py %s" % (world, " ".join(sys.argv[1:])),
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "world_size": world,
             "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-            "warmup": args.warmup, "iters": args.iters,
+            "packages": package_versions(), "warmup": args.warmup, "iters": args.iters,
             "ring_flash_attn_published_varlen_ratio": RING_FLASH_ATTN_VARLEN_RATIO, "records": records,
         }
         with open(args.out, "w") as f:
@@ -285,6 +466,18 @@ def main(argv=None) -> None:
         print(f"wrote {args.out}")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def package_versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("flash-attn", "flash_attn", "flash-attn-4", "ring-flash-attn", "ring_flash_attn"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 if __name__ == "__main__":

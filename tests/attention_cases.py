@@ -69,13 +69,14 @@ def count_collectives():
             setattr(dist, name, fn)
 
 
-def expected_collectives(case: Case) -> Dict[str, Dict[str, int]]:
+def expected_collectives(case: Case, documents_cut: bool = True) -> Dict[str, Dict[str, int]]:
     """The collective calls of one case's layer (it returns the LSE) as the spec states them
-    (``usp.spec.layer_collectives``), keyed as ``count_collectives`` counts them."""
+    (``usp.spec.layer_collectives``), keyed as ``count_collectives`` counts them. ``documents_cut``: for packed
+    documents, whether the layout cuts any document over the ring."""
     from usp.spec import layer_collectives
 
     calls = layer_collectives(case.ulysses, case.ring, case.heads, case.kv_heads, case.head_chunks, case.causal,
-                              return_lse=True)
+                              return_lse=True, documents_cut=documents_cut)
     return {phase: {"all_to_all_single": getattr(calls, phase).all_to_all,
                     "batch_isend_irecv": getattr(calls, phase).p2p} for phase in ("forward", "backward")}
 

@@ -86,10 +86,15 @@ def test_the_varlen_layout_reads_the_spec():
     import usp.spec as spec
     import usp.layout_varlen as vl
 
-    assert vl.varlen_chunks_per_doc is spec.varlen_chunks_per_doc and vl.varlen_pad_chunk is spec.varlen_pad_chunk
+    assert vl.varlen_chunks_per_doc is spec.varlen_chunks_per_doc
+    assert vl.varlen_placement is spec.varlen_placement and vl.varlen_ring_rows is spec.varlen_ring_rows
     layout = vl._build_layout((0, 7, 20, 20, 31), 4, 2, True)
-    assert layout.chunks_per_doc == 4 and layout.chunk_sizes[:3] == (2, 4, 3)
-    assert layout.pad_chunk == spec.varlen_pad_chunk(9, 4, 2, True) and layout.local_tokens * 4 == layout.ring_tokens
+    cut, whole = spec.varlen_placement((7, 13, 11), 2, True)
+    assert layout.cut_docs == cut and layout.whole_docs == whole and layout.chunks_per_doc == 4
+    assert layout.chunk_sizes == tuple(-(-(7, 13, 11)[j] // 4) for j in cut)
+    held = tuple(sum((7, 13, 11)[j] for j in docs) for docs in whole)
+    assert layout.ring_tokens == spec.varlen_ring_rows(sum(layout.chunk_sizes), held, 4, 2, True)
+    assert layout.local_tokens * 4 == layout.ring_tokens
 
 
 def test_cudnn_varlen_is_refused_with_its_reason():

@@ -69,6 +69,15 @@ def test_varlen_matches_per_document_reference(world_results):
     assert not failures, "\n".join(failures[:40])
     # every mesh ran every case on every rank
     assert len({len(r["cases"]) for r in per_rank}) == 1
+    # Note [document placement] was exercised: "placed" cuts some documents and places some whole on every ring
+    # rank of a ring > 1; "all_whole" cuts none (and then nothing travels: the collective counts above)
+    for result in per_rank[0]["cases"]:
+        case = VarlenCase(**result["case"])
+        cut, *whole = result["placement"]
+        if case.ring > 1 and case.scenario == "placed":
+            assert cut >= 1 and min(whole) >= 1, (case.name(), result["placement"])
+        if case.ring > 1 and case.scenario == "all_whole":
+            assert cut == 0 and not result["documents_cut"], (case.name(), result["placement"])
 
 
 @pytest.mark.timeout(300)
@@ -95,7 +104,7 @@ def test_varlen_module_equals_functional(world_results):
 # ---------------------------------------------------------------------------------------------- single process
 @pytest.mark.parametrize("ulysses,ring,causal", [(1, 2, True), (2, 2, True), (4, 2, False), (2, 4, True),
                                                  (3, 1, True), (1, 3, False), (2, 3, True)])
-@pytest.mark.parametrize("scenario", ["short", "one_doc", "tiny_many", "exact", "mixed"])
+@pytest.mark.parametrize("scenario", ["short", "one_doc", "tiny_many", "exact", "mixed", "placed", "all_whole"])
 def test_layout_places_every_token_once(ulysses, ring, causal, scenario):
     lengths = scenario_lengths(scenario, ulysses, ring)
     cu = tuple(torch.tensor((0,) + lengths).cumsum(0).tolist())
@@ -267,3 +276,18 @@ def test_resolve_varlen_backend_names_valid_values():
         resolve_varlen_backend("fa3", torch.device("cpu"), torch.float32, 64)
     with pytest.raises(TypeError, match="backend must be a str or usp.kernels.varlen.VarlenKernel"):
         resolve_varlen_backend(3, torch.device("cpu"), torch.float32, 64)
+
+
+def test_row_sums_copy_add_and_zero_the_rest():
+    """The block adapter's gradient sums (no zero-filled buffer): copy onto fresh rows, add onto written ones, zero
+    the gaps of a partly written range and every row no call reached."""
+    from usp.kernels.varlen_block import _RowSums
+
+    like = torch.empty(10, 1, 1)
+    sums = _RowSums(like, torch.float64)
+    want = torch.zeros(10, 1, 1, dtype=torch.float64)
+    for rows, value in (((2, 4), 1.0), ((2, 4), 2.0), ((6, 7), 5.0), ((3, 8), 0.5)):
+        grad = torch.full((rows[1] - rows[0], 1, 1), value, dtype=torch.float64)
+        sums.add(rows, grad)
+        want[rows[0]:rows[1]] += grad
+    assert torch.equal(sums.finish(), want)

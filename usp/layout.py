@@ -146,7 +146,18 @@ class BlockTask:
         return Mask(-1, 0 if self.causal else -1, self.softcap)
 
 
-class FullSchedule:
+class DenseRotation:
+    """What travels in the dense ring (``usp.ring``'s loop asks every non-sparse schedule): all the K/V rows, at
+    each of the ``R`` steps. ``usp.schedule_varlen.VarlenSchedule`` sends only a prefix (its cut section)."""
+
+    def steps(self, ring_size: int) -> int:
+        return ring_size
+
+    def traveling_rows(self, local_len: int) -> int:
+        return local_len
+
+
+class FullSchedule(DenseRotation):
     """Non-causal (any layout): every step is the full local Q against the full visiting K/V
     (``usp.spec.dense_block``)."""
 
@@ -160,7 +171,7 @@ class FullSchedule:
         return BlockTask(q_rows, kv_rows, causal, softcap=self.softcap)
 
 
-class ZigzagCausalSchedule:
+class ZigzagCausalSchedule(DenseRotation):
     """Causal over the zigzag layout (see Note [zigzag layout]); with R == 1 it is plain causal attention. The
     blocks are ``usp.spec.dense_block``'s (the planner prices the same ones): step 0 the rank's own causal block,
     later steps the first half of the visiting K/V or the second half of the local queries."""

@@ -21,7 +21,7 @@ import torch
 
 from .layout import _all_gather_cat, _normalize_dim
 from .mesh import SequenceParallelMesh
-from .spec import varlen_chunks_per_doc, varlen_pad_chunk
+from .spec import varlen_chunks_per_doc, varlen_placement, varlen_ring_rows
 
 __all__ = ["VarlenLayout", "gather_varlen", "padding_mask_varlen", "position_ids_varlen", "shard_varlen",
            "varlen_layout"]
@@ -33,8 +33,10 @@ Tensor = torch.Tensor
 class VarlenLayout:
     """Where every token of a packed batch lives on a ``ulysses x ring`` mesh (Note [varlen zigzag layout]).
 
-    Built by ``varlen_layout``; pure data, identical on every rank. ``chunk_sizes`` has one entry per non-empty
-    document in order, plus a last one for the padding-only document when ``pad_chunk > 0``.
+    Built by ``varlen_layout``; pure data, identical on every rank. Ring rank ``r``'s sequence is
+    ``[cut section | whole section]``: the chunks of the cut documents (heads, then tails with the zigzag:
+    ``cut_rows`` rows, the only rows whose K/V travel round the ring), then the documents ``whole_docs[r]`` in order,
+    then padding up to ``ring_tokens``.
     """
 
     ulysses: int
@@ -45,11 +47,17 @@ class VarlenLayout:
     doc_lengths: Tuple[int, ...]
     #: cu_seqlens[-1]: real tokens in the packed batch
     total: int
-    #: chunks each document is cut into: 2R (zigzag) or R
+    #: chunks each cut document is cut into: 2R (zigzag) or R
     chunks_per_doc: int
+    #: documents cut over the ring (indices into ``doc_lengths``, ascending; Note [document placement])
+    cut_docs: Tuple[int, ...]
+    #: chunk size ``c_j`` of every cut document, in ``cut_docs`` order
     chunk_sizes: Tuple[int, ...]
-    #: chunk size of the padding-only document (0: none)
-    pad_chunk: int
+    #: per ring rank, the documents it holds whole (indices into ``doc_lengths``, ascending)
+    whole_docs: Tuple[Tuple[int, ...], ...]
+    #: rows of every ring rank's sequence (``usp.spec.varlen_ring_rows``): the cut documents' chunks, then the
+    #: rank's whole documents, then padding
+    ring_tokens: int
 
     def __post_init__(self):
         # hashed on every attention call (caches keyed on the layout): compute it once
@@ -73,9 +81,13 @@ class VarlenLayout:
         return self.chunks_per_doc == 2 * self.ring and self.ring > 1
 
     @property
-    def ring_tokens(self) -> int:
-        """Rows of one ring rank's sequence (what the ring loop sees)."""
+    def cut_rows(self) -> int:
+        """Rows of the cut section of every ring rank's sequence (the K/V rows the ring rotates)."""
         return (2 if self.zigzag else 1) * sum(self.chunk_sizes)
+
+    def whole_lengths(self, ring_rank: int) -> Tuple[int, ...]:
+        """Lengths of the documents ring rank ``ring_rank`` holds whole, in the order of its whole section."""
+        return tuple(self.doc_lengths[j] for j in self.whole_docs[ring_rank])
 
     @property
     def local_tokens(self) -> int:
@@ -84,7 +96,7 @@ class VarlenLayout:
 
     @property
     def padded_total(self) -> int:
-        return self.chunks_per_doc * sum(self.chunk_sizes)
+        return self.ring * self.ring_tokens
 
     @property
     def padding(self) -> int:
@@ -129,11 +141,11 @@ class VarlenLayout:
 
 
 def _ring_rows(layout: VarlenLayout, ring_rank: int) -> Tuple[Tensor, Tensor]:
+    cut = layout.cut_docs
     sizes = torch.tensor(layout.chunk_sizes, dtype=torch.int64)
-    n_docs = len(layout.doc_lengths)
-    lengths = torch.tensor(layout.doc_lengths + (0,) * (len(sizes) - n_docs), dtype=torch.int64)
-    starts = torch.tensor(layout.doc_starts + (layout.total,) * (len(sizes) - n_docs), dtype=torch.int64)
-    doc = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # document of every row of one half
+    lengths = torch.tensor([layout.doc_lengths[j] for j in cut], dtype=torch.int64)
+    starts = torch.tensor([layout.doc_starts[j] for j in cut], dtype=torch.int64)
+    doc = torch.repeat_interleave(torch.arange(len(sizes)), sizes)  # cut document of every row of one half
     within = torch.arange(doc.numel()) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
     if layout.zigzag:
         tail = 2 * layout.ring - 1 - ring_rank
@@ -142,6 +154,13 @@ def _ring_rows(layout: VarlenLayout, ring_rank: int) -> Tuple[Tensor, Tensor]:
     else:
         offset = ring_rank * sizes[doc] + within
     packed = torch.where(offset < lengths[doc], starts[doc] + offset, torch.full_like(offset, -1))
+    # the whole section: this rank's whole documents in order, then padding (position ids counting from 0)
+    whole = [torch.arange(layout.doc_lengths[j], dtype=torch.int64) for j in layout.whole_docs[ring_rank]]
+    whole_starts = [layout.doc_starts[j] for j in layout.whole_docs[ring_rank]]
+    pad = layout.ring_tokens - layout.cut_rows - sum(layout.whole_lengths(ring_rank))
+    packed = torch.cat([packed] + [start + rows for start, rows in zip(whole_starts, whole)]
+                       + [torch.full((pad,), -1, dtype=torch.int64)])
+    offset = torch.cat([offset] + whole + [torch.arange(pad, dtype=torch.int64)])
     return packed, offset
 
 
@@ -152,14 +171,15 @@ def _build_layout(cu: Tuple[int, ...], ulysses: int, ring: int, causal: bool) ->
         if b > a:
             starts.append(a)
             lengths.append(b - a)
-    chunks = varlen_chunks_per_doc(ring, causal)  # the rules are usp.spec's (the planner prices the same)
-    sizes = [-(-n // chunks) for n in lengths]
-    pad_chunk = varlen_pad_chunk(sum(sizes), ulysses, ring, causal)
-    if pad_chunk:
-        sizes.append(pad_chunk)
+    # the rules are usp.spec's (the planner prices the same placement)
+    cut, whole = varlen_placement(lengths, ring, causal)
+    chunks = varlen_chunks_per_doc(ring, causal)
+    sizes = tuple(-(-lengths[j] // chunks) for j in cut)
+    held = tuple(sum(lengths[j] for j in docs) for docs in whole)
     return VarlenLayout(
         ulysses=ulysses, ring=ring, causal=causal, doc_starts=tuple(starts), doc_lengths=tuple(lengths),
-        total=cu[-1], chunks_per_doc=chunks, chunk_sizes=tuple(sizes), pad_chunk=pad_chunk,
+        total=cu[-1], chunks_per_doc=chunks, cut_docs=cut, chunk_sizes=sizes, whole_docs=whole,
+        ring_tokens=varlen_ring_rows(sum(sizes), held, ulysses, ring, causal),
     )
 
 
@@ -294,7 +314,7 @@ def gather_varlen(x_local: Tensor, cu_seqlens, mesh: SequenceParallelMesh, dim: 
 def position_ids_varlen(cu_seqlens, mesh: SequenceParallelMesh, causal: bool = True, device=None) -> Tensor:
     """This rank's position ids, int64 ``[local_tokens]``: the offset of every row inside its document (restarting
     at 0 at each document), in the order of ``shard_varlen``'s shard. Padding rows continue their document's count
-    (the padding-only document counts from 0); their value does not matter, they are never attended."""
+    (the padding after a rank's whole documents counts from 0); their value does not matter, they are never attended."""
     layout = varlen_layout(cu_seqlens, mesh, causal)
     _, position = _local_rows(layout, mesh)
     return position.to(device) if device is not None else position.clone()

@@ -106,7 +106,10 @@ def kept_kv_shapes(k_shape, v_shape, mesh: SequenceParallelMesh, schedule, head_
     if ring_size == 1 or head_chunks != 1:
         return []
     if not schedule.sparse:
-        return [tuple(k_shape), tuple(v_shape)]
+        rows = schedule.traveling_rows(local_len)
+        if schedule.steps(ring_size) == 1:
+            return []
+        return [(k_shape[0], rows) + tuple(k_shape[2:]), (v_shape[0], rows) + tuple(v_shape[2:])]
     if not schedule.keep_halos(ring_size, local_len):
         return []
     shapes = []
@@ -176,13 +179,15 @@ def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale):
     if schedule.sparse:
         return _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale)
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
-    kv = [k, v] if ring_size == 1 else [k.contiguous(), v.contiguous()]
+    steps = schedule.steps(ring_size)
+    kv = [k, v] if steps == 1 else [k.contiguous(), v.contiguous()]
+    traveling = _traveling(kv, schedule.traveling_rows(local_len))
     rotation = _rotation(mesh, _KV_TAG)
     out: Optional[Tensor] = None
     lse: Optional[Tensor] = None
-    for step in range(ring_size):
-        if step + 1 < ring_size:
-            rotation.start(kv)
+    for step in range(steps):
+        if step + 1 < steps:
+            rotation.start(traveling if step == 0 else kv)
         task = schedule.block(step, ring_rank, ring_size, local_len)
         if task is not None:
             block_out, block_lse = kernel.forward(
@@ -196,12 +201,27 @@ def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale):
                 if not _narrow_sums(ring_size) and out.dtype != _accumulator_dtype(q.dtype):
                     out = out.to(_accumulator_dtype(q.dtype))
                 merge_attention_(_rows(out, task.q_rows), _lse_rows(lse, task.q_rows), block_out, block_lse)
-        if step + 1 < ring_size:
+        if step + 1 < steps:
             received = rotation.wait()
             if step > 0:
                 rotation.recycle(kv)  # our own receive buffer, sent and computed on: reuse it
             kv = received
-    return out.to(q.dtype), lse, kv
+    return out.to(q.dtype), lse, (kv if steps > 1 else [])
+
+
+def _prefix_sum(block: Tensor, prefix: Tensor, dtype: torch.dtype) -> Tensor:
+    """``block`` with ``prefix`` added to its first rows, in ``dtype`` or wider (one rounding at the end)."""
+    total = block.to(torch.promote_types(block.dtype, dtype))
+    total[:, :prefix.shape[1]].add_(prefix)
+    return total
+
+
+def _traveling(kv: List[Tensor], rows: int) -> List[Tensor]:
+    """The K/V rows that go round the ring: all, or the prefix ``rows`` of a packed batch's sequence (its cut
+    section, Note [document placement] in ``usp/varlen.py``; a contiguous view with batch 1)."""
+    if rows == kv[0].shape[1]:
+        return kv
+    return [t[:, :rows].contiguous() for t in kv]
 
 
 def _narrow_sums(ring_size: int) -> bool:
@@ -279,8 +299,9 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
                                      schedule, scale, dq_out, wide_dkv, deterministic)
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     kernel_lse = _KernelLse(lse)
-    if ring_size == 1:
-        task = schedule.block(0, 0, 1, local_len)
+    steps, traveling_rows = schedule.steps(ring_size), schedule.traveling_rows(local_len)
+    if steps == 1:
+        task = schedule.block(0, ring_rank, ring_size, local_len)
         dq, dk, dv = kernel.backward(dout, q, k, v, out, kernel_lse.rows(task.q_rows), task.kernel_mask, scale,
                                      deterministic=deterministic)
         if dq_out is not None:
@@ -296,11 +317,12 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
     if last_kv:
         kv = last_kv
     else:
-        kv_rotation.start([k.contiguous(), v.contiguous()])
+        kv_rotation.start(_traveling([k.contiguous(), v.contiguous()], traveling_rows))
         kv = kv_rotation.wait()
     dq = _GradientSum(q.shape, acc, q.device, narrow, out=dq_out)
     dkv: List[Tensor] = []
-    for step in range(ring_size - 1, -1, -1):
+    traveling_shapes = [t.shape for t in kv]
+    for step in range(steps - 1, -1, -1):
         if step > 1:  # step 0 computes on our own K/V: nothing to receive for it
             kv_rotation.start(kv)
         blocks = (k, v) if step == 0 else kv  # at step 0 the block is our own K/V
@@ -314,9 +336,9 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
             dq.add(task.q_rows, block_dq)
         if step == 1:
             kv = []  # the last visiting block is done with (step 0 uses our own K/V): free it before step 0
-        if step == ring_size - 1:
+        if step == steps - 1:
             # the first partial sums of the visiting block: the kernel's own gradients when they cover every row
-            dkv = [_GradientSum(t.shape, kv_acc, t.device, narrow=False) for t in (k, v)]
+            dkv = [_GradientSum(shape, kv_acc, k.device, narrow=False) for shape in traveling_shapes]
             if task is not None:
                 dkv[0].add(task.kv_rows, block_dk)
                 dkv[1].add(task.kv_rows, block_dv)
@@ -327,14 +349,18 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
             if step > 0:  # another partial sum will arrive: receive it into the buffers just sent
                 dkv_rotation.recycle(sent)
             del sent
-            if task is not None:
+            if step == 0 and traveling_rows < local_len:
+                # our own block covers the whole sequence, the partial sums that travelled only its prefix
+                assert task is not None and task.kv_rows == slice(None), task
+                dkv = [_prefix_sum(block, part, kv_acc) for block, part in zip((block_dk, block_dv), dkv)]
+            elif task is not None:
                 _rows(dkv[0], task.kv_rows).add_(block_dk)
                 _rows(dkv[1], task.kv_rows).add_(block_dv)
         if step > 0:
             dkv_rotation.start(dkv)
         if step > 1:
             received = kv_rotation.wait()
-            if step < ring_size - 1:
+            if step < steps - 1:
                 kv_rotation.recycle(kv)
             kv = received
     dq = dq.materialize()

@@ -5,21 +5,25 @@ attached (Note [varlen zigzag layout] in ``usp/varlen.py``; Note [varlen windows
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 from .kernels.base import Mask
 from .kernels.varlen import VarlenSeqs
 from .kernels.varlen_block import VarlenBlock, VarlenCall
-from .layout import band_block, normalize_window, schedule_for
+from .layout import BlockTask, band_block, normalize_window
 from .layout_varlen import VarlenLayout
+from .spec import dense_block
 
 __all__ = ["VarlenSchedule"]
 
 
 class VarlenSchedule:
-    """The dense ring schedule (``usp.layout.schedule_for``) with each block's varlen calls attached as its
-    ``mask`` (the ring loop hands it to ``VarlenBlockKernel``). Bound to one ``VarlenLayout``; reused across calls.
+    """The ring schedule of a packed batch (Note [varlen zigzag layout], Note [document placement]): the dense
+    schedule's blocks (``usp.spec.dense_block``) over the cut section of each ring rank's sequence, with each
+    block's varlen calls attached as its ``mask`` (the ring loop hands it to ``VarlenBlockKernel``); the diagonal
+    block (step 0) also holds the rank's whole documents. Only the cut section's K/V travel
+    (``traveling_rows``); with no cut document nothing does, and the ring has one step. Bound to one
+    ``VarlenLayout``; reused across calls.
 
     With a ``window`` that binds on some document, every block's calls come from Note [varlen windows]; a ring step
     whose block no document's window reaches is skipped (``block`` returns ``None``; its K/V still rotate)."""
@@ -31,83 +35,87 @@ class VarlenSchedule:
         self.softcap = softcap
         left, right = normalize_window(window, layout.causal, max(layout.doc_lengths))
         self.window = None if left == -1 and right in ((-1, 0) if layout.causal else (-1,)) else (left, right)
-        self._base = schedule_for(layout.causal)
-        m = self._mask = lambda causal: Mask(-1, 0 if causal else -1, softcap)  # noqa: E731
-        self._by_source: Dict[int, VarlenBlock] = {}
-        self._windowed: Dict[Tuple[int, int], Optional[VarlenBlock]] = {}
-        sizes = layout.chunk_sizes
-        chunks = VarlenSeqs(sizes, sizes)
-        if layout.zigzag and self.window is None:
-            c = sum(sizes)
-            heads, tails = slice(0, c), slice(c, 2 * c)
-            self._diagonal = VarlenBlock(
-                [VarlenCall(heads, heads, chunks, m(True)), VarlenCall(tails, heads, chunks, m(False)),
-                 VarlenCall(tails, tails, chunks, m(True))], 2 * c, 2 * c,
-            )
-            # source < rank: all our rows x the visiting heads (the ring passes only those: `c` key rows)
-            self._visiting_heads = VarlenBlock(
-                [VarlenCall(heads, heads, chunks, m(False)), VarlenCall(tails, heads, chunks, m(False))], 2 * c, c,
-            )
-            # source > rank: our tails (the ring passes only those: `c` query rows) x all visiting rows
-            self._our_tails = VarlenBlock(
-                [VarlenCall(heads, heads, chunks, m(False)), VarlenCall(heads, tails, chunks, m(False))], c, 2 * c,
-            )
+        self._blocks: Dict[Tuple[int, int], Optional[BlockTask]] = {}
 
-    def _contiguous_block(self, source: int) -> VarlenBlock:
-        if source not in self._by_source:
-            layout = self.layout
-            n_docs = len(layout.doc_lengths)
-            q_lengths: List[int] = []
-            k_lengths: List[int] = []
-            for j, c in enumerate(layout.chunk_sizes):
-                # real rows of this document in the visiting chunk: a prefix (padding sits at the document's end)
-                if j < n_docs:
-                    real = min(max(layout.doc_lengths[j] - source * c, 0), c)
-                else:  # the padding-only document attends itself: inert
-                    real = c
-                q_lengths.append(c)
-                k_lengths.append(real)
-                if real < c:  # the padding as its own key sequence, with no queries
-                    q_lengths.append(0)
-                    k_lengths.append(c - real)
-            seqs = VarlenSeqs(q_lengths, k_lengths)
-            total = sum(layout.chunk_sizes)
-            self._by_source[source] = VarlenBlock(
-                [VarlenCall(slice(0, total), slice(0, total), seqs, self._mask(layout.causal))], total, total
-            )
-        return self._by_source[source]
+    def traveling_rows(self, local_len: int) -> int:
+        """The K/V rows (a prefix of the ring rank's sequence) that go round the ring: the cut section."""
+        return self.layout.cut_rows
+
+    def _mask(self, causal: bool) -> Mask:
+        return Mask(-1, 0 if causal else -1, self.softcap)
+
+    def _cut_rows(self, step: int, ring_rank: int, ring_size: int) -> Tuple[slice, slice]:
+        """``(q_rows, kv_rows)`` of the cut section in a step ``>= 1`` block, as absolute row ranges of our sequence
+        and of the visiting (cut-section-only) K/V."""
+        cut = self.layout.cut_rows
+        q_rows, kv_rows, _ = dense_block(self.layout.causal, step, ring_rank, ring_size, cut)
+        return slice(*q_rows.indices(cut)[:2]), slice(*kv_rows.indices(cut)[:2])
 
     def _regions(self, rows: slice, rank: int, ring_size: int) -> List[Tuple[int, int]]:
-        """``(block row offset, chunk index)`` of the chunk groups (one chunk of every document) in ``rows`` of ring
-        rank ``rank``'s sequence (``rows`` as the base schedule gives them: all, first half, second half)."""
+        """``(offset from rows.start, chunk index)`` of the chunk groups (one chunk of every cut document) in the cut
+        section rows ``rows`` of ring rank ``rank``'s sequence (all of it, its first half or its second half)."""
         if not self.layout.zigzag:
             return [(0, rank)]
+        c = sum(self.layout.chunk_sizes)
         tail = 2 * ring_size - 1 - rank
-        if rows == slice(None):
-            return [(0, rank), (sum(self.layout.chunk_sizes), tail)]
+        if rows.stop - rows.start == 2 * c:
+            return [(0, rank), (c, tail)]
         return [(0, rank)] if rows.start == 0 else [(0, tail)]
 
-    def _window_calls(self, q_off: int, q_chunk: int, k_off: int, k_chunk: int) -> List[VarlenCall]:
-        """Note [varlen windows]. The calls of one pair of chunk groups: query chunk ``q_chunk`` of every document
-        (block rows from ``q_off``) against key chunk ``k_chunk`` of every document (from ``k_off``).
+    def _chunk_pieces(self, q_chunk: int, k_chunk: int) -> List[Tuple[int, int, int, int]]:
+        """``(rows, q position, k position, real keys)`` of every cut document for query chunk ``q_chunk`` against
+        key chunk ``k_chunk``: what ``_calls`` takes."""
+        layout = self.layout
+        pieces = []
+        for j, c in zip(layout.cut_docs, layout.chunk_sizes):
+            # real rows of the key chunk: a prefix (padding sits at the document's end)
+            keys = min(max(layout.doc_lengths[j] - k_chunk * c, 0), c)
+            pieces.append((c, q_chunk * c, k_chunk * c, keys))
+        return pieces
 
-        Per document ``j`` (chunk size ``c``) the window's pieces are ``band_block`` of the two chunks at their
-        positions in the document (``q_chunk * c``, ``k_chunk * c``): trimmed, each with its own bottom-right
-        ``Mask``. Documents are grouped by that mask, one call per distinct mask: documents of one chunk size
-        share it, and so do all documents the window covers whole (their mask is plain causal or full). In a call,
-        a document's piece is one sequence; its rows outside the piece, and every row of the documents outside
-        the group, are sequences with no keys or no queries (out = 0, lse = -inf, no gradient; coalesced).
-        Padding: causal, padding keys come after every real query (the causal band hides them); non-causal, only
-        the real prefix of a key chunk enters ``band_block`` (its mask then depends on that prefix too: the
-        chunk holding a document's end may need its own call). The padding-only document gets no keys."""
-        layout, (left, right) = self.layout, self.window
-        n_docs = len(layout.doc_lengths)
+    def _calls(self, q_off: int, k_off: int, docs: List[Tuple[int, int, int, int]]) -> List[VarlenCall]:
+        """The varlen calls of a region of documents laid out one after another on both sides (block rows from
+        ``q_off`` and ``k_off``): per document ``(rows, q position, k position, real keys)``, its ``rows`` query
+        and key rows sitting at those positions of the document, the first ``real keys`` of the keys real.
+
+        Without a window: one call, each document one sequence (causal when the layout is and the two pieces are
+        the same chunk, else full), the padding keys of a document their own sequence with no queries (a causal
+        diagonal piece needs none: its padding keys come after every real query). With a window: Note [varlen
+        windows]."""
+        if self.window is None:
+            q_lengths: List[int] = []
+            k_lengths: List[int] = []
+            causal = self.layout.causal and all(q_pos == k_pos for _, q_pos, k_pos, _ in docs)
+            for rows, _, _, keys in docs:
+                real = rows if causal else keys
+                q_lengths.append(rows)
+                k_lengths.append(real)
+                if real < rows:
+                    q_lengths.append(0)
+                    k_lengths.append(rows - real)
+            total = sum(rows for rows, _, _, _ in docs)
+            return [VarlenCall(slice(q_off, q_off + total), slice(k_off, k_off + total),
+                               VarlenSeqs(q_lengths, k_lengths), self._mask(causal))]
+        return self._window_calls(q_off, k_off, docs)
+
+    def _window_calls(self, q_off: int, k_off: int, docs: List[Tuple[int, int, int, int]]) -> List[VarlenCall]:
+        """Note [varlen windows]. The calls of one region of documents (as ``_calls``).
+
+        Per document the window's pieces are ``band_block`` of its query and key rows at their positions in the
+        document: trimmed, each with its own bottom-right ``Mask``. Documents are grouped by that mask, one call
+        per distinct mask: documents of one chunk size share it, and so do all documents the window covers whole
+        (their mask is plain causal or full). In a call, a document's piece is one sequence; its rows outside the
+        piece, and every row of the documents outside the group, are sequences with no keys or no queries (out =
+        0, lse = -inf, no gradient; coalesced). Padding: causal, padding keys come after every real query (the
+        causal band hides them); non-causal, only the real prefix of a key chunk enters ``band_block`` (its mask
+        then depends on that prefix too: the chunk holding a document's end may need its own call)."""
+        left, right = self.window
         groups: Dict[Mask, Dict[int, Tuple[slice, slice]]] = {}
-        for j, c in enumerate(layout.chunk_sizes[:n_docs]):
-            keys = c if layout.causal else min(max(layout.doc_lengths[j] - k_chunk * c, 0), c)
-            for q_rows, k_rows, mask in band_block(q_chunk * c, c, k_chunk * c, keys, left, right, self.softcap):
+        for j, (rows, q_pos, k_pos, keys) in enumerate(docs):
+            keys = rows if self.layout.causal else keys
+            for q_rows, k_rows, mask in band_block(q_pos, rows, k_pos, keys, left, right, self.softcap):
                 groups.setdefault(mask, {})[j] = (q_rows, k_rows)
-        total = sum(layout.chunk_sizes)
+        total = sum(rows for rows, _, _, _ in docs)
         calls = []
         for mask, pieces in groups.items():
             q_lengths: List[int] = []
@@ -123,7 +131,7 @@ class VarlenSchedule:
                 q_lengths.append(n_q)
                 k_lengths.append(n_k)
 
-            for j, c in enumerate(layout.chunk_sizes):
+            for j, (c, _, _, _) in enumerate(docs):
                 q_rows, k_rows = pieces.get(j, (slice(c, c), slice(c, c)))
                 add(q_rows.start, 0)
                 add(0, k_rows.start)
@@ -134,42 +142,57 @@ class VarlenSchedule:
                                     VarlenSeqs(q_lengths, k_lengths), mask))
         return calls
 
-    def _windowed_block(self, task, step: int, ring_rank: int, ring_size: int) -> Optional[VarlenBlock]:
-        key = (step, ring_rank)
-        if key not in self._windowed:
-            source = (ring_rank - step) % ring_size
-            calls = [call for q_off, q_chunk in self._regions(task.q_rows, ring_rank, ring_size)
-                     for k_off, k_chunk in self._regions(task.kv_rows, source, ring_size)
-                     for call in self._window_calls(q_off, q_chunk, k_off, k_chunk)]
-            total = sum(self.layout.chunk_sizes)
-            halves = 2 if self.layout.zigzag else 1
-            q_len = total * (halves if task.q_rows == slice(None) else 1)
-            k_len = total * (halves if task.kv_rows == slice(None) else 1)
-            # step 0 always runs (the ring loop starts its sums there), possibly as a block of no calls
-            block = VarlenBlock(calls, q_len, k_len, final=ring_size == 1) if calls or step == 0 else None
-            self._windowed[key] = block
-        return self._windowed[key]
+    def _diagonal_calls(self, ring_rank: int, ring_size: int) -> List[VarlenCall]:
+        layout = self.layout
+        calls: List[VarlenCall] = []
+        if layout.cut_docs:
+            regions = self._regions(slice(0, layout.cut_rows), ring_rank, ring_size)
+            if layout.zigzag and self.window is None:
+                # heads x heads (causal), tails x heads, tails x tails (causal): the tails' two calls are merged
+                (_, head), (c, tail) = regions
+                calls += self._calls(0, 0, self._chunk_pieces(head, head))
+                calls += self._calls(c, 0, self._chunk_pieces(tail, head))
+                calls += self._calls(c, c, self._chunk_pieces(tail, tail))
+            else:
+                calls += [call for q_off, q_chunk in regions for k_off, k_chunk in regions
+                          for call in self._calls(q_off, k_off, self._chunk_pieces(q_chunk, k_chunk))]
+        whole = layout.whole_lengths(ring_rank)
+        if whole:  # one sequence per whole document, right after the cut section
+            calls += self._calls(layout.cut_rows, layout.cut_rows, [(n, 0, 0, n) for n in whole])
+        return calls
 
-    def block(self, step: int, ring_rank: int, ring_size: int, local_len: int):
+    def _build(self, step: int, ring_rank: int, ring_size: int) -> Optional[BlockTask]:
+        layout = self.layout
+        if step == 0:
+            calls = self._diagonal_calls(ring_rank, ring_size)
+            q_rows = kv_rows = slice(None)
+            q_len = k_len = layout.ring_tokens
+        else:
+            q_rows, kv_rows = self._cut_rows(step, ring_rank, ring_size)
+            source = (ring_rank - step) % ring_size
+            calls = [call for q_off, q_chunk in self._regions(q_rows, ring_rank, ring_size)
+                     for k_off, k_chunk in self._regions(kv_rows, source, ring_size)
+                     for call in self._calls(q_off, k_off, self._chunk_pieces(q_chunk, k_chunk))]
+            q_len, k_len = q_rows.stop - q_rows.start, kv_rows.stop - kv_rows.start
+        if not calls and step > 0:
+            return None  # no document's window reaches this block (step 0 always runs: the ring starts its sums)
+        block = VarlenBlock(calls, q_len, k_len, final=self.steps(ring_size) == 1)
+        return BlockTask(q_rows, kv_rows, layout.causal and step == 0, mask=block, softcap=self.softcap)
+
+    def steps(self, ring_size: int) -> int:
+        """Ring steps of this batch: one when no document is cut (nothing travels), else ``ring_size``."""
+        return ring_size if self.layout.cut_rows else 1
+
+    def block(self, step: int, ring_rank: int, ring_size: int, local_len: int) -> Optional[BlockTask]:
         if local_len != self.layout.ring_tokens or ring_size != self.layout.ring:
             raise RuntimeError(
                 f"varlen schedule built for ring={self.layout.ring}, {self.layout.ring_tokens} rows per ring rank; "
                 f"called with ring={ring_size}, {local_len} rows"
             )
-        task = self._base.block(step, ring_rank, ring_size, local_len)  # the dense block: always one
-        if self.window is not None:
-            mask = self._windowed_block(task, step, ring_rank, ring_size)
-            return None if mask is None else dataclasses.replace(task, mask=mask)
-        if self.layout.zigzag:
-            if step == 0:
-                mask = self._diagonal
-            elif task.q_rows == slice(None):
-                mask = self._visiting_heads
-            else:
-                mask = self._our_tails
-        else:
-            mask = self._contiguous_block((ring_rank - step) % ring_size)
-        return dataclasses.replace(task, mask=mask)
+        key = (step, ring_rank)
+        if key not in self._blocks:
+            self._blocks[key] = self._build(step, ring_rank, ring_size)
+        return self._blocks[key]
 
 
 def _schedule_for_layout(layout: VarlenLayout, softcap: float = 0.0,

@@ -39,7 +39,8 @@ __all__ = [
     "normalize_window", "band_pieces", "band_area", "SlidingWindow", "sliding_window",
     "ring_steps", "forward_step_rotations", "backward_step_rotations",
     "PassCollectives", "LayerCollectives", "layer_collectives",
-    "varlen_chunks_per_doc", "varlen_pad_chunk", "varlen_block_calls",
+    "varlen_chunks_per_doc", "varlen_doc_work", "varlen_placement", "varlen_ring_rows",
+    "varlen_block_calls", "PLACEMENT_SLACK",
 ]
 
 
@@ -502,7 +503,8 @@ class LayerCollectives:
 
 def layer_collectives(ulysses: int, ring: int, heads: int, kv_heads: int, head_chunks: int = 1,
                       causal: bool = True, return_lse: bool = False, window_size=(-1, -1),
-                      seqlen: Optional[int] = None, ring_rank: Optional[int] = None) -> LayerCollectives:
+                      seqlen: Optional[int] = None, ring_rank: Optional[int] = None,
+                      documents_cut: bool = True) -> LayerCollectives:
     """The collective calls of one layer of ``usp.long_context_attention`` on a ``ulysses x ring`` mesh, per rank.
 
     ``kv_heads`` as the caller passes them (replicated here). ``G = head_groups(...)`` head groups
@@ -518,6 +520,10 @@ def layer_collectives(ulysses: int, ring: int, heads: int, kv_heads: int, head_c
       group and chunk the :meth:`SlidingWindow.collectives` of ring rank ``ring_rank`` (Note [sparse ring]: one
       batched exchange per step the rank takes part in, backward the dK/dV return and, unless the halos were kept,
       the K/V again); ranks differ at the ends of the sequence, and ``ring_rank=None`` gives the busiest one's.
+    * packed documents (``usp.long_context_attention_varlen``, Note [document placement]): the counts above when
+      some document is cut over the ring (``documents_cut``, i.e. the layout's ``cut_rows > 0``), else no ring
+      rotation at all (every document sits whole on one ring rank). Windows on packed documents keep the dense
+      rotations (a block no window reaches is skipped, its K/V still travel).
     """
     replicated = replicated_kv_heads(kv_heads, ulysses)
     groups = head_groups(heads, replicated, ulysses, head_chunks)
@@ -533,7 +539,7 @@ def layer_collectives(ulysses: int, ring: int, heads: int, kv_heads: int, head_c
     if window is not None and ring > 1:
         ranks = range(ring) if ring_rank is None else (ring_rank,)
         forward_p2p, backward_p2p = max(window.collectives(r, ring, seqlen // ring, head_chunks) for r in ranks)
-    elif ring > 1:
+    elif ring > 1 and documents_cut:
         steps = ring_steps(ring, causal)
         forward_p2p = sum(forward_step_rotations(j, steps) for j in range(steps))
         backward_p2p = sum(sum(backward_step_rotations(j, steps)) for j in range(steps))
@@ -551,13 +557,73 @@ def varlen_chunks_per_doc(ring: int, causal: bool) -> int:
     return 2 * ring if choose_layout(ring, causal) is Layout.ZIGZAG else ring
 
 
-def varlen_pad_chunk(chunk_rows: int, ulysses: int, ring: int, causal: bool) -> int:
-    """Rows per chunk of the padding-only document appended so that a ring rank's rows (``chunk_rows = sum_j
-    c_j``, times 2 with the zigzag) split into ``ulysses`` equal pieces: the smallest ``p >= 0`` with
-    ``halves * (chunk_rows + p) % ulysses == 0``."""
+#: Note [document placement]: a placement is accepted when no ring rank's work or tokens exceed the mean by more
+#: than 1/PLACEMENT_SLACK (integer arithmetic: every rank computes the same placement)
+PLACEMENT_SLACK = 32
+#: the kernels' query tile: a document's work counts one tile row per token on top of its attention area, so many
+#: tiny documents are not mistaken for no work
+PLACEMENT_TILE = 128
+
+
+def varlen_doc_work(length: int, causal: bool) -> int:
+    """The work of attending one whole document of ``length`` tokens in Note [document placement]'s units: its
+    attention area (halved when causal) plus one tile row per token."""
+    return length * (length + PLACEMENT_TILE) // (2 if causal else 1)
+
+
+def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]:
+    """Note [document placement] (in ``usp/varlen.py``): ``(cut, whole)`` for the non-empty documents
+    ``lengths`` on a ring of ``ring``. ``cut``: indices of the documents cut over the ring (``varlen_chunks_per_doc``
+    chunks each), ascending; ``whole[r]``: the documents ring rank ``r`` holds whole, ascending.
+
+    Documents whose work (``varlen_doc_work``) exceeds a share ``1/4, 1/8, ..., 1/64`` of a rank's mean are cut,
+    the others placed whole: the larger ones (work above 1/256 of the mean) each on the rank with the least work,
+    then the rest each on the rank with the fewest tokens, longest first. The first share whose placement keeps
+    every rank within ``1 + 1/PLACEMENT_SLACK`` of the mean work and the mean tokens (a cut document's padding
+    counted) wins; if none does, every
+    document is cut (the per-document zigzag balances any batch). ``R == 1``: every document is "cut" into one
+    chunk (the ring rank holds the batch in order). Integer arithmetic only: a pure function of its arguments."""
+    n = len(lengths)
+    everything_cut = (tuple(range(n)), tuple(() for _ in range(ring)))
+    if ring == 1 or n == 0:
+        return everything_cut
+    work = [varlen_doc_work(length, causal) for length in lengths]
+    total_work, total_tokens = sum(work), sum(lengths)
+    order = sorted(range(n), key=lambda j: (-lengths[j], j))
+    for share in (4, 8, 16, 32, 64):
+        # cut: work > total_work / (ring * share)
+        cut = [j for j in order if work[j] * ring * share > total_work]
+        if len(cut) == n:
+            break
+        # a cut document's rows include the padding of its last chunk
+        chunks = varlen_chunks_per_doc(ring, causal)
+        cut_work, cut_tokens = sum(work[j] for j in cut), sum(-(-lengths[j] // chunks) * chunks for j in cut)
+        # every rank gets 1/ring of each cut document (scaled by ring to stay in integers)
+        loads = [cut_work] * ring
+        tokens = [cut_tokens] * ring
+        held: List[List[int]] = [[] for _ in range(ring)]
+        large = total_work // (ring * 256)
+        for j in order[len(cut):]:
+            key = loads if work[j] > large else tokens
+            r = key.index(min(key))  # the least loaded rank, the lowest on ties
+            loads[r] += ring * work[j]
+            tokens[r] += ring * lengths[j]
+            held[r].append(j)
+        # ring * load_r <= (1 + 1/SLACK) * total, both scaled by ring above
+        if (max(loads) * PLACEMENT_SLACK <= (PLACEMENT_SLACK + 1) * total_work
+                and max(tokens) * PLACEMENT_SLACK <= (PLACEMENT_SLACK + 1) * total_tokens):
+            return tuple(sorted(cut)), tuple(tuple(sorted(h)) for h in held)
+    return everything_cut
+
+
+def varlen_ring_rows(chunk_rows: int, whole_rows: Tuple[int, ...], ulysses: int, ring: int, causal: bool) -> int:
+    """Rows of every ring rank's sequence (Note [document placement]): ``halves * chunk_rows`` (``chunk_rows =
+    sum_j c_j`` over the cut documents, ``halves`` 2 with the zigzag) plus the whole documents of the rank that holds
+    the most (``whole_rows[r]``: rank ``r``'s tokens held whole), rounded up to a multiple of ``ulysses`` (each ring
+    rank's rows split into ``U`` equal pieces). The rest of a rank's rows after its whole documents is padding."""
     halves = 2 if choose_layout(ring, causal) is Layout.ZIGZAG else 1
-    step = ulysses // math.gcd(halves, ulysses)  # halves * x is a multiple of U iff x is a multiple of this
-    return (-chunk_rows) % step
+    rows = halves * chunk_rows + max(whole_rows, default=0)
+    return -(-rows // ulysses) * ulysses
 
 
 def varlen_block_calls(ring: int, causal: bool, step: int, ring_rank: int = 0) -> Tuple[Tuple[str, str, bool], ...]:

@@ -8,24 +8,35 @@ and cached (``varlen_layout``).
 
 Note [varlen zigzag layout]. Load balance must hold per document: a batch of one long document and many short ones
 cut contiguously would leave the rank with the long document's tail doing most of the causal work. So every
-document is cut on its own, exactly like the dense zigzag (Note [zigzag layout] in ``usp.layout``):
+document that is cut over the ring is cut on its own, exactly like the dense zigzag (Note [zigzag layout] in
+``usp.layout``):
 
 * causal, ``R > 1``: document ``j`` (length ``L_j``) is padded at its end to ``2R * c_j`` tokens,
   ``c_j = ceil(L_j / 2R)``, and cut into ``2R`` chunks of ``c_j``. Ring rank ``r`` holds chunk ``r`` (head) and
-  chunk ``2R-1-r`` (tail) of *every* document, all heads first, then all tails::
+  chunk ``2R-1-r`` (tail) of *every cut* document, all heads first, then all tails::
 
-      ring rank r:  [ head_0  head_1 ... head_n | tail_0  tail_1 ... tail_n ]     (head_j, tail_j: c_j rows)
+      ring rank r:  [ head_0 ... head_n | tail_0 ... tail_n | whole documents of r | padding ]
 
-  so the dense zigzag schedule's row halves still mean "the head chunks" and "the tail chunks" and every rank does
-  the same causal work for every document. A ring block is then a few varlen calls whose sequences are the chunks
-  (``cu = cumsum(c_j)`` on both sides): the diagonal block is heads x heads (causal) + tails x heads + tails x tails
-  (causal), merged; "all queries x the visiting heads" is two calls; "our tails x all visiting K/V" is two calls,
-  merged. Every call covers its rows whole, so no kernel needs ``seqused``.
-* non-causal, or ``R == 1``: ``R`` chunks per document (``c_j = ceil(L_j / R)``), rank ``r`` holds chunk ``r`` of
-  every document; one varlen call per block.
+  so the dense zigzag schedule's row halves of the cut section still mean "the head chunks" and "the tail chunks"
+  and every rank does the same causal work for every cut document. A ring block is then a few varlen calls whose
+  sequences are the chunks: the diagonal block is heads x heads (causal) + tails x heads + tails x tails (causal),
+  merged, plus one call over the rank's whole documents; "all queries x the visiting heads" is two calls; "our
+  tails x all visiting K/V" is two calls, merged. Every call covers its rows whole, so no kernel needs ``seqused``.
+* non-causal, or ``R == 1``: ``R`` chunks per cut document (``c_j = ceil(L_j / R)``), rank ``r`` holds chunk ``r``
+  of every cut document; one varlen call per block (plus the whole documents' call on the diagonal).
 * Ulysses: each ring rank's rows are split into ``U`` equal contiguous pieces (the all-to-all concatenates them
-  back, as in the dense path). If the ring rank's row count is not a multiple of ``U``, a padding-only document of
-  ``pad_chunk`` rows per chunk is appended.
+  back, as in the dense path); the whole section's padding makes the row count a multiple of ``U``.
+
+Note [document placement]. Cutting every document costs: a document of a few hundred tokens cut into ``2R`` chunks
+runs as ``2R`` tiny sequences per call (tiles mostly empty), in three calls on the diagonal and two per later step,
+and its K/V travel round the ring. A document whose work is small next to a rank's share need not be cut: placed
+whole on one ring rank it costs one sequence of one call and no transfer. ``usp.spec.varlen_placement`` (the rule;
+the planner prices the same) cuts only the documents whose work (attention area plus a tile row per token) is a
+large share of a rank's, and places the others whole, balancing work and tokens per ring rank to within
+``1/PLACEMENT_SLACK`` of the mean (else it cuts everything: the zigzag balances any batch). Only the cut section's
+K/V and dK/dV travel (``VarlenSchedule.traveling_rows``: a prefix of the sequence); a batch with no cut document
+does no ring transfer at all (``usp.spec.layer_collectives(documents_cut=False)``). Whole documents are laid out
+in order after the cut section; padding after them is covered by no call (out = 0, LSE = -inf).
 
 Sliding windows (``window_size``, over positions inside each document) keep this layout: each block's calls are
 the window's trimmed pieces per document, one call per distinct mask (Note [varlen windows] at
@@ -33,8 +44,8 @@ the window's trimmed pieces per document, one call per distinct mask (Note [varl
 
 Padding is never attended. It sits at the end of its document, after every real token, so a causal mask hides it
 from every real query: in every block above, a real query only ever meets keys that are earlier in its document,
-hence real. Non-causal blocks (``R > 1``) cut each visiting chunk into its real prefix and its padding as separate
-key sequences (the padding's query sequence is empty). Padding *queries* do compute something, but their output
+hence real. Every other block (non-causal, or chunks of two different ranks) cuts each key chunk into its real
+prefix and its padding as separate key sequences (the padding's query sequence is empty). Padding *queries* do compute something, but their output
 is zeroed (``masked_fill``) before it leaves ``long_context_attention_varlen``, so the incoming gradient there is
 zero, and a query row with zero gradient contributes nothing to ``dq``, ``dk`` or ``dv``. The returned LSE is
 ``-inf`` at padding rows.

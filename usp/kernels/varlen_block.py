@@ -66,6 +66,7 @@ class VarlenBlock:
             q_ranges.append(q_range)
             k_ranges.append(k_range)
         self.merges = tuple(merges)
+        self.q_ranges, self.k_ranges = tuple(q_ranges), tuple(k_ranges)
         self.covers_q = _covers(q_ranges, q_len)
         self.single = len(self.calls) == 1 and self.covers_q and _covers(k_ranges, k_len)
 
@@ -80,6 +81,50 @@ def _covers(ranges: List[Tuple[int, int]], total: int) -> bool:
             break
         covered = max(covered, b)
     return covered >= total
+
+
+class _RowSums:
+    """The sum of gradients landing on row ranges of one ``[t, h, d]`` tensor, in ``dtype``, without zero-filling
+    it first: a gradient on rows nothing was written to yet is copied, one on written rows added; rows that no
+    call reaches are zeroed once at the end."""
+
+    def __init__(self, like: Tensor, dtype: torch.dtype):
+        self.total = torch.empty(like.shape, dtype=dtype, device=like.device)
+        self.written: List[Tuple[int, int]] = []  # disjoint, sorted
+
+    def _gaps(self, a: int, b: int) -> List[Tuple[int, int]]:
+        gaps, at = [], a
+        for x, y in self.written:
+            if y <= at or x >= b:
+                continue
+            if x > at:
+                gaps.append((at, x))
+            at = max(at, y)
+        if at < b:
+            gaps.append((at, b))
+        return gaps
+
+    def add(self, rows: Tuple[int, int], grad: Tensor) -> None:
+        a, b = rows
+        gaps = self._gaps(a, b)
+        if gaps == [(a, b)]:
+            self.total[a:b].copy_(grad)
+        else:
+            for x, y in gaps:
+                self.total[x:y].zero_()
+            self.total[a:b].add_(grad)
+        merged: List[Tuple[int, int]] = []
+        for x, y in sorted(self.written + [(a, b)]):
+            if merged and x <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], y))
+            else:
+                merged.append((x, y))
+        self.written = merged
+
+    def finish(self) -> Tensor:
+        for x, y in self._gaps(0, self.total.shape[0]):
+            self.total[x:y].zero_()
+        return self.total
 
 
 def _fix_empty_forward(out: Tensor, lse: Tensor, seqs: VarlenSeqs) -> None:
@@ -153,8 +198,8 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
         dout0, q0, k0, v0, out0, lse0 = dout[0], q[0], k[0], v[0], out[0], lse[0]
         if not block.single:  # float32 sums (zero where no call reaches)
             acc = torch.promote_types(q.dtype, torch.float32)
-            grads = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q0, k0, v0)]
-        for call in block.calls:
+            sums = [_RowSums(t, acc) for t in (q0, k0, v0)]
+        for call, q_range, k_range in zip(block.calls, block.q_ranges, block.k_ranges):
             # a column slice of the [h, t] LSE is strided: the contract promises kernels a contiguous one
             dq, dk, dv = self.kernel.backward(
                 dout0[call.q], q0[call.q], k0[call.k], v0[call.k], out0[call.q], lse0[:, call.q].contiguous(),
@@ -163,9 +208,10 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
             _fix_empty_backward(dq, dk, dv, call.seqs)
             if block.single:
                 return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
-            grads[0][call.q].add_(dq)
-            grads[1][call.k].add_(dk)
-            grads[2][call.k].add_(dv)
+            sums[0].add(q_range, dq)
+            sums[1].add(k_range, dk)
+            sums[2].add(k_range, dv)
+        grads = [part.finish() for part in sums]
         if block.final:
             grads = [g.to(t.dtype) for g, t in zip(grads, (q0, k0, v0))]
         return tuple(g.unsqueeze(0) for g in grads)
