@@ -4,26 +4,45 @@
 Inputs (:func:`documents`): ``cu_seqlens`` (``[0, L0, L0+L1, ..., total]``, as ``usp.long_context_attention_varlen``
 takes it), a list of document lengths, or a histogram file. Histogram files: a YAML/JSON mapping ``{length: count}``
 (``{4096: 12, 65536: 1}``), or plain text with one ``length count`` pair per line (``#`` starts a comment). The
-order of the documents does not change the price (every document is cut on its own).
+order of the documents does not change the price (the placement takes them longest first; equal lengths are
+interchangeable).
 
-The model (Note [varlen zigzag layout] in ``usp/varlen.py``; the facts are ``usp.spec``'s ``varlen_*``):
+The model (Note [varlen zigzag layout] and Note [document placement] in ``usp/varlen.py``; the facts are
+``usp.spec``'s ``varlen_*``):
 
-* layout: document ``j`` is padded to ``chunks * c_j`` tokens, ``c_j = ceil(L_j / chunks)``, ``chunks =
-  spec.varlen_chunks_per_doc(R, causal)``, plus the padding-only document of ``spec.varlen_pad_chunk`` rows per
-  chunk for Ulysses. ``padding`` is every token added; the all-to-all, ring transfers, merges and memory are those
-  of the dense layer of the padded length (``planner.cost``).
-* compute: each ring block is ``spec.varlen_block_calls`` kernel calls, each one piece of every document (``c_j x
-  c_j``, causal or full; ``R == 1``: the whole document). A piece of ``F`` FLOPs takes ``F / rate(side)`` at the
-  kernel's rate for a block of side ``sqrt(q * k)`` (the topology's profile; below its smallest block the rate falls
-  as ``side / (side + SMALL_SIDE)``: a fixed cost per query tile that short documents cannot amortise). A varlen call
-  of flash-attn 2's family (``torch_flash``, ``fa2``) also launches a grid of ``ceil(longest / 128)`` tiles per
-  sequence and head (forward; three such grids in the backward), empty for all but the longest sequence:
-  ``GRID_CELL_NS`` per cell. Multi-call blocks sum their calls in float32 (output copies and merges, gradient
-  zero-fill and ``add_``), at the topology's memory bandwidth.
-* imbalance: causal zigzag blocks are identical on every rank; non-causal blocks (``R > 1``) see the visiting
-  chunk's real keys only, so a ring step takes the slowest rank's block (the largest over the visiting chunks).
+* placement (``R > 1``): ``spec.varlen_placement`` (:func:`placement_owner`; ``usp.choose`` uses
+  :func:`fast_placement_owner`, the same placement computed faster) cuts some documents over the ring and puts
+  the others whole on one ring rank. ``R == 1``: every document is "cut" into one chunk.
+* layout: a cut document ``j`` is padded to ``chunks * c_j`` tokens, ``c_j = ceil(L_j / chunks)``, ``chunks =
+  spec.varlen_chunks_per_doc(R, causal)``; ring rank ``r``'s sequence is the cut section (``cut_rows = halves *
+  sum_j c_j`` over the cut documents, ``halves`` 2 with the zigzag), then its whole documents, then padding up to
+  ``ring_tokens = spec.varlen_ring_rows(...)`` (the rank holding the most, rounded to a multiple of ``U``).
+  ``padding = R * ring_tokens - total``. The all-to-all and the memory are those of the dense layer of ``R *
+  ring_tokens`` tokens; the ring moves the cut section's K/V and dK/dV only (``CostModel.evaluate(ring_rows=
+  cut_rows)``, "Travelling rows" in ``planner.cost``): with no document cut it runs one step and moves nothing.
+* compute: each ring block of the cut section is ``spec.varlen_block_calls`` kernel calls, each one piece of every
+  cut document (``c_j x c_j``, causal or full; ``R == 1``: the whole document); step 0 (the diagonal) adds one call
+  for the rank's whole documents (each one ``L_j x L_j`` sequence, causal or full), so step 0 takes the slowest
+  rank's (``max_r`` of the cut calls + its whole call + its sums). Padding rows are in no call. A piece of ``F``
+  FLOPs takes ``F / rate(side)`` at the kernel's rate for a block of side ``sqrt(q * k)`` (the topology's
+  profile; below its smallest block the rate falls as ``side / (side + SMALL_SIDE)``: a fixed cost per query tile
+  that short documents cannot amortise). A varlen call of flash-attn 2's family (``torch_flash``, ``fa2``) also
+  launches a grid of ``ceil(longest / 128)`` tiles per sequence and head (forward; three such grids in the
+  backward), empty for all but the longest sequence: ``GRID_CELL_NS`` per cell. A block of several calls, or one
+  call that leaves padding rows uncovered, sums in float32 (output copies and merges, the zero-filled output
+  where rows are uncovered, gradient zero-fill and ``add_``, and the casts of a block that is its rows' only
+  one), at the topology's memory bandwidth.
+* imbalance: causal zigzag blocks of the cut section are identical on every rank; non-causal ones (``R > 1``) see
+  the visiting chunk's real keys only, so a ring step takes the slowest rank's block (the largest over the
+  visiting chunks); the whole documents differ by rank (step 0 above). ``imbalance`` is the pass as priced over
+  the ranks' mean.
 * the rest (collectives, step overheads, the NCCL slowdown, ring overlap) is ``planner.cost.CostModel.evaluate``
-  with these step times in place of the dense blocks'.
+  with these step times in place of the dense blocks' (non-causal rings: every step the mean of the pass's steps,
+  the whole documents of step 0 spread over them; the pass's compute is exact).
+* ``doc_placement="cut_all"`` (``evaluate_batch``, ``batch_compute``) prices the layout before Note [document
+  placement], that of the recorded runs below: every document cut, plus a padding-only document of the fewest
+  rows per chunk that make ``halves * (sum_j c_j + pad)`` a multiple of ``U`` (one more sequence in every call),
+  its ring moving every row.
 
 Fitted (``tests/planner/test_planner_batch.py``, ``benchmarks/data/varlen_torch_flash_20261125.json``: the varlen
 kernel alone on 1 H100, whole documents and half documents, 128K and 256K tokens): ``GRID_CELL_NS`` and
@@ -32,6 +51,7 @@ kernel alone on 1 H100, whole documents and half documents, 128K and 256K tokens
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 import os
 from dataclasses import dataclass, field
@@ -53,6 +73,8 @@ GRID_CELL_NS: Dict[str, float] = {"torch_flash": 1.9, "fa2": 1.9}
 SMALL_SIDE = 512.0
 CTA_ROWS = 128
 BACKWARD_GRIDS = 3
+#: ``Chooser``: the travelling fraction of the ring rows is rounded to 1/TRAVEL_STEPS for the rest of the layer
+TRAVEL_STEPS = 16
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -199,6 +221,101 @@ def documents(cu_seqlens: Any = None, lengths: Any = None, histogram: Any = None
     return Documents(arr, source)
 
 
+# ------------------------------------------------------------------------------------------------ placement
+#: how :func:`batch_compute` places the documents: ``"spec"`` (Note [document placement], what the runtime does)
+#: or ``"cut_all"`` (the layout before Note [document placement], for the recorded runs of
+#: ``benchmarks/data/varlen_torch_flash_20261125.json``: every document cut, plus a padding-only document)
+DOC_PLACEMENTS = ("spec", "cut_all")
+#: the shares and the "large document" divisor of ``usp.spec.varlen_placement`` (``_fast_owner`` follows it
+#: step for step; ``tests/planner/test_planner_batch.py`` checks both give the same placement)
+_SHARES = (4, 8, 16, 32, 64)
+_LARGE = 256
+
+
+def placement_owner(lengths: np.ndarray, ring: int, causal: bool) -> np.ndarray:
+    """Note [document placement] as ``usp.spec.varlen_placement`` decides it, as an int64 array over the
+    documents: ``-1`` for a document cut over the ring, ``r`` for one held whole by ring rank ``r``."""
+    owner = np.full(lengths.size, -1, dtype=np.int64)
+    _, whole = spec.varlen_placement([int(n) for n in lengths], ring, causal)
+    for r, docs in enumerate(whole):
+        owner[list(docs)] = r
+    return owner
+
+
+def _fast_owner(lengths: np.ndarray, ring: int, causal: bool) -> np.ndarray:
+    """:func:`placement_owner` without ``usp.spec.varlen_placement``'s per-document Python work: the same steps
+    (documents longest first, the cut ones a prefix of that order, the larger whole ones greedily on the rank of
+    least work, the rest on the rank of fewest tokens, lowest rank on ties) with numpy for the sums and a heap of
+    ``value * R + rank`` integers for the greedy choices, and every share whose cut equals an earlier rejected
+    one's skipped (same placement). The same result (tested on random batches); batches whose sums could lose
+    exactness in int64 or float64 go to the spec itself."""
+    n = lengths.size
+    owner = np.full(n, -1, dtype=np.int64)
+    if ring == 1 or n == 0:
+        return owner
+    lengths = lengths.astype(np.int64, copy=False)
+    longest, total_tokens = int(lengths.max()), int(lengths.sum())
+    per_token = spec.varlen_doc_work(longest, False) // longest + 1  # >= any document's work per token
+    if total_tokens * per_token * ring * ring * (2 * _SHARES[-1] + spec.PLACEMENT_SLACK + 1) >= 2 ** 52:
+        return placement_owner(lengths, ring, causal)
+    work = spec.varlen_doc_work(lengths, causal)  # integer arithmetic, elementwise
+    total_work = int(work.sum())
+    order = np.argsort(-lengths, kind="stable")  # longest first, then by index: the spec's order
+    by_length, by_work = lengths[order], work[order]  # work grows with length: cut and large docs are prefixes
+    chunks = spec.varlen_chunks_per_doc(ring, causal)
+    large = int(np.count_nonzero(by_work > total_work // (ring * _LARGE)))
+    # heap keys: value * R + rank (the least value first, the lowest rank on ties); loads and tokens count
+    # R times a rank's share, as the spec's do
+    length_keys = (by_length * (ring * ring)).tolist()
+    slack = spec.PLACEMENT_SLACK
+    replace = heapq.heapreplace
+    tried = set()
+    for share in _SHARES:
+        k = int(np.count_nonzero(by_work * (ring * share) > total_work))
+        if k == n:
+            break
+        if k in tried:
+            continue  # the same cut as a rejected share: the same placement, rejected again
+        tried.add(k)
+        cut_work = int(by_work[:k].sum())
+        cut_tokens = int((-(-by_length[:k] // chunks)).sum()) * chunks
+        m = max(large, k)
+        heap = [cut_work * ring + r for r in range(ring)]  # sorted: a heap
+        keys = [replace(heap, heap[0] + x) for x in (by_work[k:m] * (ring * ring)).tolist()]
+        first = np.fromiter(keys, np.int64, m - k) % ring
+        loads = [0] * ring
+        for key in heap:
+            loads[key % ring] = key // ring
+        tokens = cut_tokens + ring * np.bincount(first, weights=by_length[k:m], minlength=ring).round().astype(np.int64)
+        heap = [int(t) * ring + r for r, t in enumerate(tokens)]
+        heapq.heapify(heap)
+        keys = [replace(heap, heap[0] + x) for x in length_keys[m:]]
+        rest = np.fromiter(keys, np.int64, n - m) % ring
+        tokens = [key // ring for key in heap]
+        rest_work = np.bincount(rest, weights=by_work[m:], minlength=ring).round().astype(np.int64)
+        if (max(load + ring * int(x) for load, x in zip(loads, rest_work)) * slack <= (slack + 1) * total_work
+                and max(tokens) * slack <= (slack + 1) * total_tokens):
+            owner[order[k:m]] = first
+            owner[order[m:]] = rest
+            return owner
+    return owner
+
+
+@functools.lru_cache(maxsize=32)
+def _owner_cached(key: bytes, ring: int, causal: bool) -> np.ndarray:
+    owner = _fast_owner(np.frombuffer(key, dtype=np.int64), ring, causal)
+    owner.flags.writeable = False
+    return owner
+
+
+def fast_placement_owner(lengths: np.ndarray, ring: int, causal: bool) -> np.ndarray:
+    """:func:`placement_owner` for ``usp.choose``: ``_fast_owner``, kept for the last 32 ``(batch, ring,
+    causal)`` (meshes of one ring degree share it). Read-only."""
+    if ring == 1:
+        return np.full(lengths.size, -1, dtype=np.int64)
+    return _owner_cached(np.ascontiguousarray(lengths, dtype=np.int64).tobytes(), ring, causal)
+
+
 # ------------------------------------------------------------------------------------------------ compute
 class _Rates:
     """Vectorised ``KernelProfile.rate`` over block sides for one heads-per-call, with the small-side fall-off."""
@@ -218,6 +335,12 @@ class _Rates:
     def __call__(self, backward: bool, causal: bool, side: np.ndarray) -> np.ndarray:
         return np.interp(np.log2(np.maximum(side, 1.0)), self._log, self._table[(backward, causal)])
 
+    def times(self, causal: bool, flops: np.ndarray, side: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Forward and backward seconds of blocks of ``flops`` forward FLOPs and equivalent side ``side``."""
+        at = np.log2(np.maximum(side, 1.0))
+        return (flops / np.interp(at, self._log, self._table[(False, causal)]),
+                BACKWARD_FLOPS_FACTOR * flops / np.interp(at, self._log, self._table[(True, causal)]))
+
 
 @dataclass
 class BatchCost:
@@ -227,139 +350,242 @@ class BatchCost:
     padding: int
     local_tokens: int
     padded_total: int
-    #: (forward, backward) seconds of the kernel calls of step 0 and of a step >= 1, before the NCCL slowdown
+    #: (forward, backward) seconds of the kernel calls of step 0 (the slowest ring rank's) and of a step >= 1,
+    #: before the NCCL slowdown
     step0: Tuple[float, float]
     later: Tuple[float, float]
-    #: float32 sums of multi-call blocks (seconds), included in the step times above
+    #: float32 sums of multi-call blocks (seconds) of one pass, included in the step times above
     block_sums: Tuple[float, float]
+    #: kernel calls of one pass on the busiest ring rank (all head groups and chunks)
     calls_per_pass: int
     flops: float
-    #: slowest rank / mean rank compute of a pass (1.0: balanced)
+    #: the pass's compute as priced (each step its slowest rank's) / the ranks' mean own compute (1.0: balanced)
     imbalance: float
+    #: rows of every ring rank's sequence, and of its cut section (the K/V rows that travel round the ring)
+    ring_tokens: int = 0
+    cut_rows: int = 0
+    #: documents cut over the ring and documents held whole by one ring rank
+    cut_documents: int = 0
+    whole_documents: int = 0
+    #: ring steps of a pass: R, or 1 when no document is cut (nothing travels)
+    steps: int = 1
+    #: ``DOC_PLACEMENTS``
+    doc_placement: str = "spec"
 
     def to_dict(self) -> dict:
         return {"layout": self.layout, "padding": self.padding, "local_tokens": self.local_tokens,
-                "padded_total": self.padded_total, "kernel_calls_per_pass": self.calls_per_pass,
+                "padded_total": self.padded_total, "ring_tokens": self.ring_tokens, "cut_rows": self.cut_rows,
+                "documents_cut": self.cut_documents, "documents_whole": self.whole_documents,
+                "ring_steps": self.steps, "kernel_calls_per_pass": self.calls_per_pass,
                 "imbalance": self.imbalance, "block_sums_s": list(self.block_sums)}
 
 
 def batch_compute(lengths: np.ndarray, ulysses: int, ring: int, causal: bool, heads: int, kv_heads: int,
                   head_dim: int, element_bytes: int, groups: int, rates: _Rates, kernel_name: str,
-                  memory_bandwidth: Optional[float]) -> BatchCost:
+                  memory_bandwidth: Optional[float], owner: Optional[np.ndarray] = None,
+                  doc_placement: str = "spec") -> BatchCost:
     """The packed batch's layout and per-step kernel times on one rank (module docstring). Vectorised over the
-    documents: ``O(documents)`` numpy work (``O(R * documents)`` non-causal)."""
+    documents: ``O(documents)`` numpy work (``O(R * documents)`` non-causal) after the placement.
+
+    ``owner``: the placement (:func:`placement_owner`'s array; computed from ``usp.spec.varlen_placement`` when
+    None). ``doc_placement``: ``"spec"``, or ``"cut_all"`` (``DOC_PLACEMENTS``: the layout before Note [document
+    placement], for the recorded runs; ``owner`` is then ignored)."""
+    if doc_placement not in DOC_PLACEMENTS:
+        raise PlannerError(f"doc_placement={doc_placement!r} is not valid; valid values: {', '.join(DOC_PLACEMENTS)}")
     chunks = spec.varlen_chunks_per_doc(ring, causal)
-    c = -(-lengths // chunks)
-    rows = int(c.sum())
-    pad = spec.varlen_pad_chunk(rows, ulysses, ring, causal)
     zigzag = chunks == 2 * ring and ring > 1
     halves = 2 if zigzag else 1
-    ring_tokens = halves * (rows + pad)
-    padded_total = chunks * (rows + pad)
+    if doc_placement == "cut_all" or ring == 1:
+        owner = np.full(lengths.size, -1, dtype=np.int64)
+    elif owner is None:
+        owner = placement_owner(lengths, ring, causal)
+    is_cut = owner < 0
+    cut_lengths = lengths[is_cut]
+    whole_lengths, whole_rank = lengths[~is_cut].astype(np.float64), owner[~is_cut]
+    c = -(-cut_lengths // chunks)
+    rows = int(c.sum())
+    held = np.bincount(whole_rank, minlength=ring)  # whole documents per ring rank
+    held_tokens = np.bincount(whole_rank, weights=whole_lengths, minlength=ring).round().astype(np.int64)
+    if doc_placement == "cut_all":
+        # the padding-only document of the old layout: the fewest rows per chunk that make a ring rank's rows
+        # (halves * (rows + pad)) split into U pieces
+        pad = (-rows) % (ulysses // math.gcd(halves, ulysses))
+        ring_tokens = halves * (rows + pad)
+    else:
+        pad = 0
+        ring_tokens = spec.varlen_ring_rows(rows, tuple(int(x) for x in held_tokens), ulysses, ring, causal)
+    C = rows + pad  # rows of one chunk of every cut document (a half of the cut section with the zigzag)
+    cut_rows = halves * C
+    steps = ring if cut_rows and ring > 1 else 1
+    T = ring_tokens
     hq = heads / ulysses
     kv = spec.replicated_kv_heads(kv_heads, ulysses) / ulysses
     cell = GRID_CELL_NS.get(kernel_name, 0.0) * 1e-9
     cf = c.astype(np.float64)
     unit = 4.0 * hq * head_dim  # FLOPs of one (query, key) pair, all heads of the rank
+    pad_seq = 1 if pad else 0  # the padding-only document: one more sequence per call
 
-    def grid(n_seqs: int, longest: float) -> Tuple[float, float]:
-        cells = n_seqs * hq * math.ceil(longest / CTA_ROWS)
+    def grid(n_seqs, longest) -> Tuple[Any, Any]:
+        cells = n_seqs * hq * np.ceil(np.asarray(longest, dtype=np.float64) / CTA_ROWS)
         return cell * cells, BACKWARD_GRIDS * cell * cells
 
     def call(q: np.ndarray, k: np.ndarray, causal_piece: bool, extra_seqs: int = 0) -> Tuple[float, float, float]:
-        area = q * k / (2.0 if causal_piece else 1.0)
-        side = np.sqrt(q * k)
-        f = unit * area
-        fwd = float(np.sum(f / rates(False, causal_piece, side)))
-        bwd = float(np.sum(BACKWARD_FLOPS_FACTOR * f / rates(True, causal_piece, side)))
-        g_f, g_b = grid(q.size + extra_seqs + (1 if pad else 0), float(max(q.max(), k.max())))
-        return fwd + g_f, bwd + g_b, float(f.sum())
+        """One varlen call over the cut documents' pieces (``q x k`` per document)."""
+        if q.size == 0:
+            return 0.0, 0.0, 0.0
+        qk = q * k
+        f = (unit / (2.0 if causal_piece else 1.0)) * qk
+        fwd, bwd = rates.times(causal_piece, f, q if k is q else np.sqrt(qk))
+        g_f, g_b = grid(q.size + extra_seqs + pad_seq, float(max(q.max(), k.max())))
+        return float(fwd.sum()) + float(g_f), float(bwd.sum()) + float(g_b), float(f.sum())
+
+    # the whole documents' call of step 0, per ring rank: each document one L x L sequence
+    zeros = np.zeros(ring)
+    whole_f, whole_b, whole_flops = zeros, zeros, zeros
+    if whole_lengths.size:
+        f = (unit / (2.0 if causal else 1.0)) * whole_lengths * whole_lengths
+        fwd, bwd = rates.times(causal, f, whole_lengths)
+        whole_f = np.bincount(whole_rank, weights=fwd, minlength=ring)
+        whole_b = np.bincount(whole_rank, weights=bwd, minlength=ring)
+        whole_flops = np.bincount(whole_rank, weights=f, minlength=ring)
+        longest = np.zeros(ring)
+        np.maximum.at(longest, whole_rank, whole_lengths)
+        g_f, g_b = grid(held, longest)
+        whole_f, whole_b = whole_f + g_f, whole_b + g_b
 
     hbm = memory_bandwidth or 0.0
     B = element_bytes
+    eq, ek = hq * head_dim, kv * head_dim  # elements of one row: query heads, one of K/V
 
-    def sums(q_copies: int, q_merges: int, q_rows_calls: int, k_rows_calls: int, q_rows: int, k_rows: int):
-        """Seconds of a multi-call block's float32 sums over ``C = rows`` chunk rows: forward output copies and
-        merges; backward zero-filled float32 dq/dk/dv and one ``add_`` per call over its rows."""
+    def sums(t_q, t_k, copy, merge, q_add, k_add, uncovered=0.0, final=0.0) -> Tuple[Any, Any]:
+        """Seconds of a multi-call block's float32 sums over ``t_q`` query and ``t_k`` key rows: forward, each
+        call's output copied (``B + 4``) or merged (``8 + B``) per element of its rows, the float32 output
+        zero-filled when calls leave rows ``uncovered``, and cast back (``4 + B``) in a block that is its rows'
+        only one (``final``); backward, zero-filled float32 dq/dk/dv, one ``add_`` per call over its rows (``8 +
+        B``) and, ``final``, the casts. Rows and the 0/1 flags: numbers or per-rank arrays."""
         if not hbm:
             return 0.0, 0.0
-        C = rows + pad
-        fwd = ((B + 4) * q_copies + (8 + B) * q_merges) * C * hq * head_dim
-        bwd = FP32 * C * (q_rows * hq + 2 * k_rows * kv) * head_dim
-        bwd += (8 + B) * C * (q_rows_calls * hq + 2 * k_rows_calls * kv) * head_dim
+        wide = 1.0 if merge else uncovered  # the output is float32 (else the input dtype, nothing to cast)
+        fwd = ((B + 4) * copy + (8 + B) * merge + 4 * t_q * uncovered + (4 + B) * t_q * final * wide) * eq
+        grads = t_q * eq + 2 * t_k * ek
+        bwd = FP32 * grads + (8 + B) * (q_add * eq + 2 * k_add * ek) + (4 + B) * grads * final
         return fwd / hbm, bwd / hbm
 
+    final = 1.0 if steps == 1 else 0.0
+    W = held_tokens.astype(np.float64)
     if ring == 1:
         f, b, fl = call(cf, cf, causal)
-        step0 = later = (f, b)
-        block = (0.0, 0.0)
-        calls, flops, imbalance = 1, fl, 1.0
+        n_calls = np.ones(1)
+        covers = C == T
+        cut_f, cut_b, s0 = np.full(1, f), np.full(1, b), sums(T, T, C, 0, C, C, 0.0 if covers else 1.0, final)
+        single = np.full(1, covers)
+        later, step_sums, cut_flops = (0.0, 0.0), (0.0, 0.0), fl
+        own_later = np.zeros(1)  # each rank's own compute at steps >= 1
     elif zigzag:
-        f1, b1, fl1 = call(cf, cf, True)
-        f2, b2, fl2 = call(cf, cf, False)
-        diag = sums(2, 1, 3, 3, 2, 2)  # heads, tails copied, tails merged; calls: 3 query and 3 key chunk sides
-        before = sums(2, 0, 2, 2, 2, 1)  # all our rows x the visiting heads
-        after = sums(1, 1, 2, 2, 1, 2)   # our tails x the visiting heads and tails
-        step_sums = (max(before[0], after[0]), max(before[1], after[1]))
-        step0 = (2 * f1 + f2 + diag[0], 2 * b1 + b2 + diag[1])
-        later = (2 * f2 + step_sums[0], 2 * b2 + step_sums[1])
-        block = (diag[0] + (ring - 1) * step_sums[0], diag[1] + (ring - 1) * step_sums[1])
-        calls = 3 + 2 * (ring - 1)
-        flops, imbalance = 2 * fl1 + fl2 + (ring - 1) * 2 * fl2, 1.0
+        f1, b1, fl1 = call(cf, cf, True)   # heads x heads, tails x tails
+        f2, b2, fl2 = call(cf, cf, False)  # tails x heads; either half of a visiting block
+        n_calls = (3 if C else 0) + (held > 0)
+        covers = 2 * C + W == T
+        single = (n_calls == 1) & covers
+        cut_f, cut_b = np.full(ring, 2 * f1 + f2), np.full(ring, 2 * b1 + b2)
+        # heads, tails copied, tails merged, the whole documents copied; calls: 3 query and key chunk sides
+        s0 = sums(T, T, 2 * C + W, C, 3 * C + W, 3 * C + W, 1.0 - covers, final)
+        before = sums(2 * C, C, 2 * C, 0, 2 * C, 2 * C)  # all our rows x the visiting heads
+        after = sums(C, 2 * C, C, C, 2 * C, 2 * C)       # our tails x the visiting heads and tails
+        step_sums = ((float(max(before[0], after[0])), float(max(before[1], after[1]))) if steps > 1
+                     else (0.0, 0.0))
+        later = (2 * f2 + step_sums[0], 2 * b2 + step_sums[1]) if steps > 1 else (0.0, 0.0)
+        n_calls = n_calls + 2 * (steps - 1)
+        cut_flops = 2 * fl1 + fl2 + (steps - 1) * 2 * fl2
+        own_later = np.full(ring, (steps - 1) * sum(later))
     else:  # non-causal ring: the visiting chunk's real keys; a step waits for the busiest rank
         per_source = []
         for source in range(ring):
-            real = np.clip(lengths - source * c, 0, c).astype(np.float64)
+            real = np.clip(cut_lengths - source * c, 0, c).astype(np.float64)
             keep = real > 0
-            f, b, fl = call(cf[keep], real[keep], False, extra_seqs=int(np.sum(real < cf)))
-            per_source.append((f, b, fl))
-        f_max = max(p[0] for p in per_source)
-        b_max = max(p[1] for p in per_source)
-        step0 = later = (f_max, b_max)
-        block = (0.0, 0.0)
-        calls = ring
-        flops = sum(p[2] for p in per_source)
-        mean = sum(p[0] + p[1] for p in per_source) / ring
-        imbalance = (f_max + b_max) / mean if mean else 1.0
-    layout = "per-document zigzag (2R chunks)" if zigzag else (
-        "whole documents" if ring == 1 else "per-document contiguous (R chunks)")
+            per_source.append(call(cf[keep], real[keep], False, extra_seqs=int(np.sum(real < cf))))
+        n_calls = (1 if C else 0) + (held > 0)
+        covers = C + W == T
+        single = (n_calls == 1) & covers
+        cut_f = np.array([p[0] for p in per_source])
+        cut_b = np.array([p[1] for p in per_source])
+        s0 = sums(T, T, C + W, 0, C + W, C + W, 1.0 - covers, final)
+        step_sums = (0.0, 0.0)  # one call over the cut section on both sides
+        later = (float(cut_f.max()), float(cut_b.max())) if steps > 1 else (0.0, 0.0)
+        n_calls = n_calls + (steps - 1)
+        cut_flops = sum(p[2] for p in per_source) if steps > 1 else per_source[0][2]
+        # rank r's own steps >= 1 see every other source once
+        own_later = (float(np.sum(cut_f + cut_b)) - (cut_f + cut_b)) if steps > 1 else np.zeros(ring)
+    s0_f = np.where(single, 0.0, s0[0]) * np.ones(ring)
+    s0_b = np.where(single, 0.0, s0[1]) * np.ones(ring)
+    rank_f = cut_f + whole_f + s0_f
+    rank_b = cut_b + whole_b + s0_b
+    step0 = (float(rank_f.max()), float(rank_b.max()))
+    slowest = int(np.argmax(rank_f + rank_b))
+    block = (float(s0_f[slowest]) + (steps - 1) * step_sums[0], float(s0_b[slowest]) + (steps - 1) * step_sums[1])
+    priced = sum(step0) + (steps - 1) * sum(later)
+    mean = float(np.mean(rank_f + rank_b + own_later))
+    imbalance = float(priced / mean) if mean else 1.0
+    n_cut, n_whole = int(cut_lengths.size), int(whole_lengths.size)
+    if ring == 1:
+        layout = "whole documents"
+    elif not n_cut:
+        layout = "every document whole on one ring rank (no ring transfers)"
+    else:
+        layout = "per-document zigzag (2R chunks)" if zigzag else "per-document contiguous (R chunks)"
+        if n_whole:
+            layout = (f"{n_cut} document{'s' if n_cut > 1 else ''} cut ({layout[len('per-document '):]}), "
+                      f"{n_whole} whole on one ring rank")
     total = int(lengths.sum())
-    return BatchCost(layout=layout, padding=padded_total - total, local_tokens=ring_tokens // ulysses,
-                     padded_total=padded_total, step0=step0, later=later, block_sums=block,
-                     calls_per_pass=calls * groups, flops=flops, imbalance=imbalance)
+    return BatchCost(layout=layout, padding=ring * T - total, local_tokens=T // ulysses, padded_total=ring * T,
+                     step0=step0, later=later, block_sums=block, calls_per_pass=int(np.max(n_calls)) * groups,
+                     flops=cut_flops + float(np.mean(whole_flops)), imbalance=imbalance, ring_tokens=T,
+                     cut_rows=cut_rows, cut_documents=n_cut, whole_documents=n_whole, steps=steps,
+                     doc_placement=doc_placement)
 
 
 class _StepRates:
     """A kernel profile for ``CostModel.evaluate`` whose rates make each dense block it prices take the batch's
     step time: ``evaluate`` prices step 0 with the causal diagonal block (causal, ``R > 1``) and every later step
-    with the average visiting block; ``R == 1`` and non-causal layers have one kind of block."""
+    with the average visiting block; ``R == 1``, a ring of one step (no document cut) and non-causal layers have
+    one kind of block: one step takes step 0's time, non-causal steps the mean of the pass's steps (the whole
+    documents of step 0 spread over them)."""
 
     def __init__(self, shape: Shape, ulysses: int, cost: BatchCost, ring: int):
         self.shape, self.heads_per_rank, self.cost, self.ring = shape, shape.heads / ulysses, cost, ring
         self.name = "varlen"
 
     def rate(self, backward: bool, causal: bool, side: float, heads: Optional[float] = None) -> float:
-        s = self.shape
+        s, cost, i = self.shape, self.cost, 1 if backward else 0
         flops = 4.0 * s.batch * self.heads_per_rank * side * side * s.head_dim * (0.5 if causal else 1.0)
         flops *= BACKWARD_FLOPS_FACTOR if backward else 1.0
-        zigzag_diag = causal and self.ring > 1 and s.causal
-        seconds = (self.cost.step0 if zigzag_diag else self.cost.later)[1 if backward else 0]
+        if cost.steps == 1 or (causal and self.ring > 1 and s.causal):
+            seconds = cost.step0[i]
+        elif not s.causal:
+            seconds = (cost.step0[i] + (cost.steps - 1) * cost.later[i]) / cost.steps
+        else:
+            seconds = cost.later[i]
         return flops / max(seconds, 1e-12)
 
 
 def evaluate_batch(model: CostModel, shape: Shape, docs: Documents, ulysses: int, ring: int, placement: str,
-                   kernel, head_chunks: int = 1) -> Tuple[PassCost, PassCost, MemoryCost, BatchCost]:
+                   kernel, head_chunks: int = 1,
+                   doc_placement: str = "spec") -> Tuple[PassCost, PassCost, MemoryCost, BatchCost]:
     """Forward, backward, memory and the batch's facts of one split for a packed batch (module docstring).
-    ``shape.seqlen`` is ignored: the padded total is priced."""
+    ``shape.seqlen`` is ignored: the padded total is priced, the ring moving the cut section's rows only.
+    ``doc_placement``: ``DOC_PLACEMENTS`` (``"cut_all"``: the layout before Note [document placement], for the
+    recorded runs)."""
     kv = spec.replicated_kv_heads(shape.kv_heads, ulysses)
     groups = spec.head_groups(shape.heads, kv, ulysses, head_chunks) * head_chunks
     rates = _rates(kernel, shape.heads / (ulysses * groups))
     cost = batch_compute(docs.lengths, ulysses, ring, shape.causal, shape.heads, shape.kv_heads, shape.head_dim,
-                         shape.element_bytes, groups, rates, kernel.name, model.topology.memory_bandwidth)
+                         shape.element_bytes, groups, rates, kernel.name, model.topology.memory_bandwidth,
+                         doc_placement=doc_placement)
     padded = Shape(seqlen=cost.padded_total, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                    batch=1, dtype=shape.dtype, causal=shape.causal)
+    ring_rows = None if doc_placement == "cut_all" or ring == 1 else cost.cut_rows
     fwd, bwd, memory = model.evaluate(padded, ulysses, ring, placement, _StepRates(padded, ulysses, cost, ring),
-                                      head_chunks)
+                                      head_chunks, ring_rows=ring_rows)
     fwd.kernel_calls = bwd.kernel_calls = cost.calls_per_pass
     fwd.flops, bwd.flops = cost.flops, BACKWARD_FLOPS_FACTOR * cost.flops
     return fwd, bwd, memory, cost
@@ -376,11 +602,13 @@ class Chooser:
 
     ``meshes``: objects with ``ulysses`` and ``ring`` (and optionally ``placement``), e.g. ``usp.SequenceParallel
     Mesh``; ``heads`` .. ``kernel`` as for ``planner.plan``. Per mesh the constants (kernel rate tables, head
-    groups, the cost model) are built once. Per batch: the batch's compute is :func:`batch_compute` (vectorised
-    over the documents, the same code ``plan`` prices with), and the rest of the layer (collectives, sums, step
-    overheads, exposed ring) is the dense layer's at the nearest of a fixed grid of totals (8 per octave, built
-    on first use and kept), scaled to the padded total. A pure function of the batch: every rank that calls it
-    with the same ``cu_seqlens`` picks the same mesh, with no collective. Ties go to the earlier mesh.
+    groups, the cost model) are built once. Per batch: the placement is :func:`fast_placement_owner` (the spec's,
+    computed once per ring degree), the batch's compute is :func:`batch_compute` (vectorised over the documents,
+    the same code ``plan`` prices with), and the rest of the layer (collectives, sums, step overheads, exposed
+    ring) is the dense layer's at the nearest of a fixed grid of totals (8 per octave) and travelling fractions
+    (``TRAVEL_STEPS``; none when no document is cut), built on first use and kept, scaled to the padded total. A
+    pure function of the batch: every rank that calls it with the same ``cu_seqlens`` picks the same mesh, with
+    no collective. Ties go to the earlier mesh.
     """
 
     def __init__(self, meshes: Sequence[Any], heads: int, kv_heads: Optional[int] = None, head_dim: int = 128,
@@ -417,19 +645,24 @@ class Chooser:
             groups = spec.head_groups(self.shape.heads, kv, u)
             slow = 1.0 + coll.compute_slowdown if u * r > 1 else 1.0
             self._const.append((groups, _rates(self._kernel, self.shape.heads / (u * groups)), slow))
-        self._rest: Dict[Tuple[int, int], float] = {}
+        self._rest: Dict[Tuple[int, int, int], float] = {}
 
-    def _rest_at(self, i: int, padded_total: int) -> float:
-        """The dense layer's time minus its kernel compute at the grid total nearest ``padded_total``, scaled."""
-        key = (i, int(round(8 * math.log2(max(padded_total, 2)))))
+    def _rest_at(self, i: int, cost: BatchCost) -> float:
+        """The dense layer's time minus its kernel compute at the grid total nearest the batch's padded total, its
+        ring moving the nearest sixteenth of the rows that the batch's moves (none when no document is cut),
+        scaled to the padded total."""
+        u, r, placement = self._splits[i]
+        travel = TRAVEL_STEPS if r == 1 else (0 if cost.steps == 1 else
+                                             max(1, round(TRAVEL_STEPS * cost.cut_rows / cost.ring_tokens)))
+        key = (i, int(round(8 * math.log2(max(cost.padded_total, 2)))), travel)
         if key not in self._rest:
-            u, r, placement = self._splits[i]
             s = max(2, int(round(2 ** (key[1] / 8))))
             shape = Shape(seqlen=s, heads=self.shape.heads, kv_heads=self.shape.kv_heads,
                           head_dim=self.shape.head_dim, dtype=self.shape.dtype, causal=self.shape.causal)
-            fwd, bwd, _ = self._model[u * r].evaluate(shape, u, r, placement, self._kernel)
+            ring_rows = None if travel == TRAVEL_STEPS else s / r * travel / TRAVEL_STEPS
+            fwd, bwd, _ = self._model[u * r].evaluate(shape, u, r, placement, self._kernel, ring_rows=ring_rows)
             self._rest[key] = (fwd.total + bwd.total - fwd.compute - bwd.compute) / s
-        return self._rest[key] * padded_total
+        return self._rest[key] * cost.padded_total
 
     def predict(self, lengths: np.ndarray) -> List[float]:
         """Predicted forward + backward seconds of one layer on every mesh, for document ``lengths`` (> 0)."""
@@ -438,9 +671,11 @@ class Chooser:
             groups, rates, slow = self._const[i]
             cost = batch_compute(lengths, u, r, self.shape.causal, self.shape.heads, self.shape.kv_heads,
                                  self.shape.head_dim, self.shape.element_bytes, groups, rates, self._kernel.name,
-                                 self._hbm)
-            compute = slow * (sum(cost.step0) + (r - 1) * sum(cost.later) - sum(cost.block_sums))
-            out.append(compute + sum(cost.block_sums) + self._rest_at(i, cost.padded_total))
+                                 self._hbm, owner=fast_placement_owner(lengths, r, self.shape.causal))
+            if u == 1 and cost.steps == 1:
+                slow = 1.0  # no collective at all: nothing slows the kernels (planner.cost)
+            compute = slow * (sum(cost.step0) + (cost.steps - 1) * sum(cost.later) - sum(cost.block_sums))
+            out.append(compute + sum(cost.block_sums) + self._rest_at(i, cost))
         return out
 
     def __call__(self, cu_seqlens: Any) -> int:

@@ -91,6 +91,13 @@ compute):
   ``j <= R-2``): ``R-2`` KV and ``R-1`` dKV transfers; the last dKV transfer overlaps the diagonal block's (step 0)
   compute, nothing trails it.
   "Exposed ring" in a breakdown = ring time - (compute + merge) time.
+  Travelling rows (packed documents: ``evaluate(..., ring_rows=)`` from ``planner.batch``, Note [document
+  placement] in ``usp/varlen.py``): only the first ``ring_rows`` of each ring rank's ``s/R`` rows (the cut
+  section) travel. With ``f = ring_rows / (s/R)``: ``n_kv``, ``n_dkv``, the visiting blocks' merges (steps
+  ``>= 1``), the fp32 dKV sums created, the ring K/V and dKV buffers and the kept last K/V block scale by ``f``;
+  step 0 and the output and dq sums keep every row. ``ring_rows = 0``: no rotation at all
+  (``usp.spec.layer_collectives(documents_cut=False)``), one step, no ring sums, the memory of ``R == 1`` on the
+  ``s/R`` rows, and no NCCL slowdown or step overhead unless ``U > 1``. ``None`` (dense layers): ``f = 1``.
 
 Peak memory per GPU [CORE], one attention layer, element counts ``q_h = b·(s/R)·(H/U)·d`` (= ``b·(s/P)·H·d``),
 ``kv_h = b·(s/R)·(Hkv'/U)·d``, ``l = b·(H/U)·(s/R)`` (LSE):
@@ -309,6 +316,16 @@ class _Block:
         return math.sqrt(self.q * self.k)
 
 
+def _travel(seqlen: int, ring: int, ring_rows: Optional[float]) -> float:
+    """The fraction of each ring rank's ``seqlen / ring`` rows whose K/V travel (``CostModel.evaluate``)."""
+    if ring_rows is None:
+        return 1.0
+    local = seqlen / ring
+    if not 0 <= ring_rows <= local:
+        raise PlannerError(f"ring_rows={ring_rows} must be between 0 and the {local:g} rows of a ring rank")
+    return ring_rows / local if local else 0.0
+
+
 def _step_weights(ring: int) -> List[Tuple[int, int]]:
     """``[(step index, how many steps it stands for)]``: steps 0, 1, R-2 and R-1 differ from the others (diagonal
     block, merges, first and last transfers); steps 2..R-3 are alike and stand for each other."""
@@ -409,15 +426,21 @@ class CostModel:
 
     # ------------------------------------------------------------------ the model
     def evaluate(self, shape: Shape, ulysses: int, ring: int, placement: str,
-                 kernel: KernelProfile, head_chunks: int = 1) -> Tuple[PassCost, PassCost, MemoryCost]:
-        """Forward cost, backward cost and peak memory of one layer (formulas in the module docstring)."""
+                 kernel: KernelProfile, head_chunks: int = 1,
+                 ring_rows: Optional[float] = None) -> Tuple[PassCost, PassCost, MemoryCost]:
+        """Forward cost, backward cost and peak memory of one layer (formulas in the module docstring).
+
+        ``ring_rows``: the rows of each ring rank's ``s/R`` whose K/V (and dK/dV partial sums) travel round the
+        ring ("Travelling rows" in the module docstring; packed documents: the layout's cut section, priced by
+        ``planner.batch``). ``None``: all of them (a dense layer); ``0``: none, the ring runs one step."""
         if placement not in PLACEMENTS:
             raise PlannerError(f"placement={placement!r} is not valid; valid values: {', '.join(PLACEMENTS)}")
         B = shape.element_bytes
         b, s, H, d = shape.batch, shape.seqlen, shape.heads, shape.head_dim
-        P = ulysses * ring
         kv = replicated_kv_heads(shape.kv_heads, ulysses)
         heads_per_rank = H / ulysses
+        travel = _travel(s, ring, ring_rows)
+        rotating = ring > 1 and travel > 0  # K/V go round the ring (else one step, no P2P)
 
         hbm = self.topology.memory_bandwidth
         G = head_groups(H, kv, ulysses, head_chunks)
@@ -427,15 +450,19 @@ class CostModel:
         # returns no LSE)
         window = shape.sliding_window()
         if window is not None:
+            if ring_rows is not None:
+                raise PlannerError("ring_rows with a sliding window is not priced (packed documents have no window "
+                                   "in the planner)")
             return self._evaluate_window(shape, ulysses, ring, placement, kernel, head_chunks, window)
-        calls = spec.layer_collectives(ulysses, ring, H, shape.kv_heads, head_chunks, shape.causal)
+        calls = spec.layer_collectives(ulysses, ring, H, shape.kv_heads, head_chunks, shape.causal,
+                                       documents_cut=travel > 0)
         fwd.a2a_calls, bwd.a2a_calls = calls.forward.all_to_all, calls.backward.all_to_all
         fwd.ring_transfers, bwd.ring_transfers = calls.forward.p2p, calls.backward.p2p
         q_buf, kv_buf = self._a2a_staging(shape, ulysses, ring, G, fwd, bwd)
 
         # --- compute per ring step. Steps 2..R-3 are alike (same block, merge and transfers), so they are
         # evaluated once and weighted: the cost of a candidate does not grow with the ring degree.
-        steps = _step_weights(ring)
+        steps = _step_weights(ring if rotating else 1)
         blocks = self.blocks(shape, ring, limit=5)  # steps >= 1 all have the block of step 1
 
         def block(i: int) -> _Block:
@@ -454,34 +481,38 @@ class CostModel:
 
         # Distributed overheads (module docstring): kernels slowed by concurrent NCCL kernels, and a fixed cost per
         # ring step of the layer (stream waits, launches) on the compute stream
-        slow = 1.0 + self.topology.collectives.compute_slowdown if P > 1 else 1.0
-        per_step = self.topology.collectives.step_overhead if P > 1 else 0.0
+        communicating = ulysses > 1 or rotating  # a dense layer: P > 1
+        slow = 1.0 + self.topology.collectives.compute_slowdown if communicating else 1.0
+        per_step = self.topology.collectives.step_overhead if communicating else 0.0
         c_fwd = {i: slow * kernel_time(i, False) for i, _ in steps}
         c_bwd = {i: slow * kernel_time(i, True) for i, _ in steps}
         fwd.compute = sum(w * c_fwd[i] for i, w in steps)
         bwd.compute = sum(w * c_bwd[i] for i, w in steps)
         fwd.flops = sum(w * block(i).flops(shape, heads_per_rank) for i, w in steps)
         bwd.flops = BACKWARD_FLOPS_FACTOR * fwd.flops
-        fwd.kernel_calls = bwd.kernel_calls = G * C * ring
-        fwd.overhead = bwd.overhead = per_step * ring
+        fwd.kernel_calls = bwd.kernel_calls = G * C * (ring if rotating else 1)
+        fwd.overhead = bwd.overhead = per_step * (ring if rotating else 1)
         # --- sums of the ring (GPU-memory traffic on the compute stream; usp/ring.py, usp/merge.py)
         narrow = spec.narrow_sums(ring)  # Note [narrow sums]: used below only when R > 1
         m_fwd = {i: 0.0 for i, _ in steps}
         m_bwd = {i: 0.0 for i, _ in steps}
-        if ring > 1 and hbm:
+        if rotating and hbm:
             q_h = b * (s / ring) * heads_per_rank * d
             kv2_h = 2 * b * (s / ring) * (kv / ulysses) * d  # dK + dV elements
+            # visiting blocks (steps >= 1) touch the travelling rows only (travel = 1 for a dense layer)
             if narrow:
-                m_fwd[1] = 3 * B * q_h * block(1).rows / hbm
-                m_bwd[0] = 3 * B * (q_h * block(1).rows + kv2_h) / hbm  # both adds land at step 0
+                m_fwd[1] = 3 * B * q_h * block(1).rows * travel / hbm
+                m_bwd[0] = 3 * B * (q_h * block(1).rows * travel + kv2_h) / hbm  # both adds land at step 0
             else:
                 g_h = q_h + kv2_h
                 for i, _ in steps:
-                    m_fwd[i] = 0.0 if i == 0 else (8 + B) * q_h * block(i).rows / hbm
-                    m_bwd[i] = (8 + B) * g_h * block(i).rows / hbm  # add_ into dq and the travelling dKV
+                    m_fwd[i] = 0.0 if i == 0 else (8 + B) * q_h * block(i).rows * travel / hbm
+                    # add_ into dq and the travelling dKV
+                    m_bwd[i] = (8 + B) * g_h * block(i).rows * (1.0 if i == 0 else travel) / hbm
                 m_fwd[1] += (B + 4) * q_h / hbm       # step 0's output promoted to the fp32 accumulator
                 m_fwd[ring - 1] += (4 + B) * q_h / hbm  # final cast
-                m_bwd[ring - 1] += (4 + B) * g_h / hbm  # fp32 dq and dKV sums created (first walked step)
+                # fp32 dq and dKV sums created (first walked step; the dKV sums over the travelling rows)
+                m_bwd[ring - 1] += (4 + B) * (q_h + kv2_h * travel) / hbm
                 m_bwd[0] += (4 + B) * g_h / hbm       # final casts of dq and (at the owner) dK, dV after step 0
             fwd.merge = sum(w * m_fwd[i] for i, w in steps)
             bwd.merge = sum(w * m_bwd[i] for i, w in steps)
@@ -498,9 +529,10 @@ class CostModel:
         # one group's ring time (R == 1: compute + merge)
         t_fwd = sum(w * c_fwd[i] for i, w in steps) / G
         t_bwd = sum(w * c_bwd[i] for i, w in steps) / G
-        if ring > 1:
-            n_kv = 2 * b * (s / ring) * (kv / ulysses) * d * B / kv_split
-            n_dkv = 2 * b * (s / ring) * (kv / ulysses) * d * (B if narrow and C <= kv // ulysses else FP32) / kv_split
+        if rotating:
+            n_kv = 2 * b * (s / ring) * travel * (kv / ulysses) * d * B / kv_split
+            n_dkv = (2 * b * (s / ring) * travel * (kv / ulysses) * d * (B if narrow and C <= kv // ulysses else FP32)
+                     / kv_split)
             fit = self.p2p_fit(ulysses, ring, placement)
 
             def step(compute: float, nbytes: float, rotations: int) -> float:
@@ -530,7 +562,7 @@ class CostModel:
             bwd.ring_bytes = GC * (kv_transfers * n_kv + dkv_transfers * n_dkv)
 
         self._a2a_exposed(ulysses, ring, placement, q_buf, kv_buf, G, fwd, bwd, t_fwd, t_bwd)
-        memory = self.memory(shape, ulysses, ring, head_chunks)
+        memory = self.memory(shape, ulysses, ring, head_chunks, ring_rows=ring_rows)
         return fwd, bwd, memory
 
     def _evaluate_window(self, shape: Shape, ulysses: int, ring: int, placement: str, kernel: KernelProfile,
@@ -677,22 +709,28 @@ class CostModel:
                 pc.all_to_all += first + last + (G - 1) * (max(0.0, first - t_group) + max(0.0, last - t_group))
 
     @staticmethod
-    def memory(shape: Shape, ulysses: int, ring: int, head_chunks: int = 1, sparse: bool = False) -> MemoryCost:
+    def memory(shape: Shape, ulysses: int, ring: int, head_chunks: int = 1, sparse: bool = False,
+               ring_rows: Optional[float] = None) -> MemoryCost:
         """Peak memory of one layer (module docstring). ``sparse``: a windowed layer (Note [sparse ring]), whose
-        sums are float32 at any ring size; its halo buffers and kept halos are at most the dense ring's blocks."""
+        sums are float32 at any ring size; its halo buffers and kept halos are at most the dense ring's blocks.
+        ``ring_rows`` as for :meth:`evaluate` (the ring's K/V and dK/dV buffers hold the travelling rows)."""
         B = shape.element_bytes
         b, s, H, d = shape.batch, shape.seqlen, shape.heads, shape.head_dim
         kv = replicated_kv_heads(shape.kv_heads, ulysses)
         q_h = b * (s / ring) * (H / ulysses) * d
         kv_h = b * (s / ring) * (kv / ulysses) * d
         lse = b * (H / ulysses) * (s / ring)
+        travel = _travel(s, ring, ring_rows)
+        kv_t = kv_h * travel  # the travelling K/V (all of kv_h for a dense layer)
+        if travel == 0:
+            ring = 1  # nothing travels: one step, the R == 1 layer on these s/R rows
         saved = B * (2 * q_h + 2 * kv_h) + FP32 * lse
         C, narrow = head_chunks, spec.narrow_sums(ring, sparse)  # used below only when R > 1
         Ckv = min(C, max(1, kv // ulysses))  # chunks beyond the K/V heads share one K/V head each
         if ring > 1 and C == 1:
-            saved += 2 * kv_h * B  # the forward's last K/V block, one per head group (each 1/G of the heads)
+            saved += 2 * kv_t * B  # the forward's last K/V block, one per head group (each 1/G of the heads)
         replicate = 2 * kv_h * B if kv != shape.kv_heads else 0.0
-        ring_kv = min(ring - 1, 2) * 2 * kv_h * B / Ckv
+        ring_kv = min(ring - 1, 2) * 2 * kv_t * B / Ckv
         # per kernel call (1/C of the heads with head chunks): block grads and the kernel's fp32 dq workspace
         kernel_bwd = (q_h * B + FP32 * q_h) / C + 2 * kv_h * B / Ckv
         staging = q_h * B if ulysses > 1 else 0.0  # the all-to-all's packed copy (none without Ulysses)
@@ -703,5 +741,5 @@ class CostModel:
             fwd += ring_kv + (accumulator + q_h * B) / C + 2 * FP32 * lse / C
             dq_sum = 0.0 if narrow and C > 1 else (q_h * B if narrow else FP32 * q_h / C)  # chunks: into dq itself
             dkv_bytes = B if narrow and C <= Ckv else FP32
-            bwd += dq_sum + 2 * 2 * kv_h * dkv_bytes / Ckv + ring_kv
+            bwd += dq_sum + 2 * 2 * kv_t * dkv_bytes / Ckv + ring_kv
         return MemoryCost(saved=saved, forward_transient=fwd, backward_transient=bwd)

@@ -64,6 +64,9 @@ def _world(rank, world_size, backend):
                 case = VarlenCase(u, r, causal, "bfloat16", "gpu_mixed", 8, 2, 128, backend, window=window,
                                   softcap=softcap, sinks=sinks)
                 problems += [f"{case.name()}: {p}" for p in check_varlen_result(run_varlen_case(case, mesh, device))]
+            # windows on documents cut over the ring and placed whole (Note [document placement])
+            case = VarlenCase(u, r, True, "bfloat16", "gpu_placed", 8, 2, 128, backend, window=(128, 0), sinks=True)
+            problems += [f"{case.name()}: {p}" for p in check_varlen_result(run_varlen_case(case, mesh, device))]
         # packed documents with softcap and sinks on every backend (refused with a ValueError naming softcap where the
         # kernel lacks it)
         cu = [0, 300, 700, 1024]

@@ -34,6 +34,7 @@ def _gpu_cases(backend):
         for causal in (True, False):
             cases.append(VarlenCase(u, r, causal, "bfloat16", "gpu_mixed", 16, 4, 128, backend))
             cases.append(VarlenCase(u, r, causal, "bfloat16", "gpu_tiny", 8, 8, 64, backend))
+            cases.append(VarlenCase(u, r, causal, "bfloat16", "gpu_placed", 16, 4, 128, backend))
         cases.append(VarlenCase(u, r, True, "float16", "gpu_mixed", 16, 1, 128, backend))
     return cases
 

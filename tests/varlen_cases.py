@@ -42,6 +42,8 @@ def scenario_lengths(name: str, ulysses: int, ring: int) -> Tuple[int, ...]:
         return (4,) * 32
     if name == "gpu_mixed":  # GPU sizes: long-tailed, ~6K tokens
         return (3001, 17, 1, 500, 1203, 33, 2, 999, 250, 5)
+    if name == "gpu_placed":  # GPU sizes: one document cut over a ring of 2, 60 placed whole (~17K tokens)
+        return (3001,) + tuple(40 + (i * 53) % 400 for i in range(60))
     if name == "gpu_tiny":  # GPU sizes: 300 documents of 1..20 tokens
         return tuple(1 + (7 * i * i + 3 * i) % 20 for i in range(300))
     raise KeyError(name)
