@@ -266,8 +266,7 @@ def rfa_llama3_step(lengths, heads, kv_heads, head_dim, device, heads_k_stride: 
     total = sum(lengths)
     assert total % world == 0, total
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=device)
-    cu_q, cu_k, k_slice = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)
-    max_q, max_k = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+    cu_q, cu_k, max_q, max_k, k_slice = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world)
     rows = slice(rank * total // world, (rank + 1) * total // world)
     local = {}
     for name, h, seed in (("q", heads, 1), ("k", kv_heads, 3), ("v", kv_heads, 4), ("dout", heads, 2)):

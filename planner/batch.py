@@ -11,7 +11,7 @@ The model (Note [varlen zigzag layout] and Note [document placement] in ``usp/va
 ``usp.spec``'s ``varlen_*``):
 
 * placement (``R > 1``): ``spec.varlen_placement`` (:func:`placement_owner`; ``usp.choose`` uses
-  :func:`fast_placement_owner`, the same placement computed faster) cuts some documents over the ring and puts
+  :func:`fast_placement_owner`, the same placement kept for repeated batches) cuts some documents over the ring and puts
   the others whole on one ring rank. ``R == 1``: every document is "cut" into one chunk.
 * layout: a cut document ``j`` is padded to ``chunks * c_j`` tokens, ``c_j = ceil(L_j / chunks)``, ``chunks =
   spec.varlen_chunks_per_doc(R, causal)``; ring rank ``r``'s sequence is the cut section (``cut_rows = halves *
@@ -51,7 +51,6 @@ kernel alone on 1 H100, whole documents and half documents, 128K and 256K tokens
 from __future__ import annotations
 
 import functools
-import heapq
 import math
 import os
 from dataclasses import dataclass, field
@@ -69,8 +68,9 @@ __all__ = ["Documents", "documents", "BatchCost", "batch_compute", "evaluate_bat
 
 #: ns per grid cell (sequence x head x 128-row tile) of a varlen call, by kernel (module docstring); 0 if absent
 GRID_CELL_NS: Dict[str, float] = {"torch_flash": 1.9, "fa2": 1.9}
-#: tokens: below the profile's smallest block the rate falls as side / (side + SMALL_SIDE) (module docstring)
-SMALL_SIDE = 512.0
+#: tokens: below the profile's smallest block the rate falls as side / (side + SMALL_SIDE) (module docstring; the
+#: spec's constant, which the document placement weighs cut documents with)
+SMALL_SIDE = float(spec.SMALL_BLOCK_SIDE)
 CTA_ROWS = 128
 BACKWARD_GRIDS = 3
 #: ``Chooser``: the travelling fraction of the ring rows is rounded to 1/TRAVEL_STEPS for the rest of the layer
@@ -226,91 +226,28 @@ def documents(cu_seqlens: Any = None, lengths: Any = None, histogram: Any = None
 #: or ``"cut_all"`` (the layout before Note [document placement], for the recorded runs of
 #: ``benchmarks/data/varlen_torch_flash_20261125.json``: every document cut, plus a padding-only document)
 DOC_PLACEMENTS = ("spec", "cut_all")
-#: the shares and the "large document" divisor of ``usp.spec.varlen_placement`` (``_fast_owner`` follows it
-#: step for step; ``tests/planner/test_planner_batch.py`` checks both give the same placement)
-_SHARES = (4, 8, 16, 32, 64)
-_LARGE = 256
-
-
 def placement_owner(lengths: np.ndarray, ring: int, causal: bool) -> np.ndarray:
     """Note [document placement] as ``usp.spec.varlen_placement`` decides it, as an int64 array over the
     documents: ``-1`` for a document cut over the ring, ``r`` for one held whole by ring rank ``r``."""
     owner = np.full(lengths.size, -1, dtype=np.int64)
-    _, whole = spec.varlen_placement([int(n) for n in lengths], ring, causal)
+    if ring == 1:
+        return owner
+    _, whole = spec.varlen_placement(lengths.tolist(), ring, causal)
     for r, docs in enumerate(whole):
         owner[list(docs)] = r
     return owner
 
 
-def _fast_owner(lengths: np.ndarray, ring: int, causal: bool) -> np.ndarray:
-    """:func:`placement_owner` without ``usp.spec.varlen_placement``'s per-document Python work: the same steps
-    (documents longest first, the cut ones a prefix of that order, the larger whole ones greedily on the rank of
-    least work, the rest on the rank of fewest tokens, lowest rank on ties) with numpy for the sums and a heap of
-    ``value * R + rank`` integers for the greedy choices, and every share whose cut equals an earlier rejected
-    one's skipped (same placement). The same result (tested on random batches); batches whose sums could lose
-    exactness in int64 or float64 go to the spec itself."""
-    n = lengths.size
-    owner = np.full(n, -1, dtype=np.int64)
-    if ring == 1 or n == 0:
-        return owner
-    lengths = lengths.astype(np.int64, copy=False)
-    longest, total_tokens = int(lengths.max()), int(lengths.sum())
-    per_token = spec.varlen_doc_work(longest, False) // longest + 1  # >= any document's work per token
-    if total_tokens * per_token * ring * ring * (2 * _SHARES[-1] + spec.PLACEMENT_SLACK + 1) >= 2 ** 52:
-        return placement_owner(lengths, ring, causal)
-    work = spec.varlen_doc_work(lengths, causal)  # integer arithmetic, elementwise
-    total_work = int(work.sum())
-    order = np.argsort(-lengths, kind="stable")  # longest first, then by index: the spec's order
-    by_length, by_work = lengths[order], work[order]  # work grows with length: cut and large docs are prefixes
-    chunks = spec.varlen_chunks_per_doc(ring, causal)
-    large = int(np.count_nonzero(by_work > total_work // (ring * _LARGE)))
-    # heap keys: value * R + rank (the least value first, the lowest rank on ties); loads and tokens count
-    # R times a rank's share, as the spec's do
-    length_keys = (by_length * (ring * ring)).tolist()
-    slack = spec.PLACEMENT_SLACK
-    replace = heapq.heapreplace
-    tried = set()
-    for share in _SHARES:
-        k = int(np.count_nonzero(by_work * (ring * share) > total_work))
-        if k == n:
-            break
-        if k in tried:
-            continue  # the same cut as a rejected share: the same placement, rejected again
-        tried.add(k)
-        cut_work = int(by_work[:k].sum())
-        cut_tokens = int((-(-by_length[:k] // chunks)).sum()) * chunks
-        m = max(large, k)
-        heap = [cut_work * ring + r for r in range(ring)]  # sorted: a heap
-        keys = [replace(heap, heap[0] + x) for x in (by_work[k:m] * (ring * ring)).tolist()]
-        first = np.fromiter(keys, np.int64, m - k) % ring
-        loads = [0] * ring
-        for key in heap:
-            loads[key % ring] = key // ring
-        tokens = cut_tokens + ring * np.bincount(first, weights=by_length[k:m], minlength=ring).round().astype(np.int64)
-        heap = [int(t) * ring + r for r, t in enumerate(tokens)]
-        heapq.heapify(heap)
-        keys = [replace(heap, heap[0] + x) for x in length_keys[m:]]
-        rest = np.fromiter(keys, np.int64, n - m) % ring
-        tokens = [key // ring for key in heap]
-        rest_work = np.bincount(rest, weights=by_work[m:], minlength=ring).round().astype(np.int64)
-        if (max(load + ring * int(x) for load, x in zip(loads, rest_work)) * slack <= (slack + 1) * total_work
-                and max(tokens) * slack <= (slack + 1) * total_tokens):
-            owner[order[k:m]] = first
-            owner[order[m:]] = rest
-            return owner
-    return owner
-
-
 @functools.lru_cache(maxsize=32)
 def _owner_cached(key: bytes, ring: int, causal: bool) -> np.ndarray:
-    owner = _fast_owner(np.frombuffer(key, dtype=np.int64), ring, causal)
+    owner = placement_owner(np.frombuffer(key, dtype=np.int64), ring, causal)
     owner.flags.writeable = False
     return owner
 
 
 def fast_placement_owner(lengths: np.ndarray, ring: int, causal: bool) -> np.ndarray:
-    """:func:`placement_owner` for ``usp.choose``: ``_fast_owner``, kept for the last 32 ``(batch, ring,
-    causal)`` (meshes of one ring degree share it). Read-only."""
+    """:func:`placement_owner` for ``usp.choose``, kept for the last 32 ``(batch, ring, causal)`` (meshes of one
+    ring degree share it). Read-only."""
     if ring == 1:
         return np.full(lengths.size, -1, dtype=np.int64)
     return _owner_cached(np.ascontiguousarray(lengths, dtype=np.int64).tobytes(), ring, causal)

@@ -203,10 +203,11 @@ def test_block_kernel_enforces_empty_sequence_semantics():
 
 def test_zigzag_blocks_equal_one_call_per_document():
     """The three-call diagonal block (heads x heads, tails x heads, tails x tails) merged equals causal attention
-    over each document's [head, tail] rows computed in one call."""
+    over each document's real [head, tail] rows computed in one call; padding rows come out zero."""
     torch.manual_seed(4)
     cu = (0, 9, 10, 23)
     layout = _build_layout(cu, 1, 2, True)
+    assert layout.cut_docs == (0, 1, 2)  # too few documents to place any whole
     schedule = VarlenSchedule(layout)
     task = schedule.block(0, 0, 2, layout.ring_tokens)
     c = sum(layout.chunk_sizes)
@@ -215,16 +216,23 @@ def test_zigzag_blocks_equal_one_call_per_document():
     adapter = VarlenBlockKernel(ReferenceVarlenKernel())
     out, lse = adapter.forward(q, k, v, task.kernel_mask, 0.4)
     grads = adapter.backward(dout, q, k, v, out, lse, task.kernel_mask, 0.4)
-    # reorder to [head_j, tail_j] per document and run one causal call per document
-    order = torch.cat([torch.cat([torch.arange(a, a + n), c + torch.arange(a, a + n)])
-                       for a, n in zip(torch.tensor(layout.chunk_sizes).cumsum(0) - torch.tensor(layout.chunk_sizes),
-                                       layout.chunk_sizes)])
-    sizes = [2 * n for n in layout.chunk_sizes]
+    # ring rank 0 holds chunks 0 (head) and 3 (tail) of every document: its real rows, document by document
+    packed, position = layout.ring_rows(0)
+    starts = torch.tensor(layout.chunk_sizes).cumsum(0) - torch.tensor(layout.chunk_sizes)
+    order, sizes = [], []
+    for a, n in zip(starts.tolist(), layout.chunk_sizes):
+        rows = [i for i in list(range(a, a + n)) + list(range(c + a, c + a + n)) if packed[i] >= 0]
+        order += rows
+        sizes.append(len(rows))
+    order = torch.tensor(order)
     want = per_document_reference(*(x[0, order] for x in (q, k, v, dout)), sizes, True, 0.4)
     torch.testing.assert_close(out[0, order], want["out"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse[0][:, order], want["lse"], rtol=1e-12, atol=1e-12)
     for got, name in zip(grads, ("dq", "dk", "dv")):
         torch.testing.assert_close(got[0, order], want[name], rtol=1e-12, atol=1e-12)
+    padding = packed < 0
+    assert padding.any() and (out[0, padding] == 0).all() and torch.isneginf(lse[0][:, padding]).all()
+    assert all((g[0, padding] == 0).all() for g in grads)
 
 
 def test_block_rows_no_call_reaches_have_no_keys():
@@ -254,13 +262,19 @@ def test_windowed_varlen_schedule_groups_documents_by_mask():
     chunk size share a call, and a ring step that no document's window reaches is skipped."""
     from usp.kernels.base import Mask
 
-    layout = _build_layout((0, 40, 80, 81, 83, 123), 1, 4, True)  # chunk sizes 5, 5, 1, 1, 5
+    layout = _build_layout((0, 40, 80, 81, 83, 123), 1, 4, True)
+    # Note [document placement]: the three documents of 40 cut (chunks of 5), those of 1 and 2 tokens whole
+    assert layout.cut_docs == (0, 1, 4) and layout.chunk_sizes == (5, 5, 5) and layout.whole_docs[1] == (2,)
     schedule = VarlenSchedule(layout, 0.0, (3, 0))
     diagonal = schedule.block(0, 1, 4, layout.ring_tokens).mask
     assert all(isinstance(call.mask, Mask) for call in diagonal.calls)
-    # heads x heads: documents of 5 rows share a window (3, 0) call; the 1-row documents share one (a 1x1 block)
-    heads = [call for call in diagonal.calls if call.q == slice(0, 17) and call.k == slice(0, 17)]
-    assert sorted((c.mask.left, c.mask.right) for c in heads) == [(-1, -1), (3, 0)]
+    # heads x heads: the documents of 5 rows share one window (3, 0) call
+    heads = [call for call in diagonal.calls if call.q == slice(0, 15) and call.k == slice(0, 15)]
+    assert [(c.mask.left, c.mask.right) for c in heads] == [(3, 0)]
+    # the whole document (1 token, within the window) and the padding after it: one call over the whole section
+    whole = [call for call in diagonal.calls if call.q.start == 30]
+    assert len(whole) == 1 and whole[0].q == slice(30, layout.ring_tokens)
+    assert whole[0].seqs.q_lengths[0] == 1 and whole[0].seqs.k_lengths[0] == 1
     # chunks of 5 and a window of 3: only neighbouring chunks meet; the steps that bring none are skipped
     even = _build_layout((0, 40, 80, 120), 1, 4, True)
     windowed = VarlenSchedule(even, 0.0, (3, 0))

@@ -532,11 +532,12 @@ def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tuple[Tensor, Tensor
     softmax denominator, with no value: ``lse' = logaddexp(lse, sink)``, ``out' = out * exp(lse - lse')``. The
     block backward run with ``(out', lse')`` gives exact dq/dk/dv (the softmax row term ``<dout, out'>`` already
     accounts for the sink, whose value is zero); the sink's own gradient is ``sink_grad``.
-    ``out [b, s, h, dv]``, ``lse [b, h, s]``."""
+    ``out [b, s, h, dv]`` (scaled in place and returned), ``lse [b, h, s]``."""
     sink = sinks.to(lse.dtype)[None, :, None]
     new_lse = torch.logaddexp(lse, sink)
     factor = torch.exp(lse - new_lse).transpose(1, 2).unsqueeze(-1)  # [b, s, h, 1]
-    return (out.to(factor.dtype) * factor).to(out.dtype), new_lse
+    # in place (``out`` is the ring's own result): one pass over it, the product in float32, rounded once
+    return out.mul_(factor), new_lse
 
 
 def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
@@ -544,7 +545,9 @@ def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
     sink-including results), in ``sinks.dtype``: a partial sum, like any parameter gradient under sequence
     parallelism it must be summed over the sequence-parallel ranks."""
     ct = lse.dtype
-    row_dot = (dout.to(ct) * out.to(ct)).sum(-1).transpose(1, 2)  # [b, h, s]
+    # one pass over dout and out: the products in their dtype, summed in float32 (the kernels' backward forms the
+    # same row sums from the same rounded values)
+    row_dot = (dout * out).sum(-1, dtype=ct).transpose(1, 2)  # [b, h, s]
     weight = torch.exp(sinks.to(ct)[None, :, None] - lse)
     return -(weight * row_dot).sum(dim=(0, 2)).to(sinks.dtype)
 

@@ -62,84 +62,68 @@ class VarlenSchedule:
             return [(0, rank), (c, tail)]
         return [(0, rank)] if rows.start == 0 else [(0, tail)]
 
-    def _chunk_pieces(self, q_chunk: int, k_chunk: int) -> List[Tuple[int, int, int, int]]:
-        """``(rows, q position, k position, real keys)`` of every cut document for query chunk ``q_chunk`` against
-        key chunk ``k_chunk``: what ``_calls`` takes."""
+    def _chunk_pieces(self, q_chunk: int, k_chunk: int) -> List[Tuple[int, int, int, int, int]]:
+        """``(rows, q position, k position, real queries, real keys)`` of every cut document for query chunk
+        ``q_chunk`` against key chunk ``k_chunk``: what ``_calls`` takes. A chunk's real rows are a prefix (padding
+        sits at the document's end)."""
         layout = self.layout
         pieces = []
         for j, c in zip(layout.cut_docs, layout.chunk_sizes):
-            # real rows of the key chunk: a prefix (padding sits at the document's end)
-            keys = min(max(layout.doc_lengths[j] - k_chunk * c, 0), c)
-            pieces.append((c, q_chunk * c, k_chunk * c, keys))
+            length = layout.doc_lengths[j]
+            pieces.append((c, q_chunk * c, k_chunk * c, min(max(length - q_chunk * c, 0), c),
+                           min(max(length - k_chunk * c, 0), c)))
         return pieces
 
-    def _calls(self, q_off: int, k_off: int, docs: List[Tuple[int, int, int, int]]) -> List[VarlenCall]:
+    def _calls(self, q_off: int, k_off: int, docs: List[Tuple[int, int, int, int, int]]) -> List[VarlenCall]:
         """The varlen calls of a region of documents laid out one after another on both sides (block rows from
-        ``q_off`` and ``k_off``): per document ``(rows, q position, k position, real keys)``, its ``rows`` query
-        and key rows sitting at those positions of the document, the first ``real keys`` of the keys real.
+        ``q_off`` and ``k_off``): per document ``(rows, q position, k position, real queries, real keys)``, its
+        ``rows`` query and key rows sitting at those positions of the document, the first ``real`` of each real.
 
-        Without a window: one call, each document one sequence (causal when the layout is and the two pieces are
-        the same chunk, else full), the padding keys of a document their own sequence with no queries (a causal
-        diagonal piece needs none: its padding keys come after every real query). With a window: Note [varlen
-        windows]."""
-        if self.window is None:
-            q_lengths: List[int] = []
-            k_lengths: List[int] = []
-            causal = self.layout.causal and all(q_pos == k_pos for _, q_pos, k_pos, _ in docs)
-            for rows, _, _, keys in docs:
-                real = rows if causal else keys
-                q_lengths.append(rows)
-                k_lengths.append(real)
-                if real < rows:
-                    q_lengths.append(0)
-                    k_lengths.append(rows - real)
-            total = sum(rows for rows, _, _, _ in docs)
-            return [VarlenCall(slice(q_off, q_off + total), slice(k_off, k_off + total),
-                               VarlenSeqs(q_lengths, k_lengths), self._mask(causal))]
-        return self._window_calls(q_off, k_off, docs)
+        Padding never enters a sequence with the other side: padding queries are sequences with no keys (out = 0,
+        LSE = -inf, dq = 0) and padding keys sequences with no queries (dk = dv = 0), so every padding row of the
+        packed path comes out zero without a mask (Note [varlen zigzag layout]). Without a window: one call, each
+        document's real rows one sequence (causal when the layout is and the two pieces are the same chunk, else
+        full). With a window: Note [varlen windows]. No call for a region with no real query."""
+        if not any(real_q for _, _, _, real_q, _ in docs):
+            return []
+        total = sum(rows for rows, _, _, _, _ in docs)
+        if self.window is not None:
+            return self._window_calls(q_off, k_off, docs, total)
+        causal = self.layout.causal and all(q_pos == k_pos for _, q_pos, k_pos, _, _ in docs)
+        seqs = _Sequences()
+        for rows, _, _, real_q, real_k in docs:
+            seqs.add(real_q, real_k)
+            seqs.add(rows - real_q, 0)
+            seqs.add(0, rows - real_k)
+        return [VarlenCall(slice(q_off, q_off + total), slice(k_off, k_off + total), seqs.varlen(),
+                           self._mask(causal))]
 
-    def _window_calls(self, q_off: int, k_off: int, docs: List[Tuple[int, int, int, int]]) -> List[VarlenCall]:
+    def _window_calls(self, q_off: int, k_off: int, docs: List[Tuple[int, int, int, int, int]],
+                      total: int) -> List[VarlenCall]:
         """Note [varlen windows]. The calls of one region of documents (as ``_calls``).
 
-        Per document the window's pieces are ``band_block`` of its query and key rows at their positions in the
-        document: trimmed, each with its own bottom-right ``Mask``. Documents are grouped by that mask, one call
-        per distinct mask: documents of one chunk size share it, and so do all documents the window covers whole
-        (their mask is plain causal or full). In a call, a document's piece is one sequence; its rows outside the
-        piece, and every row of the documents outside the group, are sequences with no keys or no queries (out =
-        0, lse = -inf, no gradient; coalesced). Padding: causal, padding keys come after every real query (the
-        causal band hides them); non-causal, only the real prefix of a key chunk enters ``band_block`` (its mask
-        then depends on that prefix too: the chunk holding a document's end may need its own call)."""
+        Per document the window's pieces are ``band_block`` of its real query and key rows at their positions in
+        the document: trimmed, each with its own bottom-right ``Mask``. Documents are grouped by that mask, one
+        call per distinct mask: documents of one chunk size share it, and so do all documents the window covers
+        whole (their mask is plain causal or full). In a call, a document's piece is one sequence; its rows outside
+        the piece (padding included), and every row of the documents outside the group, are sequences with no keys
+        or no queries (out = 0, lse = -inf, no gradient; coalesced)."""
         left, right = self.window
         groups: Dict[Mask, Dict[int, Tuple[slice, slice]]] = {}
-        for j, (rows, q_pos, k_pos, keys) in enumerate(docs):
-            keys = rows if self.layout.causal else keys
-            for q_rows, k_rows, mask in band_block(q_pos, rows, k_pos, keys, left, right, self.softcap):
+        for j, (rows, q_pos, k_pos, real_q, real_k) in enumerate(docs):
+            for q_rows, k_rows, mask in band_block(q_pos, real_q, k_pos, real_k, left, right, self.softcap):
                 groups.setdefault(mask, {})[j] = (q_rows, k_rows)
-        total = sum(rows for rows, _, _, _ in docs)
         calls = []
         for mask, pieces in groups.items():
-            q_lengths: List[int] = []
-            k_lengths: List[int] = []
-
-            def add(n_q: int, n_k: int) -> None:
-                if not n_q and not n_k:
-                    return
-                if (n_k == 0 and q_lengths and k_lengths[-1] == 0) or (n_q == 0 and q_lengths and q_lengths[-1] == 0):
-                    q_lengths[-1] += n_q  # same kind as the last sequence (no keys / no queries): one sequence
-                    k_lengths[-1] += n_k
-                    return
-                q_lengths.append(n_q)
-                k_lengths.append(n_k)
-
-            for j, (c, _, _, _) in enumerate(docs):
+            seqs = _Sequences()
+            for j, (c, _, _, _, _) in enumerate(docs):
                 q_rows, k_rows = pieces.get(j, (slice(c, c), slice(c, c)))
-                add(q_rows.start, 0)
-                add(0, k_rows.start)
-                add(q_rows.stop - q_rows.start, k_rows.stop - k_rows.start)
-                add(c - q_rows.stop, 0)
-                add(0, c - k_rows.stop)
-            calls.append(VarlenCall(slice(q_off, q_off + total), slice(k_off, k_off + total),
-                                    VarlenSeqs(q_lengths, k_lengths), mask))
+                seqs.add(q_rows.start, 0)
+                seqs.add(0, k_rows.start)
+                seqs.add(q_rows.stop - q_rows.start, k_rows.stop - k_rows.start)
+                seqs.add(c - q_rows.stop, 0)
+                seqs.add(0, c - k_rows.stop)
+            calls.append(VarlenCall(slice(q_off, q_off + total), slice(k_off, k_off + total), seqs.varlen(), mask))
         return calls
 
     def _diagonal_calls(self, ring_rank: int, ring_size: int) -> List[VarlenCall]:
@@ -157,8 +141,10 @@ class VarlenSchedule:
                 calls += [call for q_off, q_chunk in regions for k_off, k_chunk in regions
                           for call in self._calls(q_off, k_off, self._chunk_pieces(q_chunk, k_chunk))]
         whole = layout.whole_lengths(ring_rank)
-        if whole:  # one sequence per whole document, right after the cut section
-            calls += self._calls(layout.cut_rows, layout.cut_rows, [(n, 0, 0, n) for n in whole])
+        pad = layout.ring_tokens - layout.cut_rows - sum(whole)
+        # one sequence per whole document, right after the cut section, then the padding (no keys, no queries)
+        calls += self._calls(layout.cut_rows, layout.cut_rows,
+                             [(n, 0, 0, n, n) for n in whole] + ([(pad, 0, 0, 0, 0)] if pad else []))
         return calls
 
     def _build(self, step: int, ring_rank: int, ring_size: int) -> Optional[BlockTask]:
@@ -193,6 +179,28 @@ class VarlenSchedule:
         if key not in self._blocks:
             self._blocks[key] = self._build(step, ring_rank, ring_size)
         return self._blocks[key]
+
+
+class _Sequences:
+    """The ``(queries, keys)`` lengths of one varlen call, built in row order; consecutive sequences with no keys
+    (or no queries) coalesce into one, and empty ones are dropped."""
+
+    def __init__(self):
+        self.q: List[int] = []
+        self.k: List[int] = []
+
+    def add(self, n_q: int, n_k: int) -> None:
+        if not n_q and not n_k:
+            return
+        if self.q and ((n_k == 0 and self.k[-1] == 0) or (n_q == 0 and self.q[-1] == 0)):
+            self.q[-1] += n_q
+            self.k[-1] += n_k
+            return
+        self.q.append(n_q)
+        self.k.append(n_k)
+
+    def varlen(self) -> VarlenSeqs:
+        return VarlenSeqs(self.q, self.k)
 
 
 def _schedule_for_layout(layout: VarlenLayout, softcap: float = 0.0,

@@ -26,7 +26,9 @@ Notation: ``U`` Ulysses degree, ``R`` ring degree, ``P = U * R``, ``H`` query he
 """
 from __future__ import annotations
 
+import bisect
 import enum
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
@@ -39,8 +41,8 @@ __all__ = [
     "normalize_window", "band_pieces", "band_area", "SlidingWindow", "sliding_window",
     "ring_steps", "forward_step_rotations", "backward_step_rotations",
     "PassCollectives", "LayerCollectives", "layer_collectives",
-    "varlen_chunks_per_doc", "varlen_doc_work", "varlen_placement", "varlen_ring_rows",
-    "varlen_block_calls", "PLACEMENT_SLACK",
+    "varlen_chunks_per_doc", "varlen_doc_work", "varlen_cut_work", "varlen_placement", "varlen_ring_rows",
+    "varlen_block_calls", "PLACEMENT_SLACK", "PLACEMENT_SHARES", "SMALL_BLOCK_SIDE",
 ]
 
 
@@ -557,18 +559,30 @@ def varlen_chunks_per_doc(ring: int, causal: bool) -> int:
     return 2 * ring if choose_layout(ring, causal) is Layout.ZIGZAG else ring
 
 
-#: Note [document placement]: a placement is accepted when no ring rank's work or tokens exceed the mean by more
-#: than 1/PLACEMENT_SLACK (integer arithmetic: every rank computes the same placement)
-PLACEMENT_SLACK = 32
-#: the kernels' query tile: a document's work counts one tile row per token on top of its attention area, so many
-#: tiny documents are not mistaken for no work
-PLACEMENT_TILE = 128
+#: Note [document placement]: a placement keeps every ring rank's tokens within 1/PLACEMENT_SLACK of the mean (the
+#: rest of the rank's sequence is padding: free in attention, which gives it no keys, but not in the model's other
+#: layers)
+PLACEMENT_SLACK = 16
+#: tokens: a kernel call's rate on a block of side ``n`` falls as ``n / (n + SMALL_BLOCK_SIDE)`` (a fixed cost per
+#: query tile that short sequences cannot amortise; the planner's fit on measured varlen runs, see
+#: ``planner/batch.py``), so a document cut into chunks costs more than the same document whole
+SMALL_BLOCK_SIDE = 512
+#: the shares of a rank's work above which a document is cut, tried in order (Note [document placement])
+PLACEMENT_SHARES = (4, 8, 16, 32, 64)
 
 
-def varlen_doc_work(length: int, causal: bool) -> int:
-    """The work of attending one whole document of ``length`` tokens in Note [document placement]'s units: its
-    attention area (halved when causal) plus one tile row per token."""
-    return length * (length + PLACEMENT_TILE) // (2 if causal else 1)
+def varlen_doc_work(length, causal: bool):
+    """The cost of attending one document of ``length`` tokens whole, in Note [document placement]'s units: its
+    attention area (halved when causal) at the rate ``side / (side + SMALL_BLOCK_SIDE)`` of a block of its side.
+    Integer arithmetic; elementwise on numpy integer arrays too."""
+    return length * (length + SMALL_BLOCK_SIDE) // (2 if causal else 1)
+
+
+def varlen_cut_work(length, ring: int, causal: bool):
+    """The cost of the same document cut over a ring of ``ring`` (``varlen_chunks_per_doc`` chunks; every block
+    is chunk by chunk, of side ``length / chunks``): the same area at the smaller blocks' rate."""
+    chunks = varlen_chunks_per_doc(ring, causal)
+    return length * (length + chunks * SMALL_BLOCK_SIDE) // (2 if causal else 1)
 
 
 def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]:
@@ -576,43 +590,70 @@ def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...],
     ``lengths`` on a ring of ``ring``. ``cut``: indices of the documents cut over the ring (``varlen_chunks_per_doc``
     chunks each), ascending; ``whole[r]``: the documents ring rank ``r`` holds whole, ascending.
 
-    Documents whose work (``varlen_doc_work``) exceeds a share ``1/4, 1/8, ..., 1/64`` of a rank's mean are cut,
-    the others placed whole: the larger ones (work above 1/256 of the mean) each on the rank with the least work,
-    then the rest each on the rank with the fewest tokens, longest first. The first share whose placement keeps
-    every rank within ``1 + 1/PLACEMENT_SLACK`` of the mean work and the mean tokens (a cut document's padding
-    counted) wins; if none does, every
-    document is cut (the per-document zigzag balances any batch). ``R == 1``: every document is "cut" into one
-    chunk (the ring rank holds the batch in order). Integer arithmetic only: a pure function of its arguments."""
+    For each share ``1/4, 1/8, ..., 1/64`` (``PLACEMENT_SHARES``) of a rank's mean work in turn, the documents whose
+    whole work (``varlen_doc_work``) exceeds it are cut (every rank then does ``1/R`` of their ``varlen_cut_work``)
+    and the others placed whole, longest first: the larger ones (work above 1/256 of a rank's mean) each on the
+    rank with the least work, the rest each on the rank with the fewest tokens (lowest rank on ties). The first
+    placement whose busiest rank does no more work than a rank does with every document cut, and whose ranks
+    all hold within ``1 + 1/PLACEMENT_SLACK`` of the mean tokens (a cut document's padding counted), wins; if none
+    does, every document is cut (the per-document zigzag balances any batch). ``R == 1``: every document is
+    "cut" into one chunk (the ring rank holds the batch in order). Integer arithmetic only: a pure function of
+    its arguments."""
     n = len(lengths)
     everything_cut = (tuple(range(n)), tuple(() for _ in range(ring)))
     if ring == 1 or n == 0:
         return everything_cut
-    work = [varlen_doc_work(length, causal) for length in lengths]
-    total_work, total_tokens = sum(work), sum(lengths)
-    order = sorted(range(n), key=lambda j: (-lengths[j], j))
-    for share in (4, 8, 16, 32, 64):
-        # cut: work > total_work / (ring * share)
-        cut = [j for j in order if work[j] * ring * share > total_work]
-        if len(cut) == n:
+    chunks = varlen_chunks_per_doc(ring, causal)
+    order = sorted(range(n), key=lengths.__getitem__, reverse=True)  # longest first (stable: index on ties)
+    length = [lengths[j] for j in order]
+    half = 2 if causal else 1
+    # varlen_doc_work and varlen_cut_work, inlined (this runs once per batch and ring size)
+    work = [x * (x + SMALL_BLOCK_SIDE) // half for x in length]
+    cut_side = chunks * SMALL_BLOCK_SIDE
+    cut_work = [x * (x + cut_side) // half for x in length]
+    total_work, total_tokens = sum(work), sum(length)
+    all_cut = sum(cut_work)  # ring x a rank's work with every document cut
+    large = total_work // (ring * 256)
+    descending = [-w for w in work]  # ascending: the documents above a work threshold are a prefix of ``order``
+    tried = set()
+    for share in PLACEMENT_SHARES:
+        # w * ring * share > total_work  <=>  w > total_work // (ring * share)
+        k = bisect.bisect_right(descending, -(total_work // (ring * share) + 1))
+        if k == n:
             break
-        # a cut document's rows include the padding of its last chunk
-        chunks = varlen_chunks_per_doc(ring, causal)
-        cut_work, cut_tokens = sum(work[j] for j in cut), sum(-(-lengths[j] // chunks) * chunks for j in cut)
-        # every rank gets 1/ring of each cut document (scaled by ring to stay in integers)
-        loads = [cut_work] * ring
-        tokens = [cut_tokens] * ring
-        held: List[List[int]] = [[] for _ in range(ring)]
-        large = total_work // (ring * 256)
-        for j in order[len(cut):]:
-            key = loads if work[j] > large else tokens
-            r = key.index(min(key))  # the least loaded rank, the lowest on ties
-            loads[r] += ring * work[j]
-            tokens[r] += ring * lengths[j]
-            held[r].append(j)
-        # ring * load_r <= (1 + 1/SLACK) * total, both scaled by ring above
-        if (max(loads) * PLACEMENT_SLACK <= (PLACEMENT_SLACK + 1) * total_work
+        if k in tried:
+            continue  # the same placement as a rejected share
+        tried.add(k)
+        # loads and tokens are ring x a rank's (every rank does 1/ring of each cut document); heap keys are
+        # value * ring + rank: the least value first, the lowest rank on ties
+        base_work = sum(cut_work[:k])
+        base_tokens = sum(-(-x // chunks) * chunks for x in length[:k])
+        owner = [0] * n
+        loads = [base_work * ring + r for r in range(ring)]
+        tokens = [base_tokens] * ring
+        i = k
+        while i < n and work[i] > large:
+            r = heapq.heapreplace(loads, loads[0] + work[i] * ring * ring) % ring
+            owner[i] = r
+            tokens[r] += ring * length[i]
+            i += 1
+        load_of = [0] * ring
+        for key in loads:
+            load_of[key % ring] = key // ring
+        token_heap = [t * ring + r for r, t in enumerate(tokens)]
+        heapq.heapify(token_heap)
+        while i < n:
+            r = heapq.heapreplace(token_heap, token_heap[0] + length[i] * ring * ring) % ring
+            owner[i] = r
+            load_of[r] += ring * work[i]
+            i += 1
+        tokens = [key // ring for key in token_heap]
+        if (max(load_of) <= all_cut
                 and max(tokens) * PLACEMENT_SLACK <= (PLACEMENT_SLACK + 1) * total_tokens):
-            return tuple(sorted(cut)), tuple(tuple(sorted(h)) for h in held)
+            held: List[List[int]] = [[] for _ in range(ring)]
+            for i in range(k, n):
+                held[owner[i]].append(order[i])
+            return tuple(sorted(order[:k])), tuple(tuple(sorted(h)) for h in held)
     return everything_cut
 
 

@@ -42,13 +42,11 @@ Sliding windows (``window_size``, over positions inside each document) keep this
 the window's trimmed pieces per document, one call per distinct mask (Note [varlen windows] at
 ``VarlenSchedule._window_calls``).
 
-Padding is never attended. It sits at the end of its document, after every real token, so a causal mask hides it
-from every real query: in every block above, a real query only ever meets keys that are earlier in its document,
-hence real. Every other block (non-causal, or chunks of two different ranks) cuts each key chunk into its real
-prefix and its padding as separate key sequences (the padding's query sequence is empty). Padding *queries* do compute something, but their output
-is zeroed (``masked_fill``) before it leaves ``long_context_attention_varlen``, so the incoming gradient there is
-zero, and a query row with zero gradient contributes nothing to ``dq``, ``dk`` or ``dv``. The returned LSE is
-``-inf`` at padding rows.
+Padding is never attended and never attends. In every call, a document's real query rows and real key rows
+(prefixes of its chunks) form one sequence, its padding queries a sequence with no keys and its padding keys one
+with no queries (the padding after a rank's whole documents likewise): padding rows come out as out = 0,
+LSE = -inf, zero gradients, with no mask applied afterwards (the returned LSE is set to -inf there once more,
+since sinks add their logit to every row).
 
 Modules: this file is the public API (validation, ``long_context_attention_varlen``), as ``usp.attention`` is for
 dense input; the layout and the shard/gather helpers are ``usp.layout_varlen`` (next to ``usp.layout``), the ring
@@ -201,15 +199,12 @@ def long_context_attention_varlen(
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mesh, VarlenBlockKernel(kernel),
         _schedule_for_layout(layout, softcap, window), scale, return_lse, deterministic=deterministic, sinks=sinks,
     )
-    out = out[0]
-    padding = layout.device_padding(mesh.ulysses_rank, mesh.ring_rank, out.device)
-    if padding is not None:
-        # zero output at padding rows; its backward zeroes the incoming gradient there (Note [varlen zigzag layout])
-        out = out.masked_fill(padding[:, None, None], 0.0)
+    out = out[0]  # zero at padding rows already: no call gives them a key (Note [varlen zigzag layout])
     if not return_lse:
         return out
     lse = lse[0]
-    if padding is not None:
+    padding = layout.device_padding(mesh.ulysses_rank, mesh.ring_rank, out.device)
+    if padding is not None:  # -inf there, also with sinks (whose logit the ring added to every row)
         lse = lse.masked_fill(padding[None, :], float("-inf"))
     return out, lse
 
