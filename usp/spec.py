@@ -26,7 +26,6 @@ Notation: ``U`` Ulysses degree, ``R`` ring degree, ``P = U * R``, ``H`` query he
 """
 from __future__ import annotations
 
-import bisect
 import enum
 import heapq
 import math
@@ -42,7 +41,7 @@ __all__ = [
     "ring_steps", "forward_step_rotations", "backward_step_rotations",
     "PassCollectives", "LayerCollectives", "layer_collectives",
     "varlen_chunks_per_doc", "varlen_doc_work", "varlen_cut_work", "varlen_placement", "varlen_ring_rows",
-    "varlen_block_calls", "PLACEMENT_SLACK", "PLACEMENT_SHARES", "SMALL_BLOCK_SIDE",
+    "varlen_block_calls", "PLACEMENT_SLACK", "WORK_SLACK", "PLACEMENT_SHARES", "SMALL_BLOCK_SIDE",
 ]
 
 
@@ -563,6 +562,8 @@ def varlen_chunks_per_doc(ring: int, causal: bool) -> int:
 #: rest of the rank's sequence is padding: free in attention, which gives it no keys, but not in the model's other
 #: layers)
 PLACEMENT_SLACK = 16
+#: ... and its busiest rank's work within 1/WORK_SLACK of the mean rank's
+WORK_SLACK = 32
 #: tokens: a kernel call's rate on a block of side ``n`` falls as ``n / (n + SMALL_BLOCK_SIDE)`` (a fixed cost per
 #: query tile that short sequences cannot amortise; the planner's fit on measured varlen runs, see
 #: ``planner/batch.py``), so a document cut into chunks costs more than the same document whole
@@ -594,8 +595,9 @@ def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...],
     whole work (``varlen_doc_work``) exceeds it are cut (every rank then does ``1/R`` of their ``varlen_cut_work``)
     and the others placed whole, longest first: the larger ones (work above 1/256 of a rank's mean) each on the
     rank with the least work, the rest each on the rank with the fewest tokens (lowest rank on ties). The first
-    placement whose busiest rank does no more work than a rank does with every document cut, and whose ranks
-    all hold within ``1 + 1/PLACEMENT_SLACK`` of the mean tokens (a cut document's padding counted), wins; if none
+    placement whose busiest rank does no more work than a rank does with every document cut and is within
+    ``1 + 1/WORK_SLACK`` of the mean rank's work, and whose ranks all hold within ``1 + 1/PLACEMENT_SLACK`` of the
+    mean tokens (a cut document's padding counted), wins; if none
     does, every document is cut (the per-document zigzag balances any batch). ``R == 1``: every document is
     "cut" into one chunk (the ring rank holds the batch in order). Integer arithmetic only: a pure function of
     its arguments."""
@@ -610,15 +612,17 @@ def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...],
     # varlen_doc_work and varlen_cut_work, inlined (this runs once per batch and ring size)
     work = [x * (x + SMALL_BLOCK_SIDE) // half for x in length]
     cut_side = chunks * SMALL_BLOCK_SIDE
-    cut_work = [x * (x + cut_side) // half for x in length]
     total_work, total_tokens = sum(work), sum(length)
-    all_cut = sum(cut_work)  # ring x a rank's work with every document cut
+    # ring x a rank's work with every document cut: the sum of varlen_cut_work, to within one unit a document
+    all_cut = total_work + (cut_side - SMALL_BLOCK_SIDE) * total_tokens // half
     large = total_work // (ring * 256)
-    descending = [-w for w in work]  # ascending: the documents above a work threshold are a prefix of ``order``
     tried = set()
+    k = 0
     for share in PLACEMENT_SHARES:
-        # w * ring * share > total_work  <=>  w > total_work // (ring * share)
-        k = bisect.bisect_right(descending, -(total_work // (ring * share) + 1))
+        # the documents with w * ring * share > total_work: a prefix of ``order`` (work grows with length)
+        threshold = total_work // (ring * share)
+        while k < n and work[k] > threshold:
+            k += 1
         if k == n:
             break
         if k in tried:
@@ -626,7 +630,7 @@ def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...],
         tried.add(k)
         # loads and tokens are ring x a rank's (every rank does 1/ring of each cut document); heap keys are
         # value * ring + rank: the least value first, the lowest rank on ties
-        base_work = sum(cut_work[:k])
+        base_work = sum(x * (x + cut_side) // half for x in length[:k])  # varlen_cut_work of the cut ones
         base_tokens = sum(-(-x // chunks) * chunks for x in length[:k])
         owner = [0] * n
         loads = [base_work * ring + r for r in range(ring)]
@@ -640,15 +644,25 @@ def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...],
         load_of = [0] * ring
         for key in loads:
             load_of[key % ring] = key // ring
-        token_heap = [t * ring + r for r, t in enumerate(tokens)]
-        heapq.heapify(token_heap)
-        while i < n:
-            r = heapq.heapreplace(token_heap, token_heap[0] + length[i] * ring * ring) % ring
+        # the small documents, longest first, each on the rank with the fewest tokens until the ranks are within
+        # one document of each other; from there dealt in snake order (fewest tokens first, then back), which
+        # keeps them so and costs no per-document Python work
+        while i < n and max(tokens) - min(tokens) > ring * length[i]:
+            r = tokens.index(min(tokens))
             owner[i] = r
+            tokens[r] += ring * length[i]
             load_of[r] += ring * work[i]
             i += 1
-        tokens = [key // ring for key in token_heap]
-        if (max(load_of) <= all_cut
+        if i < n:
+            ranks = sorted(range(ring), key=lambda x: (tokens[x], x))
+            snake = ranks + ranks[::-1]
+            period = 2 * ring
+            owner[i:] = (snake * ((n - i) // period + 1))[:n - i]
+            for offset, r in enumerate(snake):
+                tokens[r] += ring * sum(length[i + offset::period])
+                load_of[r] += ring * sum(work[i + offset::period])
+        busiest = max(load_of)
+        if (busiest <= all_cut and busiest * ring * WORK_SLACK <= (WORK_SLACK + 1) * sum(load_of)
                 and max(tokens) * PLACEMENT_SLACK <= (PLACEMENT_SLACK + 1) * total_tokens):
             held: List[List[int]] = [[] for _ in range(ring)]
             for i in range(k, n):

@@ -149,8 +149,9 @@ def random_batches(seed: int = 3, count: int = 40):
 
 def test_placement_keeps_its_rule():
     """``usp.spec.varlen_placement`` on random batches: every document placed once, the cut ones the longest, and
-    a placement with whole documents keeps its bounds (busiest rank's work at most the all-cut work per rank,
-    tokens within 1/PLACEMENT_SLACK of the mean); ``usp.choose``'s cached copy is the same; the mixed cases (some
+    a placement with whole documents keeps its bounds (busiest rank's work at most the all-cut work per rank and
+    within 1/WORK_SLACK of the mean, tokens within 1/PLACEMENT_SLACK of the mean); ``usp.choose``'s cached copy is
+    the same; the mixed cases (some
     cut, some whole) are exercised."""
     mixed = 0
     for lengths in random_batches():
@@ -167,10 +168,13 @@ def test_placement_keeps_its_rule():
                 cut_work = sum(spec.varlen_cut_work(int(n), ring, causal) for n in lengths[cut])
                 cut_rows = sum(-(-int(n) // chunks) * chunks for n in lengths[cut])
                 every_cut = sum(spec.varlen_cut_work(int(n), ring, causal) for n in lengths)
+                works = [ring * sum(spec.varlen_doc_work(int(n), causal) for n in lengths[owner == r]) + cut_work
+                         for r in range(ring)]
+                assert max(works) * ring * spec.WORK_SLACK <= (spec.WORK_SLACK + 1) * sum(works) + ring * len(lengths)
                 for r in range(ring):
                     mine = lengths[owner == r]
-                    work = ring * sum(spec.varlen_doc_work(int(n), causal) for n in mine) + cut_work
-                    assert work <= every_cut, (lengths, ring, causal)
+                    work = works[r]
+                    assert work <= every_cut + len(lengths), (lengths, ring, causal)  # the spec sums to a unit each
                     tokens = ring * int(mine.sum()) + cut_rows
                     slack = spec.PLACEMENT_SLACK
                     assert tokens * slack <= (slack + 1) * int(lengths.sum()), (lengths, ring, causal)
