@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import usp  # noqa: E402
 from usp.kernels import resolve_backend  # noqa: E402
 from usp.kernels.varlen import VarlenSeqs, resolve_varlen_backend  # noqa: E402
-from cuda_timing import init_distributed  # noqa: E402
+from cuda_timing import init_distributed, versions  # noqa: E402
 from usp.varlen import long_context_attention_varlen, shard_varlen, varlen_layout  # noqa: E402
 
 RING_FLASH_ATTN_VARLEN_RATIO = 0.759  # ring-flash-attention README: varlen zigzag, 8xH800, fwd+bwd, vs "theoretic"
@@ -457,7 +457,7 @@ def main(argv=None) -> None:
             "command": "torchrun --nproc-per-node %d benchmarks/bench_varlen.py %s" % (world, " ".join(sys.argv[1:])),
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "world_size": world,
             "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-            "packages": package_versions(), "warmup": args.warmup, "iters": args.iters,
+            "packages": versions(("flash-attn", "flash-attn-4", "ring-flash-attn", "usp")), "warmup": args.warmup, "iters": args.iters,
             "ring_flash_attn_published_varlen_ratio": RING_FLASH_ATTN_VARLEN_RATIO, "records": records,
         }
         with open(args.out, "w") as f:
@@ -465,18 +465,6 @@ def main(argv=None) -> None:
         print(f"wrote {args.out}")
     dist.barrier()
     dist.destroy_process_group()
-
-
-def package_versions() -> Dict[str, str]:
-    from importlib import metadata
-
-    versions = {}
-    for name in ("flash-attn", "flash_attn", "flash-attn-4", "ring-flash-attn", "ring_flash_attn"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 if __name__ == "__main__":

@@ -78,25 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def versions() -> Dict[str, Optional[str]]:
-    import importlib.metadata as md
-
-    import torch
-
-    out: Dict[str, Optional[str]] = {"python": sys.version.split()[0], "torch": torch.__version__,
-                                     "cuda": torch.version.cuda}
-    try:
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001 - a build without NCCL
-        out["nccl"] = None
-    for package in ("flash-attn", "flash-attn-cute", "flash_attn_cute", "nvidia-cutlass-dsl", "usp"):
-        try:
-            out[package] = md.version(package)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.window < 1:
@@ -108,7 +89,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     import usp
-    from cuda_timing import events_ms, init_distributed
+    from cuda_timing import events_ms, init_distributed, versions
     from usp.kernels import resolve_backend
     from usp.kernels.base import Mask, MaskNeeds
 
@@ -248,7 +229,7 @@ def main(argv=None) -> int:
             "command": f"torchrun --nproc-per-node {world} benchmarks/bench_window.py "
                        + " ".join(sys.argv[1:] if argv is None else argv),
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "world_size": world,
-            "versions": versions(), "backend": backend, "kernel": kernel.name, "warmup": args.warmup,
+            "versions": versions(("flash-attn", "flash-attn-cute", "flash_attn_cute", "nvidia-cutlass-dsl", "usp")), "backend": backend, "kernel": kernel.name, "warmup": args.warmup,
             "repeats": args.repeats, "wall_s": total_s, "records": records,
         }
         if args.json_out:

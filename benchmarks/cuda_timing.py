@@ -35,3 +35,22 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
     return statistics.median(events_ms(fn) for _ in range(repeats))
+
+
+def versions(packages) -> dict:
+    """Python, torch, CUDA, NCCL and the installed versions of ``packages`` (distribution names; absent ones left
+    out): what a benchmark's JSON records."""
+    import importlib.metadata as md
+    import sys
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a build without NCCL
+        out["nccl"] = None
+    for package in packages:
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 from collections import defaultdict
 

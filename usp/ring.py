@@ -545,8 +545,8 @@ def sink_grad(dout: Tensor, out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
     sink-including results), in ``sinks.dtype``: a partial sum, like any parameter gradient under sequence
     parallelism it must be summed over the sequence-parallel ranks."""
     ct = lse.dtype
-    # one pass over dout and out: the products in their dtype, summed in float32 (the kernels' backward forms the
-    # same row sums from the same rounded values)
+    # one pass over dout and out: the products rounded to their dtype, summed in float32 (two float32 copies of
+    # both tensors cost several times the layer's sink overhead; the products' rounding is below out's own)
     row_dot = (dout * out).sum(-1, dtype=ct).transpose(1, 2)  # [b, h, s]
     weight = torch.exp(sinks.to(ct)[None, :, None] - lse)
     return -(weight * row_dot).sum(dim=(0, 2)).to(sinks.dtype)
