@@ -531,7 +531,8 @@ class CostModel:
         t_bwd = sum(w * c_bwd[i] for i, w in steps) / G
         if rotating:
             n_kv = 2 * b * (s / ring) * travel * (kv / ulysses) * d * B / kv_split
-            n_dkv = (2 * b * (s / ring) * travel * (kv / ulysses) * d * (B if narrow and C <= kv // ulysses else FP32)
+            dkv_dtype = spec.ring_transfer_dtypes(ring, chunks_share_kv=C > kv // (ulysses * G))[1]
+            n_dkv = (2 * b * (s / ring) * travel * (kv / ulysses) * d * (B if dkv_dtype == "input" else FP32)
                      / kv_split)
             fit = self.p2p_fit(ulysses, ring, placement)
 

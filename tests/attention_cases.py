@@ -48,14 +48,17 @@ class Case:
 
 
 @contextlib.contextmanager
-def count_collectives():
-    """Count calls of the collectives usp uses (patched on the torch.distributed module, restored after)."""
+def count_collectives(p2p_dtypes: Optional[set] = None):
+    """Count calls of the collectives usp uses (patched on the torch.distributed module, restored after); with
+    ``p2p_dtypes``, also collect ``(tag, dtype)`` of every tensor the P2P calls carry."""
     counts = {"all_to_all_single": 0, "batch_isend_irecv": 0}
     originals = {name: getattr(dist, name) for name in counts}
 
     def wrap(name):
         def counted(*args, **kwargs):
             counts[name] += 1
+            if name == "batch_isend_irecv" and p2p_dtypes is not None:
+                p2p_dtypes.update((op.tag, str(op.tensor.dtype)) for op in args[0])
             return originals[name](*args, **kwargs)
 
         return counted
@@ -79,6 +82,25 @@ def expected_collectives(case: Case, documents_cut: bool = True) -> Dict[str, Di
                               return_lse=True, documents_cut=documents_cut)
     return {phase: {"all_to_all_single": getattr(calls, phase).all_to_all,
                     "batch_isend_irecv": getattr(calls, phase).p2p} for phase in ("forward", "backward")}
+
+
+def expected_transfer_dtypes(case: Case) -> set:
+    """``(tag, dtype)`` of what the backward's ring rotations carry, as ``usp.spec.ring_transfer_dtypes`` states
+    it: K/V (tag 0) and the dK/dV partial sums (tag 1); nothing without a ring."""
+    from usp.ring import _DKV_TAG, _KV_TAG
+    from usp.spec import head_groups, replicated_kv_heads, ring_transfer_dtypes
+
+    if case.ring == 1:
+        return set()
+    replicated = replicated_kv_heads(case.kv_heads, case.ulysses)
+    groups = head_groups(case.heads, replicated, case.ulysses, case.head_chunks)
+    kv_per_pass = replicated // (case.ulysses * groups)  # the K/V heads of one head group's ring passes
+    kv, dkv = ring_transfer_dtypes(case.ring, chunks_share_kv=case.head_chunks > kv_per_pass)
+    name = {"input": str(case.torch_dtype), "float32": str(torch.float32)}
+    sent = {(_DKV_TAG, name[dkv])}
+    if case.ring > 2 or case.head_chunks > 1:  # a ring of 2 keeps the last K/V block: none travels backward
+        sent.add((_KV_TAG, name[kv]))
+    return sent
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,7 +155,8 @@ def run_distributed(full: Dict[str, torch.Tensor], mesh, causal: bool, **options
     with count_collectives() as fwd_counts:
         out, lse = usp.long_context_attention(q, k, v, mesh, causal=causal, return_lse=True, **options)
     fwd_counts = dict(fwd_counts)
-    with count_collectives() as bwd_counts:
+    sent = set()
+    with count_collectives(sent) as bwd_counts:
         out.backward(local["dout"])
     gathered = {
         "out": usp.gather(out.detach(), mesh, dim=1, causal=causal),
@@ -143,7 +166,8 @@ def run_distributed(full: Dict[str, torch.Tensor], mesh, causal: bool, **options
         "dv": usp.gather(v.grad, mesh, dim=1, causal=causal),
     }
     return {"out": out, "lse": lse, "q": q, "local": local, "gathered": gathered,
-            "collectives": {"forward": fwd_counts, "backward": dict(bwd_counts)}}
+            "collectives": {"forward": fwd_counts, "backward": dict(bwd_counts)},
+            "backward_p2p_dtypes": sorted(sent)}
 
 
 def run_case(case: Case, mesh, device: torch.device, seed: int = 0) -> dict:
@@ -180,6 +204,7 @@ def run_case(case: Case, mesh, device: torch.device, seed: int = 0) -> dict:
     fwd_counts, bwd_counts = run["collectives"]["forward"], run["collectives"]["backward"]
     result = {"case": asdict(case), "kernel": kernel.name, "tensors": {},
               "collectives": {"forward": fwd_counts, "backward": bwd_counts},
+              "backward_p2p_dtypes": run["backward_p2p_dtypes"],
               "dtypes": {"out": str(out.dtype), "dq": str(q.grad.dtype), "lse": str(lse.dtype)},
               "shapes_ok": tuple(out.shape) == tuple(local["q"].shape) and tuple(lse.shape) == (
                   case.batch, case.heads, local["q"].shape[1])}
@@ -217,6 +242,10 @@ def check_result(result: dict) -> List[str]:
                 f"{name}: error {t['error']:.3e} > bound {t['bound']:.3e} "
                 f"(single-device error {t['single_device_error']:.3e}, ratio {t['ratio']:.2f})"
             )
+    sent = {tuple(x) for x in result["backward_p2p_dtypes"]}
+    if sent != expected_transfer_dtypes(case):
+        problems.append(f"backward ring transfers carried {sorted(sent)}, usp.spec says "
+                        f"{sorted(expected_transfer_dtypes(case))}")
     expected, priced = expected_collectives(case), planner_collectives(case)
     for phase in ("forward", "backward"):
         if result["collectives"][phase] != expected[phase]:

@@ -30,7 +30,7 @@ from .comm.p2p import RingRotation
 from .kernels.base import AttentionKernel
 from .merge import merge_attention_
 from .mesh import SequenceParallelMesh
-from .spec import narrow_sums
+from .spec import narrow_sums, ring_transfer_dtypes
 
 Tensor = torch.Tensor
 _KV_TAG, _DKV_TAG = 0, 1
@@ -311,7 +311,8 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
         return dq, dk, dv
     narrow = _narrow_sums(ring_size)
     acc = q.dtype if narrow else _accumulator_dtype(q.dtype)
-    kv_acc = _accumulator_dtype(k.dtype) if wide_dkv else acc
+    # what the dK/dV partial sums travel in (the planner prices the same bytes)
+    kv_acc = k.dtype if ring_transfer_dtypes(ring_size, wide_dkv)[1] == "input" else _accumulator_dtype(k.dtype)
     kv_rotation = _rotation(mesh, _KV_TAG, forward=False)
     dkv_rotation = _rotation(mesh, _DKV_TAG, forward=False)
     if last_kv:

@@ -38,7 +38,7 @@ __all__ = [
     "Layout", "choose_layout", "required_multiple", "dense_block", "block_fractions", "narrow_sums",
     "kv_replication", "replicated_kv_heads", "valid_head_chunks", "head_groups",
     "normalize_window", "band_pieces", "band_area", "SlidingWindow", "sliding_window",
-    "ring_steps", "forward_step_rotations", "backward_step_rotations",
+    "ring_steps", "forward_step_rotations", "backward_step_rotations", "ring_transfer_dtypes",
     "PassCollectives", "LayerCollectives", "layer_collectives",
     "varlen_chunks_per_doc", "varlen_doc_work", "varlen_cut_work", "varlen_placement", "varlen_ring_rows",
     "varlen_block_calls", "PLACEMENT_SLACK", "WORK_SLACK", "PLACEMENT_SHARES", "SMALL_BLOCK_SIDE",
@@ -482,6 +482,15 @@ def backward_step_rotations(step: int, steps: int) -> Tuple[int, int]:
     ``steps - 1`` dK/dV rotations a pass, the last dK/dV under the diagonal block. With head chunks each pass
     first fetches the block the forward ended on, exposed: one K/V rotation more (:func:`layer_collectives`)."""
     return (1 if step >= 2 else 0), (1 if step <= steps - 2 else 0)
+
+
+def ring_transfer_dtypes(ring: int, chunks_share_kv: bool = False) -> Tuple[str, str]:
+    """``(K/V, dK/dV)``: the dtype each of the ring's rotations carries, ``"input"`` (the K/V's own dtype) or
+    ``"float32"``. K/V always travel as they are; the dK/dV partial sums travel in the input dtype when the running
+    sums are narrow (:func:`narrow_sums`, Note [narrow sums] in ``usp/ring.py``) and no two head chunks share a K/V
+    head (``chunks_share_kv``: their sums are added up in float32 before the one rounding), else in float32. The
+    ring (``usp.ring``) sends what this says and the planner prices these bytes."""
+    return "input", ("input" if narrow_sums(ring) and not chunks_share_kv else "float32")
 
 
 @dataclass(frozen=True)
