@@ -32,8 +32,6 @@ the CPU with gloo and the reference kernels (wall-clock timing), a smoke test fo
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import random
 import statistics
@@ -50,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import usp  # noqa: E402
 from usp.kernels import resolve_backend  # noqa: E402
 from usp.kernels.varlen import VarlenSeqs, resolve_varlen_backend  # noqa: E402
-from cuda_timing import init_distributed, versions  # noqa: E402
+from cuda_timing import finish, init_distributed, versions  # noqa: E402
 from usp.varlen import long_context_attention_varlen, shard_varlen, varlen_layout  # noqa: E402
 
 RING_FLASH_ATTN_VARLEN_RATIO = 0.759  # ring-flash-attention README: varlen zigzag, 8xH800, fwd+bwd, vs "theoretic"
@@ -451,21 +449,11 @@ def main(argv=None) -> None:
                                                  varlen_kernel.name, args.topology)
                 log(f"  planner: {record['planner']}")
             records.append(record)
-    if rank == 0:
-        result = {
-            "benchmark": "bench_varlen", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "command": "torchrun --nproc-per-node %d benchmarks/bench_varlen.py %s" % (world, " ".join(sys.argv[1:])),
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "world_size": world,
-            "torch": torch.__version__, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-            "packages": versions(("flash-attn", "flash-attn-4", "ring-flash-attn", "usp")), "warmup": args.warmup, "iters": args.iters,
-            "ring_flash_attn_published_varlen_ratio": RING_FLASH_ATTN_VARLEN_RATIO, "records": records,
-        }
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
-    dist.barrier()
-    dist.destroy_process_group()
-
+    finish({"benchmark": "bench_varlen", "world_size": world,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+            "packages": versions(("flash-attn", "flash-attn-4", "ring-flash-attn", "usp")), "warmup": args.warmup,
+            "iters": args.iters, "ring_flash_attn_published_varlen_ratio": RING_FLASH_ATTN_VARLEN_RATIO,
+            "records": records}, args.out, "benchmarks/bench_varlen.py")
 
 if __name__ == "__main__":
     main()

@@ -54,3 +54,23 @@ def versions(packages) -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def finish(record: dict, path: str, script: str) -> None:
+    """End a torchrun benchmark: rank 0 adds the date, device, torch version and command line to ``record`` and
+    writes it to ``path`` as JSON; then every rank leaves the process group."""
+    import datetime
+    import json
+    import sys
+
+    if dist.get_rank() == 0:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        record.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), torch=torch.__version__,
+                      device=torch.cuda.get_device_name(device) if device is not None else "cpu",
+                      command="torchrun --nproc-per-node %d %s %s" % (dist.get_world_size(), script,
+                                                                      " ".join(sys.argv[1:])))
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {path}")
+    dist.barrier()
+    dist.destroy_process_group()

@@ -18,8 +18,6 @@ Without CUDA it runs on the CPU with gloo (a smoke test: no CUDA kernel times).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 from collections import defaultdict
@@ -34,7 +32,7 @@ import usp  # noqa: E402
 from usp.kernels.varlen import resolve_varlen_backend  # noqa: E402
 from usp.varlen import _schedule_for_layout, varlen_layout  # noqa: E402
 from bench_varlen import MIXES, Timer, parse_tokens, usp_varlen_step, varlen_kernel_step  # noqa: E402
-from cuda_timing import init_distributed  # noqa: E402
+from cuda_timing import finish, init_distributed  # noqa: E402
 
 CATEGORIES = (
     ("nccl", ("nccl",)),
@@ -150,17 +148,7 @@ def main(argv=None) -> None:
             print(f"{spec}: {m['tp_ms']:.2f} ms (1 GPU {t1['median_ms']:.2f}, E {m['efficiency']:.3f}, "
                   f"gap {m['gap_ms']:.2f} ms); rank 0 GPU ms {gathered[0]['gpu_ms']}, "
                   f"launches {gathered[0]['launches_total']:.0f}; layout {m['layout']}", flush=True)
-    if rank == 0:
-        record.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), torch=torch.__version__,
-                      device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      command="torchrun --nproc-per-node %d benchmarks/profile_varlen.py %s"
-                              % (world, " ".join(sys.argv[1:])))
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-        print(f"wrote {args.out}")
-    dist.barrier()
-    dist.destroy_process_group()
-
+    finish(record, args.out, "benchmarks/profile_varlen.py")
 
 if __name__ == "__main__":
     main()
