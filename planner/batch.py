@@ -227,15 +227,11 @@ def documents(cu_seqlens: Any = None, lengths: Any = None, histogram: Any = None
 #: ``benchmarks/data/varlen_torch_flash_20261125.json``: every document cut, plus a padding-only document)
 DOC_PLACEMENTS = ("spec", "cut_all")
 def placement_owner(lengths: np.ndarray, ring: int, causal: bool) -> np.ndarray:
-    """Note [document placement] as ``usp.spec.varlen_placement`` decides it, as an int64 array over the
+    """Note [document placement] as ``usp.spec.varlen_owners`` decides it, as an int64 array over the
     documents: ``-1`` for a document cut over the ring, ``r`` for one held whole by ring rank ``r``."""
-    owner = np.full(lengths.size, -1, dtype=np.int64)
     if ring == 1:
-        return owner
-    _, whole = spec.varlen_placement(lengths.tolist(), ring, causal)
-    for r, docs in enumerate(whole):
-        owner[list(docs)] = r
-    return owner
+        return np.full(lengths.size, -1, dtype=np.int64)
+    return np.array(spec.varlen_owners(lengths.tolist(), ring, causal), dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=32)

@@ -40,7 +40,8 @@ __all__ = [
     "normalize_window", "band_pieces", "band_area", "SlidingWindow", "sliding_window",
     "ring_steps", "forward_step_rotations", "backward_step_rotations", "ring_transfer_dtypes",
     "PassCollectives", "LayerCollectives", "layer_collectives",
-    "varlen_chunks_per_doc", "varlen_doc_work", "varlen_cut_work", "varlen_placement", "varlen_ring_rows",
+    "varlen_chunks_per_doc", "varlen_doc_work", "varlen_cut_work", "varlen_placement", "varlen_owners",
+    "varlen_ring_rows",
     "varlen_block_calls", "PLACEMENT_SLACK", "WORK_SLACK", "PLACEMENT_SHARES", "SMALL_BLOCK_SIDE",
 ]
 
@@ -598,7 +599,18 @@ def varlen_cut_work(length, ring: int, causal: bool):
 def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]:
     """Note [document placement] (in ``usp/varlen.py``): ``(cut, whole)`` for the non-empty documents
     ``lengths`` on a ring of ``ring``. ``cut``: indices of the documents cut over the ring (``varlen_chunks_per_doc``
-    chunks each), ascending; ``whole[r]``: the documents ring rank ``r`` holds whole, ascending.
+    chunks each), ascending; ``whole[r]``: the documents ring rank ``r`` holds whole, ascending. The placement
+    :func:`varlen_owners` decides, grouped."""
+    cut: List[int] = []
+    held: List[List[int]] = [[] for _ in range(ring)]
+    for j, r in enumerate(varlen_owners(lengths, ring, causal)):
+        (cut if r < 0 else held[r]).append(j)
+    return tuple(cut), tuple(tuple(h) for h in held)
+
+
+def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
+    """Note [document placement]: for each non-empty document of ``lengths``, ``-1`` if it is cut over a ring of
+    ``ring``, else the ring rank that holds it whole (what the planner reads; :func:`varlen_placement` groups it).
 
     For each share ``1/4, 1/8, ..., 1/64`` (``PLACEMENT_SHARES``) of a rank's mean work in turn, the documents whose
     whole work (``varlen_doc_work``) exceeds it are cut (every rank then does ``1/R`` of their ``varlen_cut_work``)
@@ -611,7 +623,7 @@ def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...],
     "cut" into one chunk (the ring rank holds the batch in order). Integer arithmetic only: a pure function of
     its arguments."""
     n = len(lengths)
-    everything_cut = (tuple(range(n)), tuple(() for _ in range(ring)))
+    everything_cut = [-1] * n
     if ring == 1 or n == 0:
         return everything_cut
     chunks = varlen_chunks_per_doc(ring, causal)
@@ -673,10 +685,10 @@ def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...],
         busiest = max(load_of)
         if (busiest <= all_cut and busiest * ring * WORK_SLACK <= (WORK_SLACK + 1) * sum(load_of)
                 and max(tokens) * PLACEMENT_SLACK <= (PLACEMENT_SLACK + 1) * total_tokens):
-            held: List[List[int]] = [[] for _ in range(ring)]
-            for i in range(k, n):
-                held[owner[i]].append(order[i])
-            return tuple(sorted(order[:k])), tuple(tuple(sorted(h)) for h in held)
+            owners = everything_cut
+            for j, r in zip(order[k:], owner[k:]):
+                owners[j] = r
+            return owners
     return everything_cut
 
 
