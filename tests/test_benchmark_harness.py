@@ -194,3 +194,35 @@ def test_smoke_suite_on_cpu_gloo_then_report(tmp_path):
     import importlib.util
 
     assert len(pngs) == (1 if importlib.util.find_spec("matplotlib") else 0)
+
+
+@pytest.mark.timeout(240)
+def test_packed_benchmarks_smoke_on_cpu_gloo(tmp_path):
+    """``bench_varlen.py`` (every mix, the planner's pick recorded or its reason) and ``profile_varlen.py`` on tiny
+    packed batches with the reference kernel: both finish and write what their docstrings say."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--backend", "reference", "--heads", "4/2", "--head-dim", "16", "--iters", "1", "--warmup", "0"]
+    bench = tmp_path / "varlen.json"
+    cmd = [torchrun, "--nproc-per-node", "2", os.path.join(HERE, "bench_varlen.py"), *common, "--no-dense",
+           "--points", "long_tail:512,uniform_short:9000,one_giant:512,many_tiny:512", "--topology", "h100-nvlink-2x",
+           "--out", str(bench)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=230, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(bench.read_text())
+    assert result["command"].startswith("torchrun") and [r["mix"] for r in result["records"]] == [
+        "long_tail", "uniform_short", "one_giant", "many_tiny"]
+    for record in result["records"]:
+        assert sum(record["doc_lengths"]) == record["total_tokens"]
+        assert set(record["meshes"]) == {"1x2", "2x1"} and record["meshes"]["1x2"]["placement"]["ring_tokens"] > 0
+        assert "reference" in record["planner"]["error"]  # no rates for the CPU kernel: said, not crashed
+    profile = tmp_path / "profile.json"
+    cmd = [torchrun, "--nproc-per-node", "2", os.path.join(HERE, "profile_varlen.py"), *common, "--total", "512",
+           "--meshes", "1x2", "--out", str(profile)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=230, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(profile.read_text())
+    facts = record["meshes"]["1x2"]["layout"]
+    assert len(record["meshes"]["1x2"]["per_rank"]) == 2 and facts["cut_docs"] + sum(facts["whole_docs"]) > 0
