@@ -396,9 +396,8 @@ def main(argv=None) -> None:
                     step = usp_varlen_step(docs, mesh, heads, kv_heads, args.head_dim, causal, args.backend, device)
                     layout = varlen_layout([0] + list(torch.tensor(docs).cumsum(0).tolist()), mesh, causal)
                     padding = layout.padding
-                    if hasattr(layout, "cut_docs"):  # Note [document placement]
-                        placement = {"cut": len(layout.cut_docs), "whole": [len(d) for d in layout.whole_docs],
-                                     "cut_rows": layout.cut_rows, "ring_tokens": layout.ring_tokens}
+                    placement = {"cut": len(layout.cut_docs), "whole": [len(d) for d in layout.whole_docs],
+                                 "cut_rows": layout.cut_rows, "ring_tokens": layout.ring_tokens}
                 else:
                     step = usp_dense_step(total, mesh, heads, kv_heads, args.head_dim, causal, args.backend, device)
                     padding = 0

@@ -80,21 +80,18 @@ def profile_step(step, iters: int, device: torch.device) -> dict:
     }
 
 
-def layout_facts(layout, causal: bool) -> dict:
+def layout_facts(layout) -> dict:
     schedule = _schedule_for_layout(layout)
     calls = {}
     for rank in range(layout.ring):
         per_step = []
-        for step in range(layout.ring):
+        for step in range(schedule.steps(layout.ring)):
             task = schedule.block(step, rank, layout.ring, layout.ring_tokens)
             per_step.append(0 if task is None else len(task.mask.calls))
         calls[rank] = per_step
-    facts = {"padding_tokens": layout.padding, "ring_tokens": layout.ring_tokens, "calls_per_step": calls}
-    if hasattr(layout, "cut_docs"):  # Note [document placement] (layouts before it cut every document)
-        facts["cut_docs"] = len(layout.cut_docs)
-        facts["whole_docs"] = [len(docs) for docs in layout.whole_docs]
-        facts["cut_rows"] = layout.cut_rows
-    return facts
+    return {"padding_tokens": layout.padding, "ring_tokens": layout.ring_tokens, "calls_per_step": calls,
+            "cut_docs": len(layout.cut_docs), "whole_docs": [len(docs) for docs in layout.whole_docs],
+            "cut_rows": layout.cut_rows}
 
 
 def main(argv=None) -> None:
@@ -138,7 +135,7 @@ def main(argv=None) -> None:
             "tp_ms": timed["median_ms"], "peak_gib": timed["peak_gib"], "kernel_share_ms": t1["median_ms"] / world,
             "efficiency": t1["median_ms"] / (world * timed["median_ms"]),
             "gap_ms": timed["median_ms"] - outside_nccl, "per_rank": gathered,
-            "layout": layout_facts(varlen_layout(cu, mesh, True), True),
+            "layout": layout_facts(varlen_layout(cu, mesh, True)),
         }
         del step
         if device.type == "cuda":

@@ -9,6 +9,7 @@ backend is a failure, never a skip).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Tuple
 
@@ -35,3 +36,12 @@ def skip_unless_required(backend: str, reason: str) -> None:
     if backend in required_backends():
         pytest.fail(f"backend {backend} is required (USP_GPU_REQUIRE) but unavailable: {reason}")
     pytest.skip(f"backend {backend} unavailable here: {reason}")
+
+
+def save_report(data) -> None:
+    """Write ``data`` as JSON to ``USP_TEST_REPORT`` when it is set (``benchmarks/gpu_suite.sh`` keeps one report
+    per test file)."""
+    report = os.environ.get("USP_TEST_REPORT")
+    if report:
+        with open(report, "w") as f:
+            json.dump(data, f, indent=1)

@@ -8,14 +8,13 @@ Set ``USP_TEST_REPORT=path.json`` to save every case's errors and ratios.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from attention_cases import Case, check_result, run_cases
 from distributed import run_world
-from gpu_backends import gpu_backends, skip_unless_required
+from gpu_backends import gpu_backends, save_report, skip_unless_required
 
 needs_two_gpus = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on the GPU machine)"
@@ -143,10 +142,7 @@ def test_fused_merge_kernel_matches_pytorch_merge(out_dtype):
 @pytest.fixture(scope="module")
 def gpu_results():
     per_rank = run_world(2, _gpu_world, BACKENDS, timeout=900, backend="nccl")
-    report = os.environ.get("USP_TEST_REPORT")
-    if report:
-        with open(report, "w") as f:
-            json.dump(per_rank[0], f, indent=1)
+    save_report(per_rank[0])
     return per_rank
 
 

@@ -11,13 +11,13 @@ Skipped without 2 CUDA devices (CI has none).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from attention_cases import Case, check_result, run_case
 from distributed import run_world
+from gpu_backends import save_report
 from varlen_cases import VarlenCase, check_varlen_result, run_varlen_case
 
 #: GPU of each rank: no Ulysses group ({0, 1}, {2, 3}) and no ring group ({0, 2}, {1, 3}) shares a GPU
@@ -53,10 +53,7 @@ def _hybrid_world(rank, world_size):
 @pytest.mark.timeout(900)
 def test_hybrid_2x2_on_nccl_two_ranks_per_gpu():
     per_rank = run_world(4, _hybrid_world, timeout=800, backend="gloo")
-    report = os.environ.get("USP_TEST_REPORT")
-    if report:
-        with open(report, "w") as f:
-            json.dump(per_rank[0], f, indent=1)
+    save_report(per_rank[0])
     failures = []
     for rank, results in enumerate(per_rank):
         assert results["groups"] == ["nccl", "nccl"], results["groups"]

@@ -10,7 +10,6 @@ skip into a failure. On the GPU machine the flash-attn 2 recipe installs both (s
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from distributed import run_world
-from gpu_backends import skip_unless_required
+from gpu_backends import save_report, skip_unless_required
 
 FP32_ULP = torch.finfo(torch.float32).eps
 #: (causal, batch, seqlen, heads, kv_heads, head_dim): ring-flash-attention's own test shape, then GQA, batch 2
@@ -110,10 +109,7 @@ def test_usp_fa2_ring_agrees_with_ring_flash_attention():
     if reason:
         skip_unless_required("fa2", reason)
     per_rank = run_world(2, _peer_world, timeout=800, backend="nccl")
-    report = os.environ.get("USP_TEST_REPORT")
-    if report:
-        with open(report, "w") as f:
-            json.dump(per_rank[0], f, indent=1)
+    save_report(per_rank[0])
     failures = []
     for row in per_rank[0]:
         print("\npeer cross-check", row["case"], json.dumps(

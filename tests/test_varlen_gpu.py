@@ -11,13 +11,12 @@ its two NCCL ranks itself, like ``test_gpu.py``). ``USP_TEST_REPORT=path.json`` 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from distributed import run_world
-from gpu_backends import gpu_backends, skip_unless_required
+from gpu_backends import gpu_backends, save_report, skip_unless_required
 from varlen_cases import VarlenCase, check_varlen_result, run_varlen_case
 
 pytestmark = pytest.mark.skipif(
@@ -131,10 +130,7 @@ def _gpu_world(rank, world_size, backends):
 @pytest.fixture(scope="module")
 def gpu_results():
     per_rank = run_world(2, _gpu_world, BACKENDS, timeout=1500, backend="nccl")
-    report = os.environ.get("USP_TEST_REPORT")
-    if report:
-        with open(report, "w") as f:
-            json.dump(per_rank[0], f, indent=1)
+    save_report(per_rank[0])
     return per_rank
 
 

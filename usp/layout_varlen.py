@@ -260,6 +260,22 @@ def _local_rows(layout: VarlenLayout, mesh: SequenceParallelMesh) -> Tuple[Tenso
     return layout.local_rows(mesh.ulysses_rank, mesh.ring_rank)
 
 
+def _checked_layout(x, argument: str, cu_seqlens, mesh, dim: int, causal: bool, local: bool):
+    """``(layout, dim)`` for a tensor that holds the whole packed batch (``local=False``: ``cu_seqlens[-1]`` rows
+    along ``dim``) or this rank's shard of it (``local=True``: ``layout.local_tokens`` rows); raises naming
+    ``argument`` otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{argument} must be a torch.Tensor, got {type(x).__name__}")
+    layout = varlen_layout(cu_seqlens, mesh, causal)
+    dim = _normalize_dim(dim, x.ndim)
+    rows = layout.local_tokens if local else layout.total
+    if x.shape[dim] != rows:
+        what = f"the layout's local_tokens={rows}" if local else \
+            f"equal cu_seqlens[-1]={rows} (the whole packed batch)"
+        raise ValueError(f"{argument}.shape[{dim}]={x.shape[dim]} must {'be ' if local else ''}{what}")
+    return layout, dim
+
+
 def shard_varlen(
     x: Tensor, cu_seqlens, mesh: SequenceParallelMesh, dim: int = 0, causal: bool = True, pad_value=0
 ) -> Tensor:
@@ -270,14 +286,7 @@ def shard_varlen(
     labels so the loss skips them). Differentiable (zero gradient at padding). ``causal`` must match the attention.
     Returns ``layout.local_tokens`` rows along ``dim``.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    layout = varlen_layout(cu_seqlens, mesh, causal)
-    dim = _normalize_dim(dim, x.ndim)
-    if x.shape[dim] != layout.total:
-        raise ValueError(
-            f"x.shape[{dim}]={x.shape[dim]} must equal cu_seqlens[-1]={layout.total} (the whole packed batch)"
-        )
+    layout, dim = _checked_layout(x, "x", cu_seqlens, mesh, dim, causal, local=False)
     packed, _ = _local_rows(layout, mesh)
     padding = packed < 0
     local = x.index_select(dim, packed.clamp(min=0).to(x.device))
@@ -293,14 +302,7 @@ def gather_varlen(x_local: Tensor, cu_seqlens, mesh: SequenceParallelMesh, dim: 
 
     Not differentiable. Gathers over the Ulysses group, then the ring group, then restores packed order.
     """
-    if not isinstance(x_local, torch.Tensor):
-        raise TypeError(f"x_local must be a torch.Tensor, got {type(x_local).__name__}")
-    layout = varlen_layout(cu_seqlens, mesh, causal)
-    dim = _normalize_dim(dim, x_local.ndim)
-    if x_local.shape[dim] != layout.local_tokens:
-        raise ValueError(
-            f"x_local.shape[{dim}]={x_local.shape[dim]} must be the layout's local_tokens={layout.local_tokens}"
-        )
+    layout, dim = _checked_layout(x_local, "x_local", cu_seqlens, mesh, dim, causal, local=True)
     x_local = x_local.contiguous()
     ring_seq = _all_gather_cat(x_local, mesh.ulysses_group, mesh.ulysses, dim)
     everything = _all_gather_cat(ring_seq, mesh.ring_group, mesh.ring, dim)

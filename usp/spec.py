@@ -615,7 +615,8 @@ def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
     For each share ``1/4, 1/8, ..., 1/64`` (``PLACEMENT_SHARES``) of a rank's mean work in turn, the documents whose
     whole work (``varlen_doc_work``) exceeds it are cut (every rank then does ``1/R`` of their ``varlen_cut_work``)
     and the others placed whole, longest first: the larger ones (work above 1/256 of a rank's mean) each on the
-    rank with the least work, the rest each on the rank with the fewest tokens (lowest rank on ties). The first
+    rank with the least work, the rest each on the rank with the fewest tokens (lowest rank on ties) until the
+    ranks' tokens are within one document of each other, then dealt in snake order (fewest tokens first). The first
     placement whose busiest rank does no more work than a rank does with every document cut and is within
     ``1 + 1/WORK_SLACK`` of the mean rank's work, and whose ranks all hold within ``1 + 1/PLACEMENT_SLACK`` of the
     mean tokens (a cut document's padding counted), wins; if none
@@ -623,19 +624,16 @@ def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
     "cut" into one chunk (the ring rank holds the batch in order). Integer arithmetic only: a pure function of
     its arguments."""
     n = len(lengths)
-    everything_cut = [-1] * n
     if ring == 1 or n == 0:
-        return everything_cut
+        return [-1] * n
     chunks = varlen_chunks_per_doc(ring, causal)
     order = sorted(range(n), key=lengths.__getitem__, reverse=True)  # longest first (stable: index on ties)
     length = [lengths[j] for j in order]
-    half = 2 if causal else 1
-    # varlen_doc_work and varlen_cut_work, inlined (this runs once per batch and ring size)
-    work = [x * (x + SMALL_BLOCK_SIDE) // half for x in length]
-    cut_side = chunks * SMALL_BLOCK_SIDE
+    work = [varlen_doc_work(x, causal) for x in length]
     total_work, total_tokens = sum(work), sum(length)
-    # ring x a rank's work with every document cut: the sum of varlen_cut_work, to within one unit a document
-    all_cut = total_work + (cut_side - SMALL_BLOCK_SIDE) * total_tokens // half
+    # ring x a rank's work with every document cut: the sum of varlen_cut_work (which exceeds varlen_doc_work by
+    # (chunks - 1) * SMALL_BLOCK_SIDE / 2 a token, causal), to within one unit a document
+    all_cut = total_work + (chunks - 1) * SMALL_BLOCK_SIDE * total_tokens // (2 if causal else 1)
     large = total_work // (ring * 256)
     tried = set()
     k = 0
@@ -651,7 +649,7 @@ def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
         tried.add(k)
         # loads and tokens are ring x a rank's (every rank does 1/ring of each cut document); heap keys are
         # value * ring + rank: the least value first, the lowest rank on ties
-        base_work = sum(x * (x + cut_side) // half for x in length[:k])  # varlen_cut_work of the cut ones
+        base_work = sum(varlen_cut_work(x, ring, causal) for x in length[:k])
         base_tokens = sum(-(-x // chunks) * chunks for x in length[:k])
         owner = [0] * n
         loads = [base_work * ring + r for r in range(ring)]
@@ -685,11 +683,11 @@ def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
         busiest = max(load_of)
         if (busiest <= all_cut and busiest * ring * WORK_SLACK <= (WORK_SLACK + 1) * sum(load_of)
                 and max(tokens) * PLACEMENT_SLACK <= (PLACEMENT_SLACK + 1) * total_tokens):
-            owners = everything_cut
+            owners = [-1] * n
             for j, r in zip(order[k:], owner[k:]):
                 owners[j] = r
             return owners
-    return everything_cut
+    return [-1] * n
 
 
 def varlen_ring_rows(chunk_rows: int, whole_rows: Tuple[int, ...], ulysses: int, ring: int, causal: bool) -> int:
