@@ -127,9 +127,12 @@ group and chunk, on every ring rank ``r`` (the pass takes the slowest rank's tim
   compute: each piece ``4·b·(H/U)·d·A`` FLOPs, ``A = band_area`` its (query, key) pairs (2.5x backward), at the
     kernel's rate at the equivalent side ``sqrt(2A)`` — the causal rate when the piece is masked (the window's
     edges are masked tiles, like the diagonal), the non-causal rate at ``sqrt(q·k)`` for a full piece;
-  sums: float32 at any ring size (no narrow sums): forward ``(8 + B)`` per merged query element, the accumulator
-    created and cast ``(8 + B)·q_h``; backward ``(8 + B)`` over the dq and dK/dV rows each piece touches, and
-    ``(8 + B)`` over all of dq, dK, dV for the zero-fill and casts;
+  sums [CORE ``usp/ring.py`` Note [sparse sums]]: in the input dtype (``a = B``) on a rank whose rows sum at most
+    two terms (``SlidingWindow.narrow_sums``, out/dQ and dK/dV apart), else float32 (``a = 4``): the own pieces
+    write their rows (``B + a`` per element; nothing when one piece covers every row and ``a = B``, a cast
+    ``B + 4`` when ``a = 4``), every other piece merges (``3·B`` per query element in the input dtype, ``8 + B`` in
+    float32) or adds its dq and step-0 dK/dV the same way (the remote halos' dK/dV partials: float32 zeros and
+    adds, ``12 + B``, and their return added at ``4 + 2a``), and float32 sums are cast at the end (``4 + B``);
   steps ``0, j1, j2, ...`` (step 0 and the active steps): under step ``j_i``'s pieces travels the halo exchange of
     ``j_{i+1}`` (``max(received, sent)`` rows · ``2·b·(Hkv'/U)·d·B``, one batched call: ``α + max(c, n·spb)``);
     backward: the halo again unless kept (``keep_halos`` and ``C == 1``) and the fp32 dK/dV halo of ``j_{i-1}``
@@ -137,8 +140,8 @@ group and chunk, on every ring rank ``r`` (the pass takes the slowest rank's tim
   overhead: ``step_overhead`` per step walked (``1 + active steps``);
   counts: ``usp.spec.layer_collectives`` with the window (the busiest ring rank's calls); bytes, compute and
     kernel calls of the slowest rank;
-  memory: as the dense layer (halo buffers and kept halos are at most the dense ring's K/V blocks) with float32
-    sums at ``R == 2`` too.
+  memory: as the dense layer (halo buffers and kept halos are at most the dense ring's K/V blocks) with the sums'
+    dtypes above (the widest rank's).
 A mix of layer types (``planner.plan(window_layers=...)``) is the sum of its layers' costs (``PassCost.combine``);
 its memory is the larger layer's.
 
@@ -596,6 +599,7 @@ class CostModel:
         fit = self.p2p_fit(ulysses, ring, placement) if ring > 1 else None
         steps = (0,) + window.active_steps(ring, local)
         kept = window.keep_halos(ring, local) and C == 1
+        shared_kv = C > kv / (ulysses * G)  # head chunks sharing a K/V head sum its dK/dV in float32 (wide)
         piece_cache = {}
 
         def piece(q_len: int, k_len: int, left: int, right: int) -> Tuple[float, float, float]:
@@ -619,22 +623,51 @@ class CostModel:
                 return compute
             return rotations * fit.latency + max(compute, fit.floor - fit.latency, nbytes / fit.bandwidth)
 
+        def sums_bytes(r: int):
+            """Note [sparse sums] on ring rank ``r``: bytes per step of the merges/adds ``(forward, backward)`` and
+            of the own pieces' writes, the final casts and the returned partials ``(forward, backward)``."""
+            narrow_q, narrow_kv = window.narrow_sums(r, ring, local)
+            narrow_kv = narrow_kv and not shared_kv
+            a_q, a_kv = (B if narrow_q else FP32), (B if narrow_kv else FP32)
+            merge_q = 3 * B if narrow_q else 8 + B  # one merged/added element: read both, write one
+            merge_kv = 3 * B if narrow_kv else 8 + B
+            steps_bytes = {}
+            for j in steps:
+                fwd_bytes = bwd_bytes = 0.0
+                for q_span, k_span, _, _ in window.pieces(j, r, ring, local):
+                    if j == 0 and q_span == k_span:
+                        continue  # an own piece: written, below
+                    n_q, n_k = rows(q_span), rows(k_span)
+                    fwd_bytes += merge_q * n_q * q_row
+                    bwd_bytes += merge_q * n_q * q_row + (merge_kv if j == 0 else 12 + B) * n_k * kv2_row
+                steps_bytes[j] = (fwd_bytes, bwd_bytes)
+            own = [p for p in window.pieces(0, r, ring, local) if p[0] == p[1]]
+
+            def written(a: int, single: bool) -> float:  # per element: the own pieces' results into the sums
+                return (0.0 if a == B else B + a) if single else B + a
+
+            cast_q, cast_kv = (0.0 if narrow_q else 4 + B), (0.0 if narrow_kv else 4 + B)
+            single = len(own) == 1
+            start_f = (written(a_q, single) + cast_q) * local * q_row
+            start_b = ((written(a_q, single and C == 1) + cast_q) * local * q_row
+                       + (written(a_kv, single) + cast_kv) * local * kv2_row)
+            for j in steps[1:]:
+                mine = window.halo(j, (r + j) % ring, ring, local)
+                start_b += (4 + 2 * a_kv) * rows(mine) * kv2_row
+            return steps_bytes, start_f, start_b
+
         def rank_cost(r: int):
             """One pass of ring rank ``r`` (one head group and chunk): forward and backward ring time, and the
             per-pass totals of compute, merge, overhead, flops, kernel calls and bytes sent."""
             work = {}
+            steps_bytes, start_f, start_b = sums_bytes(r)
+            start_f, start_b = (start_f / hbm, start_b / hbm) if hbm else (0.0, 0.0)
             for j in steps:
                 pieces = window.pieces(j, r, ring, local)
                 parts = [piece(p[0].stop - p[0].start, p[1].stop - p[1].start, p[2], p[3]) for p in pieces]
-                q_rows = sum(p[0].stop - p[0].start for p in pieces)
-                k_rows = sum(p[1].stop - p[1].start for p in pieces)
-                merge_f = (8 + B) * q_rows * q_row / hbm if hbm else 0.0  # merged into fp32 accumulators
-                merge_b = (8 + B) * (q_rows * q_row + k_rows * kv2_row) / hbm if hbm else 0.0  # dq, dK/dV add_
+                merge_f, merge_b = (x / hbm for x in steps_bytes[j]) if hbm else (0.0, 0.0)
                 work[j] = (sum(p[1] for p in parts), sum(p[2] for p in parts), merge_f, merge_b,
                            sum(p[0] for p in parts), len(parts))
-            # accumulators created and cast at the end: out (forward), dq, dk, dv (backward)
-            start_f = (4 + 4 + B) * local * q_row / hbm if hbm else 0.0
-            start_b = (4 + 4 + B) * local * (q_row + kv2_row) / hbm if hbm else 0.0
             links = []  # (rows received, rows sent) of each step's halo, for the next step's exchange
             for j in steps:
                 if j == 0:
@@ -679,7 +712,9 @@ class CostModel:
         fwd.ring_exposed = max(0.0, G * t_fwd - fwd.compute - fwd.merge - fwd.overhead)
         bwd.ring_exposed = max(0.0, G * t_bwd - bwd.compute - bwd.merge - bwd.overhead)
         self._a2a_exposed(ulysses, ring, placement, q_buf, kv_buf, G, fwd, bwd, t_fwd, t_bwd)
-        return fwd, bwd, self.memory(shape, ulysses, ring, head_chunks, sparse=True)
+        narrow = [window.narrow_sums(r, ring, local) for r in range(ring)]  # the peak: the widest rank's sums
+        return fwd, bwd, self.memory(shape, ulysses, ring, head_chunks,
+                                     narrow=(all(n[0] for n in narrow), all(n[1] for n in narrow)))
 
     def _a2a_staging(self, shape: Shape, ulysses: int, ring: int, G: int, fwd: PassCost,
                      bwd: PassCost) -> Tuple[float, float]:
@@ -710,10 +745,11 @@ class CostModel:
                 pc.all_to_all += first + last + (G - 1) * (max(0.0, first - t_group) + max(0.0, last - t_group))
 
     @staticmethod
-    def memory(shape: Shape, ulysses: int, ring: int, head_chunks: int = 1, sparse: bool = False,
-               ring_rows: Optional[float] = None) -> MemoryCost:
-        """Peak memory of one layer (module docstring). ``sparse``: a windowed layer (Note [sparse ring]), whose
-        sums are float32 at any ring size; its halo buffers and kept halos are at most the dense ring's blocks.
+    def memory(shape: Shape, ulysses: int, ring: int, head_chunks: int = 1,
+               narrow: Optional[Tuple[bool, bool]] = None, ring_rows: Optional[float] = None) -> MemoryCost:
+        """Peak memory of one layer (module docstring). ``narrow``: a windowed layer's (Note [sparse sums]) whether
+        its out/dQ and its dK/dV sums stay in the input dtype (default: the dense ring's ``spec.narrow_sums``); its
+        halo buffers and kept halos are at most the dense ring's blocks.
         ``ring_rows`` as for :meth:`evaluate` (the ring's K/V and dK/dV buffers hold the travelling rows)."""
         B = shape.element_bytes
         b, s, H, d = shape.batch, shape.seqlen, shape.heads, shape.head_dim
@@ -726,7 +762,8 @@ class CostModel:
         if travel == 0:
             ring = 1  # nothing travels: one step, the R == 1 layer on these s/R rows
         saved = B * (2 * q_h + 2 * kv_h) + FP32 * lse
-        C, narrow = head_chunks, spec.narrow_sums(ring, sparse)  # used below only when R > 1
+        C = head_chunks
+        narrow_q, narrow_kv = (spec.narrow_sums(ring),) * 2 if narrow is None else narrow  # used only when R > 1
         Ckv = min(C, max(1, kv // ulysses))  # chunks beyond the K/V heads share one K/V head each
         if ring > 1 and C == 1:
             saved += 2 * kv_t * B  # the forward's last K/V block, one per head group (each 1/G of the heads)
@@ -738,9 +775,9 @@ class CostModel:
         fwd = replicate + staging + q_h * B
         bwd = q_h * B + staging + (q_h + 2 * kv_h) * B + kernel_bwd
         if ring > 1:
-            accumulator = 0.0 if narrow else FP32 * q_h  # Note [narrow sums]: R == 2 merges into the output
+            accumulator = 0.0 if narrow_q else FP32 * q_h  # Note [narrow sums]: R == 2 merges into the output
             fwd += ring_kv + (accumulator + q_h * B) / C + 2 * FP32 * lse / C
-            dq_sum = 0.0 if narrow and C > 1 else (q_h * B if narrow else FP32 * q_h / C)  # chunks: into dq itself
-            dkv_bytes = B if narrow and C <= Ckv else FP32
+            dq_sum = 0.0 if narrow_q and C > 1 else (q_h * B if narrow_q else FP32 * q_h / C)  # chunks: into dq
+            dkv_bytes = B if narrow_kv and C <= Ckv else FP32
             bwd += dq_sum + 2 * 2 * kv_t * dkv_bytes / Ckv + ring_kv
         return MemoryCost(saved=saved, forward_transient=fwd, backward_transient=bwd)

@@ -120,21 +120,26 @@ def planner_collectives(case: Case) -> Dict[str, Dict[str, int]]:
 
 #: ``Case.backend`` values of this form name a kernel wrapped in the contract checker (``usp.kernels.contract``)
 CONTRACT_PREFIX = "contract:"
+#: the same, with the kernel's own sink support hidden: the ring applies the sinks around it (Note [attention
+#: sinks] in ``usp/ring.py``), so one kernel runs both ways of computing them
+GENERIC_SINKS_PREFIX = "contract-generic-sinks:"
 
 
 def case_backend(name: str, varlen: bool = False):
     """The ``backend=`` argument for a case's backend name: the name itself, or for ``"contract:<name>"`` that
-    kernel (dense or varlen) inside the checker that rejects anything Note [kernel contract] forbids."""
-    if not name.startswith(CONTRACT_PREFIX):
+    kernel (dense or varlen) inside the checker that rejects anything Note [kernel contract] forbids
+    (``"contract-generic-sinks:<name>"``: and claims no sink support)."""
+    prefix = next((p for p in (CONTRACT_PREFIX, GENERIC_SINKS_PREFIX) if name.startswith(p)), None)
+    if prefix is None:
         return name
     from usp.kernels import BACKENDS
     from usp.kernels.contract import ContractCheckingKernel, ContractCheckingVarlenKernel
     from usp.kernels.varlen import VARLEN_BACKENDS
 
-    inner = name[len(CONTRACT_PREFIX):]
+    inner = name[len(prefix):]
     if varlen:
         return ContractCheckingVarlenKernel(VARLEN_BACKENDS[inner])
-    return ContractCheckingKernel(BACKENDS[inner])
+    return ContractCheckingKernel(BACKENDS[inner], native_sinks=prefix == CONTRACT_PREFIX)
 
 
 def _max_abs(x: torch.Tensor) -> float:

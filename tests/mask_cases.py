@@ -14,7 +14,8 @@ from typing import List, Tuple
 
 import torch
 
-from attention_cases import FP32_ULP, Case, _norm, case_backend, expected_mask_collectives, run_distributed
+from attention_cases import (FP32_ULP, GENERIC_SINKS_PREFIX, Case, _norm, case_backend, expected_mask_collectives,
+                             run_distributed)
 
 
 @dataclass(frozen=True)
@@ -104,13 +105,16 @@ def run_mask_case(case: MaskCase, mesh, seed: int = 0, device=None) -> dict:
     sinks_full = sinks_full.to(device) if case.sinks else None
     backend = case_backend(case.backend)  # "contract:<name>": the kernel inside the contract checker
     kernel = resolve_backend(backend, device, dtype, case.head_dim)
-    out1, lse1 = kernel.forward(full["q"], full["k"], full["v"], mask, scale)
-    if case.sinks:
+    native = case.sinks and kernel.supports_sinks  # the kernel takes the sinks itself (Note [kernel sinks])
+    sink_args = {"sinks": sinks_full.to(torch.promote_types(dtype, torch.float32))} if native else {}
+    out1, lse1 = kernel.forward(full["q"], full["k"], full["v"], mask, scale, **sink_args)
+    if case.sinks and not native:
         out1, lse1 = apply_sinks(out1, lse1, sinks_full)
-    dq1, dk1, dv1 = kernel.backward(full["dout"], full["q"], full["k"], full["v"], out1, lse1, mask, scale)
+    dq1, dk1, dv1, *ds1 = kernel.backward(full["dout"], full["q"], full["k"], full["v"], out1, lse1, mask, scale,
+                                          **sink_args)
     single = {"out": out1, "lse": lse1, "dq": dq1, "dk": dk1, "dv": dv1}
     if case.sinks:
-        single["dsinks"] = sink_grad(full["dout"], out1, lse1, sinks_full)
+        single["dsinks"] = ds1[0] if native else sink_grad(full["dout"], out1, lse1, sinks_full)
 
     sinks = sinks_full.clone().requires_grad_() if case.sinks else None
     run = run_distributed(full, mesh, case.causal, backend=backend, head_chunks=case.head_chunks,
@@ -162,15 +166,19 @@ def mask_cases(u: int, r: int) -> List[MaskCase]:
         if not causal:
             windows.append((1, shard + 2))  # asymmetric: a short past and a long future
         for index, window in enumerate(windows):
+            sinks = index % 2 == 0 or index == 3
+            # the sinks both ways (Note [attention sinks]): in the kernel's own-block calls, and around the ring
+            # (the kernel's support hidden); each on the sparse ring of a window and on the dense ring
+            generic = sinks and (index == 2) == causal
             cases.append(MaskCase(u, r, causal, ("float32", "bfloat16")[index % 2], seqlen, window=window,
-                                  softcap=(0.0, 5.0)[index % 2], sinks=index % 2 == 0 or index == 3,
-                                  kv_heads=(2, 1)[index % 2]))
+                                  softcap=(0.0, 5.0)[index % 2], sinks=sinks, kv_heads=(2, 1)[index % 2],
+                                  backend=GENERIC_SINKS_PREFIX + "reference" if generic else "auto"))
     from usp.attention import valid_head_chunks
 
     seqlen = required_multiple(u, r, True) * 4
     heads = 8 if u > 2 else 4
     chunks = 2 if 2 in valid_head_chunks(heads, 4, u) else 1
     cases.append(MaskCase(u, r, True, "float32", seqlen, heads=heads, window=(3, 0), v_head_dim=8, sinks=True,
-                          kv_heads=4, head_chunks=chunks))
+                          kv_heads=4, head_chunks=chunks, backend=GENERIC_SINKS_PREFIX + "reference"))
     cases.append(MaskCase(u, r, False, "float32", required_multiple(u, r, False) * 4, softcap=2.0, v_head_dim=24))
     return cases

@@ -217,3 +217,33 @@ def test_deterministic_refuses_a_kernel_without_one():
         from usp.attention import check_deterministic
 
         check_deterministic(1)
+
+
+def test_kernel_sinks_match_the_sinks_applied_around_the_kernel():
+    """Note [kernel sinks]: a kernel taking the sinks (the reference, GQA, a window) returns what applying them
+    around it does (``apply_sinks``, ``sink_grad``); the checker refuses sinks where the kernel claims no support
+    and a wrong dtype."""
+    from usp.kernels.base import Mask
+    from usp.kernels.contract import ContractCheckingKernel, KernelContractError
+    from usp.kernels.reference import ReferenceKernel
+    from usp.ring import apply_sinks, sink_grad
+
+    gen = torch.Generator().manual_seed(3)
+    q, dout = (torch.randn(2, 9, 4, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 9, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
+    kernel, mask = ContractCheckingKernel(ReferenceKernel()), Mask(3, 0, 2.0)
+    out, lse = kernel.forward(q, k, v, mask, 0.3, sinks=sinks)
+    plain_out, plain_lse = kernel.forward(q, k, v, mask, 0.3)
+    around_out, around_lse = apply_sinks(plain_out, plain_lse, sinks)
+    torch.testing.assert_close(out, around_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, around_lse, rtol=1e-12, atol=1e-12)
+    dq, dk, dv, dsinks = kernel.backward(dout, q, k, v, out, lse, mask, 0.3, sinks=sinks)
+    for got, want in zip((dq, dk, dv), kernel.backward(dout, q, k, v, out, lse, mask, 0.3)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dsinks, sink_grad(dout, out, lse, sinks), rtol=1e-10, atol=1e-12)
+    assert dsinks.abs().min() > 0  # every head's sink has a gradient here: the check above is not vacuous
+    with pytest.raises(KernelContractError, match="without sink support"):
+        ContractCheckingKernel(ReferenceKernel(), native_sinks=False).forward(q, k, v, mask, 0.3, sinks=sinks)
+    with pytest.raises(KernelContractError, match="sinks has dtype"):
+        kernel.forward(q, k, v, mask, 0.3, sinks=sinks.float())

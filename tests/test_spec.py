@@ -97,7 +97,15 @@ def test_the_dense_schedules_are_the_specs_blocks():
 
     assert usp.ring.narrow_sums is spec.narrow_sums
     assert [spec.narrow_sums(r) for r in (1, 2, 3, 8)] == [True, True, False, False]
-    assert not spec.narrow_sums(2, sparse=True)
+    # the sparse ring decides per rank from the terms a row sums (Note [sparse sums]): a window within one chunk
+    # adds one neighbour's piece to the own one; 40,000 on 32K chunks reaches two chunks back, so chunk 3's first
+    # rows (rank 0) sum their own piece and two of rank 1's, and rank 1's chunk-1 keys feed its own piece, chunk
+    # 2's queries and rank 0's (a returned partial)
+    assert [spec.SlidingWindow(True, 2, 0).row_terms(r, 8, 32) for r in range(8)] == [(2, 2)] * 8
+    assert spec.SlidingWindow(True, 2, 0).narrow_sums(3, 8, 32) == (True, True)
+    wide = spec.SlidingWindow(True, 40000, 0)
+    assert [wide.row_terms(r, 2, 65536) for r in range(2)] == [(3, 2), (3, 3)]
+    assert wide.narrow_sums(0, 2, 65536) == (False, True)
     for causal, schedule in ((True, ZigzagCausalSchedule(0.5)), (False, FullSchedule(0.5))):
         for ring in (1, 2, 3, 4, 8):
             for r in range(ring):

@@ -77,20 +77,21 @@ def _rotation(mesh: SequenceParallelMesh, tag: int, forward: bool = True) -> Rin
 
 def ring_forward(
     q: Tensor, k: Tensor, v: Tensor, mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float,
-    head_chunks: int = 1,
+    head_chunks: int = 1, sinks: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """Local ``q [b, s, h, d]``, ``k, v [b, s, h_kv, d]`` (this ring rank's sequence) -> ``(out, lse, last_kv)``.
 
     ``last_kv`` is the K/V block held at the last step (ring rank ``r + 1``'s); the backward starts from it.
     ``head_chunks > 1`` runs the ring once per group of heads (Note [head chunks]); ``last_kv`` is then empty.
+    ``sinks [h]`` (or None): Note [attention sinks]; ``out`` and ``lse`` include them.
     """
     if head_chunks == 1:
-        return _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale)
+        return _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale, sinks)
     out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     lse: Optional[Tensor] = None
     for heads, kv_heads in _chunk_slices(q.shape[2], k.shape[2], head_chunks):
         out_c, lse_c, _ = _ring_forward_pass(q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], mesh, kernel,
-                                             schedule, scale)
+                                             schedule, scale, None if sinks is None else sinks[heads])
         out[:, :, heads] = out_c
         if lse is None:
             lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_c.dtype, device=q.device)
@@ -128,25 +129,29 @@ def saved_argument(name: str, x: Optional[Tensor]):
 def ring_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, last_kv: List[Tensor],
     mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float, head_chunks: int = 1,
-    deterministic: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``ring_forward`` (same ``head_chunks``); ``last_kv`` as it returned. ``deterministic``: the
-    kernels' deterministic backward (every sum usp does itself has a fixed order already)."""
+    deterministic: bool = False, sinks: Optional[Tensor] = None, sinks_grad: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients of ``ring_forward`` (same ``head_chunks`` and ``sinks``); ``last_kv`` as it returned.
+    ``deterministic``: the kernels' deterministic backward (every sum usp does itself has a fixed order already).
+    Returns ``(dq, dk, dv, dsinks)``: ``dsinks [h]`` (this rank's partial sum) when ``sinks_grad``, else None."""
     if head_chunks == 1:
         return _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale,
-                                   deterministic=deterministic, halos_kept=True)
+                                   deterministic=deterministic, halos_kept=True, sinks=sinks, sinks_grad=sinks_grad)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dsinks = torch.empty_like(sinks) if sinks is not None and sinks_grad else None
     shared = head_chunks > k.shape[2]  # several chunks per K/V head: their dK/dV are summed in float32
     kv_sum: List[Tensor] = []
     slices = _chunk_slices(q.shape[2], k.shape[2], head_chunks)
     for index, (heads, kv_heads) in enumerate(slices):
-        _, dk_c, dv_c = _ring_backward_pass(
+        _, dk_c, dv_c, dsinks_c = _ring_backward_pass(
             dout[:, :, heads], q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], out[:, :, heads],
             lse[:, heads], [], mesh, kernel, schedule, scale, dq_out=dq[:, :, heads], wide_dkv=shared,
-            deterministic=deterministic,
+            deterministic=deterministic, sinks=None if sinks is None else sinks[heads], sinks_grad=sinks_grad,
         )
+        if dsinks is not None:
+            dsinks[heads] = dsinks_c
         if not shared:
             dk[:, :, kv_heads], dv[:, :, kv_heads] = dk_c, dv_c
             continue
@@ -154,7 +159,7 @@ def ring_backward(
         if index + 1 == len(slices) or slices[index + 1][1] != kv_heads:  # last chunk of this K/V head
             dk[:, :, kv_heads], dv[:, :, kv_heads] = kv_sum
             kv_sum = []
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
 
 
 def _chunk_slices(heads: int, kv_heads: int, chunks: int):
@@ -174,10 +179,18 @@ def _chunk_slices(heads: int, kv_heads: int, chunks: int):
     return [(slice(c * hq, (c + 1) * hq), slice(c * hq // group, c * hq // group + 1)) for c in range(chunks)]
 
 
-def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale):
-    """One pass round the ring over all of ``q``'s heads (Note [narrow sums] for the accumulator dtype)."""
+def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale, sinks=None):
+    """One pass round the ring over all of ``q``'s heads (Note [narrow sums] for the accumulator dtype), with
+    ``sinks`` (Note [attention sinks]) for those heads."""
+    sink = _Sinks(sinks, kernel, q)
     if schedule.sparse:
-        return _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale)
+        out, lse, kept = _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink)
+    else:
+        out, lse, kept = _dense_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink)
+    return sink.finish_forward(out, lse) + (kept,)
+
+
+def _dense_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks"):
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     steps = schedule.steps(ring_size)
     kv = [k, v] if steps == 1 else [k.contiguous(), v.contiguous()]
@@ -191,11 +204,13 @@ def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale):
         task = schedule.block(step, ring_rank, ring_size, local_len)
         if task is not None:
             block_out, block_lse = kernel.forward(
-                _rows(q, task.q_rows), _rows(kv[0], task.kv_rows), _rows(kv[1], task.kv_rows), task.kernel_mask, scale
+                _rows(q, task.q_rows), _rows(kv[0], task.kv_rows), _rows(kv[1], task.kv_rows), task.kernel_mask, scale,
+                **(sink.forward_kwargs() if step == 0 else {}),
             )
             if out is None:
-                # step 0 always covers every row: keep the kernel's result as is (no copy when R == 1)
-                assert task.q_rows == slice(None)
+                # step 0 always covers every row: keep the kernel's result as is (no copy when R == 1); it is
+                # also the call that carries the sinks (Note [kernel sinks])
+                assert step == 0 and task.q_rows == slice(None)
                 out, lse = block_out, block_lse
             else:
                 if not _narrow_sums(ring_size) and out.dtype != _accumulator_dtype(q.dtype):
@@ -281,7 +296,7 @@ class _GradientSum:
 
 
 def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale, dq_out=None,
-                        wide_dkv=False, deterministic=False, halos_kept=False):
+                        wide_dkv=False, deterministic=False, halos_kept=False, sinks=None, sinks_grad=False):
     """Gradients of one ``_ring_forward_pass``, walking the forward's steps in reverse. ``dq_out``: write dQ there
     (a slice of the caller's gradient) instead of a new tensor; ``wide_dkv``: sum dK/dV in float32 and return
     them unrounded (head chunks sharing a K/V head add theirs up before the one rounding).
@@ -293,17 +308,29 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
     partial sum that arrives carries every other rank's contribution: ``R - 2`` K/V and ``R - 1`` dK/dV transfers,
     and the last one overlaps the diagonal block's compute instead of trailing it. With an empty ``last_kv`` (head
     chunks) the first block is fetched from the next rank first: one K/V transfer more, exposed.
+
+    ``sinks``/``sinks_grad``: the forward's sinks and whether their gradient is wanted (Note [attention sinks]);
+    returns ``(dq, dk, dv, dsinks or None)``.
     """
+    sink = _Sinks(sinks, kernel, q, sinks_grad)
     if schedule.sparse:
-        return _sparse_backward_pass(dout, q, k, v, out, lse, last_kv if halos_kept else None, mesh, kernel,
-                                     schedule, scale, dq_out, wide_dkv, deterministic)
+        grads = _sparse_backward_pass(dout, q, k, v, out, lse, last_kv if halos_kept else None, mesh, kernel,
+                                      schedule, scale, dq_out, wide_dkv, deterministic, sink)
+    else:
+        grads = _dense_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale, dq_out,
+                                     wide_dkv, deterministic, sink)
+    return grads + (sink.finish_backward(dout, out, lse),)
+
+
+def _dense_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule, scale, dq_out, wide_dkv,
+                         deterministic, sink: "_Sinks"):
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     kernel_lse = _KernelLse(lse)
     steps, traveling_rows = schedule.steps(ring_size), schedule.traveling_rows(local_len)
     if steps == 1:
         task = schedule.block(0, ring_rank, ring_size, local_len)
-        dq, dk, dv = kernel.backward(dout, q, k, v, out, kernel_lse.rows(task.q_rows), task.kernel_mask, scale,
-                                     deterministic=deterministic)
+        dq, dk, dv = sink.collect(kernel.backward(dout, q, k, v, out, kernel_lse.rows(task.q_rows), task.kernel_mask,
+                                                  scale, deterministic=deterministic, **sink.backward_kwargs()))
         if dq_out is not None:
             dq = dq_out.copy_(dq)
         if wide_dkv:
@@ -329,11 +356,12 @@ def _ring_backward_pass(dout, q, k, v, out, lse, last_kv, mesh, kernel, schedule
         blocks = (k, v) if step == 0 else kv  # at step 0 the block is our own K/V
         task = schedule.block(step, ring_rank, ring_size, local_len)
         if task is not None:
-            block_dq, block_dk, block_dv = kernel.backward(
+            assert step != 0 or task.q_rows == slice(None)  # the own block carries the sinks (every row once)
+            block_dq, block_dk, block_dv = sink.collect(kernel.backward(
                 _rows(dout, task.q_rows), _rows(q, task.q_rows), _rows(blocks[0], task.kv_rows),
                 _rows(blocks[1], task.kv_rows), _rows(out, task.q_rows), kernel_lse.rows(task.q_rows),
-                task.kernel_mask, scale, deterministic=deterministic,
-            )
+                task.kernel_mask, scale, deterministic=deterministic, **(sink.backward_kwargs() if step == 0 else {}),
+            ))
             dq.add(task.q_rows, block_dq)
         if step == 1:
             kv = []  # the last visiting block is done with (step 0 uses our own K/V): free it before step 0
@@ -418,72 +446,106 @@ def _shifted(rows: slice, halo: slice) -> slice:
     return slice(rows.start - halo.start, rows.stop - halo.start)
 
 
-def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale):
+def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks"):
     """Note [sparse ring]. A window leaves most blocks empty (``usp.layout.WindowSchedule``): instead of rotating
     K/V round the whole ring, ring rank ``r`` exchanges directly with the rank ``j`` away for each *active* step
     ``j`` only, and only the halo rows the receiver's window reaches (one batched isend/irecv per step, the next
     posted before the current step's compute). Each step may be several sub-blocks (one per pair of zigzag chunks
-    the window connects); they merge into float32 accumulators. Returns ``(out, lse, halos)``: the received halos,
-    kept for the backward when ``schedule.keep_halos`` (else empty)."""
+    the window connects).
+
+    Note [sparse sums]. Every row's first term is its own chunk's diagonal piece (the window always holds the
+    query's own position, so the step-0 pieces with ``q_rows == kv_rows`` partition the rows): those are written
+    (no zero fill; one piece covering every row is kept as the kernel returned it) and carry the sinks (Note
+    [kernel sinks]); every other piece is merged (forward) or added (backward) into them. The sums stay in the
+    input dtype when no row sums more than two terms (``SlidingWindow.row_terms``: one rounding, exactly a float32
+    sum rounded once), else float32. Returns ``(out, lse, halos)``: the received halos, kept for the backward when
+    ``schedule.keep_halos`` (else empty)."""
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     steps = schedule.active_steps(ring_size, local_len)
-    acc = _accumulator_dtype(q.dtype)
-    b, h = q.shape[0], q.shape[2]
-    out = torch.zeros((b, local_len, h, v.shape[3]), dtype=acc, device=q.device)
-    lse = torch.full((b, h, local_len), float("-inf"), dtype=acc, device=q.device)
+    narrow, _ = schedule.narrow_sums(ring_rank, ring_size, local_len)
+    acc = q.dtype if narrow else _accumulator_dtype(q.dtype)
     kv = [k.contiguous(), v.contiguous()]
 
     def post(step):
         return _post_halo_exchange(mesh, schedule, kv, step, local_len)
 
-    def compute(tasks, blocks, halo):
+    def call(task, blocks, halo, **extra):
+        rows = task.kv_rows if halo is None else _shifted(task.kv_rows, halo)
+        return kernel.forward(_rows(q, task.q_rows), _rows(blocks[0], rows), _rows(blocks[1], rows),
+                              task.kernel_mask, scale, **extra)
+
+    def merge(tasks, blocks, halo):
         for task in tasks:
-            rows = task.kv_rows if halo is None else _shifted(task.kv_rows, halo)
-            block_out, block_lse = kernel.forward(_rows(q, task.q_rows), _rows(blocks[0], rows),
-                                                  _rows(blocks[1], rows), task.kernel_mask, scale)
+            block_out, block_lse = call(task, blocks, halo)
             merge_attention_(_rows(out, task.q_rows), _lse_rows(lse, task.q_rows), block_out, block_lse)
 
     pending = post(steps[0]) if steps else None
-    compute(schedule.blocks(0, ring_rank, ring_size, local_len), (k, v), None)
+    own, others = _own_pieces(schedule.blocks(0, ring_rank, ring_size, local_len), local_len)
+    if len(own) == 1:
+        out, lse = call(own[0], (k, v), None, **sink.forward_kwargs())
+        out = out.to(acc)
+    else:
+        b, h = q.shape[0], q.shape[2]
+        out = torch.empty((b, local_len, h, v.shape[3]), dtype=acc, device=q.device)
+        lse = torch.empty((b, h, local_len), dtype=_accumulator_dtype(q.dtype), device=q.device)
+        for task in own:
+            block_out, block_lse = call(task, (k, v), None, **sink.forward_kwargs())
+            out[:, task.q_rows].copy_(block_out)
+            lse[:, :, task.q_rows].copy_(block_lse)
+    merge(others, (k, v), None)
     kept = []
     for index, step in enumerate(steps):
         requests, received, halo = pending
         _wait(requests)
         pending = post(steps[index + 1]) if index + 1 < len(steps) else None
         if halo is not None:
-            compute(schedule.blocks(step, ring_rank, ring_size, local_len), received, halo)
+            merge(schedule.blocks(step, ring_rank, ring_size, local_len), received, halo)
             kept += received
     if not schedule.keep_halos(ring_size, local_len):
         kept = []
     return out.to(q.dtype), lse, kept
 
 
-def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule, scale, dq_out=None,
-                          wide_dkv=False, deterministic=False):
+def _own_pieces(tasks, local_len: int):
+    """Note [sparse sums]: ``(own, others)``, the step-0 pieces of a chunk against itself (they partition the
+    rows, in order) and the rest."""
+    own = [t for t in tasks if t.q_rows == t.kv_rows]
+    assert [t.q_rows.start for t in own] == [0] + [t.q_rows.stop for t in own[:-1]] and own[-1].q_rows.stop == \
+        local_len, (own, local_len)
+    return own, [t for t in tasks if t.q_rows != t.kv_rows]
+
+
+def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule, scale, dq_out, wide_dkv,
+                          deterministic, sink: "_Sinks"):
     """Gradients of ``_sparse_forward_pass`` (Note [sparse ring]). For each active step: the K/V halo this rank
     used (kept by the forward, or exchanged again: ``halos`` None), the block backward with the final out/LSE,
     and the halo's dK/dV partial sums (float32) sent back to their owner, whose own halo rows receive the partial
-    sums of the rank that used them. ``halos``: the forward's kept halos, in step order."""
+    sums of the rank that used them. ``halos``: the forward's kept halos, in step order. The own pieces write
+    dQ/dK/dV first, the rest add to them (Note [sparse sums])."""
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     steps = schedule.active_steps(ring_size, local_len)
     if not schedule.keep_halos(ring_size, local_len):
         halos = None  # the forward kept nothing (the same decision on every rank)
-    acc = _accumulator_dtype(q.dtype)
+    wide = _accumulator_dtype(q.dtype)
+    narrow_q, narrow_kv = schedule.narrow_sums(ring_rank, ring_size, local_len)
+    q_acc = q.dtype if narrow_q else wide
+    kv_acc = k.dtype if narrow_kv and not wide_dkv else wide
     kernel_lse = _KernelLse(lse)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     kv = [k.contiguous(), v.contiguous()]
     kept = list(halos) if halos is not None else None
 
-    def backward_blocks(tasks, blocks, halo, dkv):
+    def call(task, blocks, halo, **extra):
+        rows = task.kv_rows if halo is None else _shifted(task.kv_rows, halo)
+        grads = kernel.backward(
+            _rows(dout, task.q_rows), _rows(q, task.q_rows), _rows(blocks[0], rows), _rows(blocks[1], rows),
+            _rows(out, task.q_rows), kernel_lse.rows(task.q_rows), task.kernel_mask, scale,
+            deterministic=deterministic, **extra,
+        )
+        return rows, sink.collect(grads)
+
+    def add(tasks, blocks, halo, dkv):
         for task in tasks:
-            rows = task.kv_rows if halo is None else _shifted(task.kv_rows, halo)
-            block_dq, block_dk, block_dv = kernel.backward(
-                _rows(dout, task.q_rows), _rows(q, task.q_rows), _rows(blocks[0], rows), _rows(blocks[1], rows),
-                _rows(out, task.q_rows), kernel_lse.rows(task.q_rows), task.kernel_mask, scale,
-                deterministic=deterministic,
-            )
+            rows, (block_dq, block_dk, block_dv) = call(task, blocks, halo)
             _rows(dq, task.q_rows).add_(block_dq)
             _rows(dkv[0], rows).add_(block_dk)
             _rows(dkv[1], rows).add_(block_dv)
@@ -498,7 +560,19 @@ def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule
     pending = fetch(steps[0]) if steps else None
     if kept is not None and pending is not None and pending[2] is not None:
         kept = kept[2:]
-    backward_blocks(schedule.blocks(0, ring_rank, ring_size, local_len), (k, v), None, (dk, dv))
+    own, others = _own_pieces(schedule.blocks(0, ring_rank, ring_size, local_len), local_len)
+    if len(own) == 1 and dq_out is None:
+        _, (dq, dk, dv) = call(own[0], (k, v), None, **sink.backward_kwargs())
+        dq, dk, dv = dq.to(q_acc), dk.to(kv_acc), dv.to(kv_acc)
+    else:
+        dq = dq_out if dq_out is not None and narrow_q else torch.empty(q.shape, dtype=q_acc, device=q.device)
+        dk = torch.empty(k.shape, dtype=kv_acc, device=k.device)
+        dv = torch.empty(v.shape, dtype=kv_acc, device=v.device)
+        for task in own:
+            rows, block_grads = call(task, (k, v), None, **sink.backward_kwargs())
+            for total, block in zip((_rows(dq, task.q_rows), _rows(dk, rows), _rows(dv, rows)), block_grads):
+                total.copy_(block)
+    add(others, (k, v), None, (dk, dv))
     returning = []
     for index, step in enumerate(steps):
         requests, received, halo = pending
@@ -509,11 +583,11 @@ def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule
                 kept = kept[2:]
         partial = []
         if halo is not None:
-            partial = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in received]
-            backward_blocks(schedule.blocks(step, ring_rank, ring_size, local_len), received, halo, partial)
+            partial = [torch.zeros(t.shape, dtype=wide, device=t.device) for t in received]
+            add(schedule.blocks(step, ring_rank, ring_size, local_len), received, halo, partial)
         # the partial dK/dV of the halo goes back to its owner (r - step); ours comes back from r + step
         mine = schedule.halo(step, (ring_rank + step) % ring_size, ring_size, local_len)
-        incoming = _halo_buffers(kv, mine, acc)
+        incoming = _halo_buffers(kv, mine, wide)
         returning.append((_exchange(mesh, step, partial, incoming, _SPARSE_TAG + 2 * step + 1, forward=False),
                           incoming, mine))
     for requests, incoming, mine in returning:
@@ -521,18 +595,61 @@ def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule
         if mine is not None:
             dk[:, mine].add_(incoming[0])
             dv[:, mine].add_(incoming[1])
-    dq = dq_out.copy_(dq) if dq_out is not None else dq.to(q.dtype)
+    if dq_out is not None and dq is not dq_out:
+        dq = dq_out.copy_(dq)
+    dq = dq.to(q.dtype)
     if wide_dkv:
         return dq, dk, dv
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- sinks
+class _Sinks:
+    """Note [attention sinks] for one ring pass over some heads: carried by the kernel's own-block calls when it
+    supports them (Note [kernel sinks]: no pass of their own), else applied around the ring (``apply_sinks``,
+    ``sink_grad``). ``sinks`` None: nothing to do. ``grad``: the backward's sinks gradient is wanted."""
+
+    def __init__(self, sinks: Optional[Tensor], kernel: AttentionKernel, q: Tensor, grad: bool = False):
+        self.sinks, self.grad = sinks, grad and sinks is not None
+        self.native = sinks is not None and kernel.supports_sinks
+        #: what the kernel receives: the LSE's dtype, contiguous (Note [kernel contract])
+        self.for_kernel = sinks.to(_accumulator_dtype(q.dtype)).contiguous() if self.native else None
+        self.dsinks: Optional[Tensor] = None
+
+    def forward_kwargs(self) -> dict:
+        """For the calls that cover each row once (the own blocks)."""
+        return {"sinks": self.for_kernel} if self.native else {}
+
+    def backward_kwargs(self) -> dict:
+        return {"sinks": self.for_kernel} if self.native and self.grad else {}
+
+    def collect(self, grads) -> Tuple[Tensor, Tensor, Tensor]:
+        """A kernel backward's ``(dq, dk, dv)``, its ``dsinks`` (if any) added to this pass's."""
+        if len(grads) == 4:
+            self.dsinks = grads[3] if self.dsinks is None else self.dsinks + grads[3]
+        return grads[0], grads[1], grads[2]
+
+    def finish_forward(self, out: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.sinks is None or self.native:
+            return out, lse
+        return apply_sinks(out, lse, self.sinks)
+
+    def finish_backward(self, dout: Tensor, out: Tensor, lse: Tensor) -> Optional[Tensor]:
+        """This pass's sinks gradient (``sinks.dtype``), or None when not wanted."""
+        if not self.grad:
+            return None
+        if not self.native:
+            return sink_grad(dout, out, lse, self.sinks)
+        assert self.dsinks is not None  # the own blocks ran with the sinks
+        return self.dsinks.to(self.sinks.dtype)
+
+
 def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tuple[Tensor, Tensor]:
     """Note [attention sinks]. One extra logit per query head (``sinks [h]``, gpt-oss ``s_aux``) in every row's
     softmax denominator, with no value: ``lse' = logaddexp(lse, sink)``, ``out' = out * exp(lse - lse')``. The
     block backward run with ``(out', lse')`` gives exact dq/dk/dv (the softmax row term ``<dout, out'>`` already
-    accounts for the sink, whose value is zero); the sink's own gradient is ``sink_grad``.
+    accounts for the sink, whose value is zero); the sink's own gradient is ``sink_grad``. Kernels that take the
+    sinks themselves (Note [kernel sinks] in ``usp/kernels/base.py``) do both inside their own-block calls instead.
     ``out [b, s, h, dv]`` (scaled in place and returned), ``lse [b, h, s]``."""
     sink = sinks.to(lse.dtype)[None, :, None]
     new_lse = torch.logaddexp(lse, sink)
@@ -572,9 +689,7 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mesh, kernel, schedule, scale, head_chunks=1, deterministic=False, sinks=None):
-        out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale, head_chunks)
-        if sinks is not None:  # Note [attention sinks]
-            out, lse = apply_sinks(out, lse, sinks)
+        out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale, head_chunks, sinks)
         saved_kv = last_kv if mesh.ring > 1 else []
         ctx.save_for_backward(q, k, v, out, lse, sinks, *saved_kv)
         ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale, ctx.head_chunks = mesh, kernel, schedule, scale, head_chunks
@@ -598,7 +713,7 @@ class RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         refuse_double_backward()
         q, k, v, out, lse, sinks, *last_kv = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, last_kv, ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale,
-                                   ctx.head_chunks, ctx.deterministic)
-        dsinks = sink_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[9] else None
+        dq, dk, dv, dsinks = ring_backward(dout, q, k, v, out, lse, last_kv, ctx.mesh, ctx.kernel, ctx.schedule,
+                                           ctx.scale, ctx.head_chunks, ctx.deterministic, sinks,
+                                           sinks_grad=ctx.needs_input_grad[9])
         return dq, dk, dv, None, None, None, None, None, None, dsinks

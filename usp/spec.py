@@ -202,11 +202,21 @@ def block_fractions(causal: bool, step: int) -> List[Tuple[float, float, float, 
     return [(1 / len(blocks), length(q) / 2, length(k) / 2, c) for q, k, c in blocks]
 
 
-def narrow_sums(ring: int, sparse: bool = False) -> bool:
-    """Note [narrow sums] in ``usp/ring.py``: whether the ring's running sums (output, dQ, dK/dV) stay in the
-    kernels' dtype instead of float32: when every row sums at most two blocks (``ring <= 2``) in the dense ring;
-    never in the sparse ring of a sliding window (``sparse``: float32 at any ring size)."""
-    return ring <= 2 and not sparse
+def narrow_sums(ring: int) -> bool:
+    """Note [narrow sums] in ``usp/ring.py``: whether the dense ring's running sums (output, dQ, dK/dV) stay in the
+    kernels' dtype instead of float32: when every row sums at most two blocks (``ring <= 2``). The sparse ring of a
+    window decides per rank from the blocks each row actually sums (``SlidingWindow.row_terms``)."""
+    return ring <= 2
+
+
+def _max_overlap(spans) -> int:
+    """The most of ``spans`` (slices) covering one position (0 for none)."""
+    events = sorted([(x.start, 1) for x in spans] + [(x.stop, -1) for x in spans])  # at a tie, stops first
+    most = depth = 0
+    for _, change in events:
+        depth += change
+        most = max(most, depth)
+    return most
 
 
 # ------------------------------------------------------------------------------------------------------ heads
@@ -403,7 +413,7 @@ class SlidingWindow:
             return None
         return slice(min(p[1].start for p in pieces), max(p[1].stop for p in pieces))
 
-    def _memo(self, name: str, ring_size: int, local_len: int, compute):
+    def _memo(self, name, ring_size: int, local_len: int, compute):
         key = (name, ring_size, local_len)
         if key not in self._facts:
             self._facts[key] = compute()
@@ -420,6 +430,27 @@ class SlidingWindow:
         table = self._table(ring_size, local_len)
         return tuple(j for j in self.active_steps(ring_size, local_len)
                      if (ring_rank, j) in table or ((ring_rank + j) % ring_size, j) in table)
+
+    def row_terms(self, ring_rank: int, ring_size: int, local_len: int) -> Tuple[int, int]:
+        """Note [sparse sums] in ``usp/ring.py``: the most terms summed into one query row (pieces: out and dQ) and
+        into one key row (dK/dV: this rank's step-0 pieces and the halo partial sums other ranks send back) of
+        ``ring_rank``. At most 2 lets a sum stay in the input dtype (one rounding, as a float32 sum rounded once)."""
+        def terms():
+            steps = self.active_steps(ring_size, local_len)
+            q_spans = [p[0] for j in (0,) + steps for p in self.pieces(j, ring_rank, ring_size, local_len)]
+            k_spans = [p[1] for p in self.pieces(0, ring_rank, ring_size, local_len)]
+            for j in steps:
+                back = self.halo(j, (ring_rank + j) % ring_size, ring_size, local_len)
+                if back is not None:
+                    k_spans.append(back)
+            return _max_overlap(q_spans), _max_overlap(k_spans)
+
+        return self._memo(("terms", ring_rank), ring_size, local_len, terms)
+
+    def narrow_sums(self, ring_rank: int, ring_size: int, local_len: int) -> Tuple[bool, bool]:
+        """Whether ``ring_rank``'s (out and dQ, dK/dV) sums stay in the input dtype (:meth:`row_terms` <= 2)."""
+        q_terms, k_terms = self.row_terms(ring_rank, ring_size, local_len)
+        return q_terms <= 2, k_terms <= 2
 
     def keep_halos(self, ring_size: int, local_len: int) -> bool:
         """Whether the forward keeps the halos it received for the backward (no second K/V exchange): when they add

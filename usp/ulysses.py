@@ -17,8 +17,7 @@ import torch
 
 from .comm.all_to_all import (pack_heads_to_seq, pack_seq_to_heads, start_all_to_all, unpack_heads_to_seq_into,
                               unpack_seq_to_heads)
-from .ring import (_accumulator_dtype, apply_sinks, kept_kv_shapes, refuse_double_backward, ring_backward,
-                   ring_forward, saved_argument, sink_grad)
+from .ring import _accumulator_dtype, kept_kv_shapes, refuse_double_backward, ring_backward, ring_forward, saved_argument
 from .spec import head_groups  # noqa: F401 (the pipeline depth lives in usp.spec)
 
 
@@ -41,9 +40,8 @@ class UlyssesRingFunction(torch.autograd.Function):
         for g in range(groups):
             q_g, k_g, v_g = (_arrived(recv, work) for recv, work in incoming[g])
             incoming[g] = None  # done with this group's work handles
-            out_g, lse_g, last_kv = ring_forward(q_g, k_g, v_g, mesh, kernel, schedule, scale, head_chunks)
-            if sinks is not None:  # this rank's heads of group g (pack_seq_to_heads' order)
-                out_g, lse_g = apply_sinks(out_g, lse_g, _group_sinks(sinks, mesh, groups, g))
+            sinks_g = None if sinks is None else _group_sinks(sinks, mesh, groups, g)
+            out_g, lse_g, last_kv = ring_forward(q_g, k_g, v_g, mesh, kernel, schedule, scale, head_chunks, sinks_g)
             outgoing.append(start_all_to_all(pack_heads_to_seq(out_g, world), comm))
             saved += [q_g, k_g, v_g, out_g, lse_g] + (last_kv if mesh.ring > 1 else [])
             lses.append(lse_g)
@@ -93,11 +91,12 @@ class UlyssesRingFunction(torch.autograd.Function):
         for g in range(groups):
             q_g, k_g, v_g, out_g, lse_g, *last_kv = saved[g * per_group:(g + 1) * per_group]
             dout_g = _arrived(*incoming[g])
+            sinks_g = None if sinks is None else _group_sinks(sinks, mesh, groups, g)
+            *block_grads, dsinks_g = ring_backward(dout_g, q_g, k_g, v_g, out_g, lse_g, last_kv, mesh, ctx.kernel,
+                                                   ctx.schedule, ctx.scale, ctx.head_chunks, ctx.deterministic,
+                                                   sinks_g, sinks_grad=dsinks is not None)
             if dsinks is not None:
-                sinks_g = _group_sinks(sinks, mesh, groups, g)
-                _group_sinks(dsinks, mesh, groups, g).copy_(sink_grad(dout_g, out_g, lse_g, sinks_g))
-            block_grads = ring_backward(dout_g, q_g, k_g, v_g, out_g, lse_g, last_kv, mesh, ctx.kernel,
-                                        ctx.schedule, ctx.scale, ctx.head_chunks, ctx.deterministic)
+                _group_sinks(dsinks, mesh, groups, g).copy_(dsinks_g)
             outgoing.append([start_all_to_all(pack_heads_to_seq(t, world), comm) for t in block_grads])
         for g, trades in enumerate(outgoing):
             for (recv, work), dest in zip(trades, grads):

@@ -3,11 +3,13 @@
 Shapes (legend used throughout usp): ``b`` batch, ``s_q``/``s_k`` query/key sequence length, ``h`` query heads,
 ``h_kv`` key/value heads (``h % h_kv == 0``; query head ``i`` reads KV head ``i // (h // h_kv)``), ``d`` head_dim.
 
-* ``forward(q, k, v, mask, scale) -> (out, lse)``
-* ``backward(dout, q, k, v, out, lse, mask, scale, deterministic=False) -> (dq, dk, dv)``
+* ``forward(q, k, v, mask, scale, sinks=None) -> (out, lse)``
+* ``backward(dout, q, k, v, out, lse, mask, scale, deterministic=False, sinks=None) -> (dq, dk, dv)``, and
+  ``(dq, dk, dv, dsinks)`` when ``sinks`` is given
   ``out`` and ``lse`` are the (possibly ring-merged) final output and LSE of the whole row; that is what makes
   block-wise backward exact. ``mask`` is a ``Mask`` (Note [block mask]); a bool is read as ``Mask.causal_mask()`` /
-  ``Mask.full()`` for callers of the older form.
+  ``Mask.full()`` for callers of the older form. ``sinks`` (Note [kernel sinks]) only reaches kernels whose
+  ``supports_sinks`` is set.
 
 Note [kernel contract]. What a kernel may receive and must return; callers (the ring loop ``usp.ring`` and the
 varlen block adapter ``usp.kernels.varlen.VarlenBlockKernel``) guarantee the inputs, adapters may rely on them and
@@ -27,16 +29,25 @@ dout       ``[b, s_q, h, dv]``   ``q.dtype``                             as q
 lse        ``[b, h, s_q]``       float32 (float64 for float64 inputs)    **contiguous** (backward input): kernels
                                                                          such as flash-attn 2 read it by pointer
                                                                          as a dense ``[b, h, s_q]`` array
+sinks      ``[h]``               float32 (float64 for float64 inputs)    contiguous
 =========  ====================  ======================================  ==========================================
 
 Returned: ``out`` ``[b, s_q, h, dv]`` in ``q.dtype`` with ``stride(-1) == 1``; ``lse`` ``[b, h, s_q]`` float32
 (float64 for float64 inputs), contiguous, the natural log of the softmax denominator of the *scaled* scores;
-``dq, dk, dv`` with the shapes and dtypes of ``q, k, v`` and ``stride(-1) == 1``. All on ``q.device``.
+``dq, dk, dv`` with the shapes and dtypes of ``q, k, v`` and ``stride(-1) == 1``; ``dsinks`` ``[h]`` in
+``sinks.dtype``. All on ``q.device``.
 Plain causal (``Mask(left=-1, right=0)``) is only ever requested on square blocks (``s_q == s_k``), where
 top-left and bottom-right mask alignment agree; the ring schedules guarantee this. A finite window is only requested
 on blocks trimmed so that every query row sees at least one key and every key row is seen by at least one query
 (``usp.layout.WindowSchedule``); a window (``left``/``right`` not -1) or ``softcap`` only reaches kernels whose
 ``supports_window`` / ``supports_softcap`` is set (``resolve_kernel`` refuses the others).
+
+Note [kernel sinks]. With ``sinks`` the call's softmax denominator of every row of head ``i`` gets ``exp(sinks[i])``
+(a logit with no value, Note [attention sinks] in ``usp/ring.py``): the returned ``out`` and ``lse`` include it.
+The backward receives the row's final ``out``/``lse`` (sink included, like any merged row) and returns besides the
+block gradients ``dsinks[i] = -sum over this call's rows of exp(sinks[i] - lse) * <dout, out>``. The ring passes
+the sinks to one call per row (the calls that cover each row once: the own block), so neither the forward's
+rescaling nor the backward's ``<dout, out>`` costs a pass of its own when a kernel fuses them (flash-attn-4 does).
 
 Note [block mask]. ``Mask(left, right, softcap)`` says which keys of *this block* each query row sees, in the
 block's own coordinates, bottom-right aligned like flash-attn: with ``s_q`` query and ``s_k`` key rows, query ``i``
@@ -143,6 +154,8 @@ class KernelCapabilities:
     supports_window: bool = False
     supports_softcap: bool = False
     different_v_head_dim: bool = False
+    #: Note [kernel sinks]: whether forward/backward take ``sinks`` (else the ring applies them around the kernel)
+    supports_sinks: bool = False
 
     def is_available(self) -> bool:
         """Whether the kernel's implementation can be imported/used in this process at all."""
@@ -201,13 +214,14 @@ class KernelCapabilities:
 class AttentionKernel(KernelCapabilities):
     """Dense kernels: subclasses set ``name`` and implement ``forward``/``backward`` (module docstring)."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float,
+                sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Mask, scale: float,
-        deterministic: bool = False,
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+        deterministic: bool = False, sinks: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, ...]:
         raise NotImplementedError
 
 
@@ -236,6 +250,10 @@ class WrappedKernelCapabilities:
     @property
     def different_v_head_dim(self) -> bool:
         return self.kernel.different_v_head_dim
+
+    @property
+    def supports_sinks(self) -> bool:
+        return self.kernel.supports_sinks
 
     def is_available(self) -> bool:
         return self.kernel.is_available()

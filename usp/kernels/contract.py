@@ -72,8 +72,23 @@ def _check_mask(kernel, mask, s_q: int, s_k: int, what: str = "block") -> Mask:
 class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
     """A dense kernel that checks Note [kernel contract] on every call and then runs ``kernel``."""
 
-    def __init__(self, kernel: AttentionKernel):
+    def __init__(self, kernel: AttentionKernel, native_sinks: bool = True):
         self._wrap(kernel, "contract_checked_")
+        #: False: claim no sink support even when ``kernel`` has it (the ring then applies the sinks around the
+        #: kernel: the CPU tests run both paths of Note [attention sinks] on one kernel)
+        self._native_sinks = native_sinks
+
+    @property
+    def supports_sinks(self) -> bool:
+        return self._native_sinks and self.kernel.supports_sinks
+
+    def _check_sinks(self, sinks, q) -> None:
+        """Note [kernel sinks]: only to kernels with ``supports_sinks``; ``[h]`` contiguous, the LSE's dtype."""
+        if sinks is None:
+            return
+        if not self.supports_sinks:
+            _fail(self.kernel.name, "sinks passed to a kernel without sink support")
+        _check_tensor(self.kernel.name, "sinks", sinks, (q.shape[2],), _lse_dtype(q.dtype), q.device, contiguous=True)
 
     def _check_qkv(self, q, k, v, causal) -> Tuple[int, int, int, int, int, int]:
         name = self.kernel.name
@@ -96,24 +111,33 @@ class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
         _check_mask(self.kernel, causal, s_q, s_k)
         return b, s_q, h, dv, s_k, h_kv
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal, scale: float) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal, scale: float, sinks=None) -> Tuple[Tensor, Tensor]:
         b, s_q, h, d, _, _ = self._check_qkv(q, k, v, causal)
-        out, lse = self.kernel.forward(q, k, v, causal, scale)
+        self._check_sinks(sinks, q)
+        out, lse = (self.kernel.forward(q, k, v, causal, scale) if sinks is None
+                    else self.kernel.forward(q, k, v, causal, scale, sinks=sinks))
         name = self.kernel.name
         _check_tensor(name, "returned out", out, (b, s_q, h, d), q.dtype, q.device, contiguous=False)
         _check_tensor(name, "returned lse", lse, (b, h, s_q), _lse_dtype(q.dtype), q.device, contiguous=True)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, deterministic=False, sinks=None):
         b, s_q, h, d, s_k, h_kv = self._check_qkv(q, k, v, causal)
+        self._check_sinks(sinks, q)
         name = self.kernel.name
         for arg, t in (("out", out), ("dout", dout)):
             _check_tensor(name, arg, t, (b, s_q, h, d), q.dtype, q.device, contiguous=False)
         _check_tensor(name, "lse", lse, (b, h, s_q), _lse_dtype(q.dtype), q.device, contiguous=True)
         if deterministic and not self.kernel.deterministic_backward:
             _fail(name, "deterministic=True passed to a kernel without a deterministic backward")
-        grads = self.kernel.backward(dout, q, k, v, out, lse, causal, scale, deterministic=deterministic)
-        for arg, t, like in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+        if sinks is None:
+            grads = self.kernel.backward(dout, q, k, v, out, lse, causal, scale, deterministic=deterministic)
+        else:
+            grads = self.kernel.backward(dout, q, k, v, out, lse, causal, scale, deterministic=deterministic,
+                                         sinks=sinks)
+        if len(grads) != (3 if sinks is None else 4):
+            _fail(name, f"backward returned {len(grads)} tensors, expected {3 if sinks is None else 4}")
+        for arg, t, like in zip(("dq", "dk", "dv", "dsinks"), grads, (q, k, v, sinks)):
             _check_tensor(name, f"returned {arg}", t, tuple(like.shape), like.dtype, q.device, contiguous=False)
         return grads
 

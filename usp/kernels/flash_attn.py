@@ -81,17 +81,23 @@ class FlashAttn4Capabilities:
 
 class FlashAttn4Kernel(FlashAttn4Capabilities, AttentionKernel):
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tuple[Tensor, Tensor]:
+    # Note [kernel sinks]: ``learnable_sink`` adds the sink to the forward's denominator and LSE; the backward
+    # forms dsinks from its own rowsum(dout * out) in the dQ post-processing kernel (one CTA per head, rows in a
+    # fixed order: deterministic)
+    supports_sinks = True
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float,
+                sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         result = self._interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True,
-                                                   **self._mask_kwargs(mask))
+                                                   learnable_sink=sinks, **self._mask_kwargs(mask))
         return result[0], result[1]
 
-    def backward(self, dout, q, k, v, out, lse, mask, scale, deterministic=False):
+    def backward(self, dout, q, k, v, out, lse, mask, scale, deterministic=False, sinks=None):
         kwargs = self._mask_kwargs(mask)
         kwargs["softcap"] = kwargs["softcap"] or 0.0  # the backward takes a float
-        dq, dk, dv = self._interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale,
-                                                       deterministic=deterministic, **kwargs)[:3]
-        return dq, dk, dv
+        grads = self._interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale,
+                                                  deterministic=deterministic, learnable_sink=sinks, **kwargs)
+        return tuple(grads[:3 if sinks is None else 4])
 
 
 class FlashAttn2Capabilities:

@@ -1,14 +1,14 @@
 """Pure-PyTorch attention with LSE: runs anywhere (the CPU/CI path) and is the numerical reference.
 
-Every mask option (Note [block mask] in ``base.py``: windows, softcap) and a value head size different from the
-query/key one (MLA) are supported.
+Every mask option (Note [block mask] in ``base.py``: windows, softcap), sinks (Note [kernel sinks]) and a value
+head size different from the query/key one (MLA) are supported.
 
 Computes in float32 (float64 for float64 inputs) and rounds results to the input dtype, like a fused kernel.
 GQA is handled by grouping query heads (``[b, s, h_kv, h // h_kv, d]`` views), never by expanding K/V.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -69,22 +69,26 @@ class ReferenceKernel(AttentionKernel):
     supports_window = True
     supports_softcap = True
     different_v_head_dim = True
+    supports_sinks = True
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float) -> Tuple[Tensor, Tensor]:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float,
+                sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         mask = as_mask(mask)
         b, s_q, h, d = q.shape
         kv_heads, dv = k.shape[2], v.shape[3]
         ct = _compute_dtype(q.dtype)
         scores, _ = _scores(_grouped(q.to(ct), kv_heads), k.to(ct), mask, scale)
         lse = torch.logsumexp(scores, dim=-1)  # [b, h_kv, g, s_q]
+        if sinks is not None:  # one more logit per head in the denominator, with no value
+            lse = torch.logaddexp(lse, sinks.to(ct).reshape(1, kv_heads, h // kv_heads, 1))
         probs = _softmax(scores, lse.unsqueeze(-1))
         out = torch.einsum("bngqk,bknd->bqngd", probs, v.to(ct)).reshape(b, s_q, h, dv)
         return out.to(q.dtype), lse.reshape(b, h, s_q)
 
     def backward(
         self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Mask, scale: float,
-        deterministic: bool = False,
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+        deterministic: bool = False, sinks: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, ...]:
         mask = as_mask(mask)
         b, s_q, h, d = q.shape
         kv_heads = k.shape[2]
@@ -105,4 +109,10 @@ class ReferenceKernel(AttentionKernel):
             dscores = dscores * (1 - tanh * tanh)
         dq = torch.einsum("bngqk,bknd->bqngd", dscores, k_c).reshape(b, s_q, h, d) * scale
         dk = torch.einsum("bngqk,bqngd->bknd", dscores, q_grouped) * scale
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
+        if sinks is None:
+            return grads
+        # the sink's probability exp(sink - lse) times its dP - D with dP = 0 (no value): -p_sink * D, summed over rows
+        sink_probs = torch.exp(sinks.to(ct).reshape(1, kv_heads, g, 1) - lse_grouped.squeeze(-1))
+        dsinks = -(sink_probs * row_dot).sum(dim=(0, 3)).reshape(h)
+        return grads + (dsinks.to(sinks.dtype),)

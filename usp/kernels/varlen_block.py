@@ -152,6 +152,10 @@ class VarlenBlockKernel(WrappedKernelCapabilities, AttentionKernel):
     is rounded to the input dtype twice. ``R == 1`` blocks (``VarlenBlock.final``) return the input dtype.
     """
 
+    #: the ring applies sinks around the block (Note [attention sinks]): a packed block is several calls and
+    #: padding rows, so no one call covers each row once
+    supports_sinks = False
+
     def __init__(self, kernel: VarlenKernel):
         self._wrap(kernel, "varlen_")
 
