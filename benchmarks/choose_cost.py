@@ -5,8 +5,8 @@
 A long-tailed batch of ``--documents`` documents (seeded), three meshes of 8 GPUs (8x1, 2x4, 1x8) on the
 ``dgx-h100`` preset, GQA 32/8; the chooser is built and warmed once (as a training loop would), then the median
 wall time of ``--calls`` calls of ``usp.choose(cu_seqlens, meshes, ...)`` with a list ``cu_seqlens``. Every call
-is timed as for a new batch (a training loop's case): the chooser's cache of document placements
-(``planner.batch.fast_placement_owner``) is emptied before each one; ``--same-batch`` keeps it (the same batch
+is timed as for a new batch (a training loop's case): the caches of document placements
+(``planner.batch.forget_placements``) are emptied before each one; ``--same-batch`` keeps them (the same batch
 again: the placements are looked up).
 """
 import argparse
@@ -35,7 +35,7 @@ def main() -> None:
     times = []
     for _ in range(args.calls):
         if not args.same_batch:
-            batch._owner_cached.cache_clear()  # a new batch: its placements are computed in the call
+            batch.forget_placements()  # a new batch: its placements are computed in the call
         t = time.perf_counter()
         usp.choose(cu, meshes, **options)
         times.append(time.perf_counter() - t)

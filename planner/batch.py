@@ -23,15 +23,22 @@ The model (Note [varlen zigzag layout] and Note [document placement] in ``usp/va
 * compute: each ring block of the cut section is ``spec.varlen_block_calls`` kernel calls, each one piece of every
   cut document (``c_j x c_j``, causal or full; ``R == 1``: the whole document); step 0 (the diagonal) adds one call
   for the rank's whole documents (each one ``L_j x L_j`` sequence, causal or full), so step 0 takes the slowest
-  rank's (``max_r`` of the cut calls + its whole call + its sums). Padding rows are in no call. A piece of ``F``
-  FLOPs takes ``F / rate(side)`` at the kernel's rate for a block of side ``sqrt(q * k)`` (the topology's
-  profile; below its smallest block the rate falls as ``side / (side + SMALL_SIDE)``: a fixed cost per query tile
-  that short documents cannot amortise). A varlen call of flash-attn 2's family (``torch_flash``, ``fa2``) also
-  launches a grid of ``ceil(longest / 128)`` tiles per sequence and head (forward; three such grids in the
-  backward), empty for all but the longest sequence: ``GRID_CELL_NS`` per cell. A block of several calls, or one
-  call that leaves padding rows uncovered, sums in float32 (output copies and merges, the zero-filled output
-  where rows are uncovered, gradient zero-fill and ``add_``, and the casts of a block that is its rows' only
-  one), at the topology's memory bandwidth.
+  rank's (``max_r`` of the cut calls + its whole call + its sums). Padding rows are in no call. A call's pieces
+  run at the kernel's rate for one block of the call's whole work (side ``sqrt(sum q * k)``; the topology's
+  profile, whose points each time one call: launch, last wave and causal critical path are paid once per call,
+  not per sequence), each piece scaled by ``fall(sqrt(q * k)) / fall(call side)``, ``fall(n) = n / (n +
+  SMALL_SIDE)``: a fixed cost per query tile that short documents cannot amortise (below the profile's smallest
+  block the rate falls by ``fall`` too). A call of one sequence runs at the profile's rate for its side. (Pricing
+  each sequence as a call of its own charged a many-document call the small blocks' per-call costs once per
+  document, worst with Ulysses's few heads per call: 2x1 on 2x H200 with fa2 was predicted +28% to +163% on
+  64-8K-token documents, ``tests/planner/test_planner_accuracy.py``.) A varlen call of flash-attn 2's family
+  (``torch_flash``, ``fa2``) also launches a grid of ``ceil(longest / 128)`` tiles per sequence and head
+  (forward; three such grids in the backward), empty for all but the longest sequence: ``GRID_CELL_NS`` per cell.
+  Padding rows are sequences with no keys of the whole documents' call (Note [document placement]), so only a
+  rank that holds no whole document leaves them uncovered. A block of several calls, or one call that leaves
+  padding rows uncovered, sums in float32 (output copies and
+  merges, the zero-filled output where rows are uncovered, gradient zero-fill and ``add_``, and the casts of a
+  block that is its rows' only one), at the topology's memory bandwidth.
 * imbalance: causal zigzag blocks of the cut section are identical on every rank; non-causal ones (``R > 1``) see
   the visiting chunk's real keys only, so a ring step takes the slowest rank's block (the largest over the
   visiting chunks); the whole documents differ by rank (step 0 above). ``imbalance`` is the pass as priced over
@@ -249,6 +256,14 @@ def fast_placement_owner(lengths: np.ndarray, ring: int, causal: bool) -> np.nda
     return _owner_cached(np.ascontiguousarray(lengths, dtype=np.int64).tobytes(), ring, causal)
 
 
+def forget_placements() -> None:
+    """Empty the caches of placements (:func:`fast_placement_owner`'s, and the spec's per-batch document order
+    that its ring degrees share), so the next batch is placed as a new one: what the benchmarks and tests that time
+    ``usp.choose`` on a new batch call before each call."""
+    _owner_cached.cache_clear()
+    spec._documents_by_length.cache_clear()
+
+
 # ------------------------------------------------------------------------------------------------ compute
 class _Rates:
     """Vectorised ``KernelProfile.rate`` over block sides for one heads-per-call, with the small-side fall-off."""
@@ -265,14 +280,22 @@ class _Rates:
                                 1.0)
                 self._table[(backward, causal)] = at * fall
 
-    def __call__(self, backward: bool, causal: bool, side: np.ndarray) -> np.ndarray:
-        return np.interp(np.log2(np.maximum(side, 1.0)), self._log, self._table[(backward, causal)])
+    def call_times(self, causal: bool, flops: Any, area: Any, sides: Any) -> Tuple[Any, Any]:
+        """Forward and backward seconds of varlen calls (numbers, or arrays of one per call): ``flops`` forward
+        FLOPs over ``area`` (query, key) pairs, in sequences whose sides (``sqrt(q * k)`` each) sum to ``sides``.
 
-    def times(self, causal: bool, flops: np.ndarray, side: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Forward and backward seconds of blocks of ``flops`` forward FLOPs and equivalent side ``side``."""
-        at = np.log2(np.maximum(side, 1.0))
-        return (flops / np.interp(at, self._log, self._table[(False, causal)]),
-                BACKWARD_FLOPS_FACTOR * flops / np.interp(at, self._log, self._table[(True, causal)]))
+        A probe point times one call, so its rate carries the costs a call pays once (the launch, a last partial
+        wave, the causal critical path); a varlen call pays them once for all its sequences, at the rate of one
+        block of its whole work (side ``sqrt(area)``). The fixed cost per query tile is every sequence's own: one
+        of side ``n`` runs at that rate times ``fall(n) / fall(sqrt(area))``, ``fall(n) = n / (n + SMALL_SIDE)``.
+        Summed over the call's sequences: ``flops * (1 + SMALL_SIDE * sides / area) * fall(sqrt(area)) /
+        rate(sqrt(area))``. A call of one sequence runs at the profile's rate for its side."""
+        area = np.maximum(area, 1.0)
+        side = np.sqrt(area)
+        per = flops * (1.0 + SMALL_SIDE * sides / area) * side / (side + SMALL_SIDE)
+        at = np.log2(side)
+        return (per / np.interp(at, self._log, self._table[(False, causal)]),
+                BACKWARD_FLOPS_FACTOR * per / np.interp(at, self._log, self._table[(True, causal)]))
 
 
 @dataclass
@@ -367,20 +390,19 @@ def batch_compute(lengths: np.ndarray, ulysses: int, ring: int, causal: bool, he
         if q.size == 0:
             return 0.0, 0.0, 0.0
         qk = q * k
-        f = (unit / (2.0 if causal_piece else 1.0)) * qk
-        fwd, bwd = rates.times(causal_piece, f, q if k is q else np.sqrt(qk))
+        area = float(qk.sum())
+        flops = (unit / (2.0 if causal_piece else 1.0)) * area
+        fwd, bwd = rates.call_times(causal_piece, flops, area, float((q if k is q else np.sqrt(qk)).sum()))
         g_f, g_b = grid(q.size + extra_seqs + pad_seq, float(max(q.max(), k.max())))
-        return float(fwd.sum()) + float(g_f), float(bwd.sum()) + float(g_b), float(f.sum())
+        return float(fwd) + float(g_f), float(bwd) + float(g_b), flops
 
     # the whole documents' call of step 0, per ring rank: each document one L x L sequence
     zeros = np.zeros(ring)
     whole_f, whole_b, whole_flops = zeros, zeros, zeros
     if whole_lengths.size:
-        f = (unit / (2.0 if causal else 1.0)) * whole_lengths * whole_lengths
-        fwd, bwd = rates.times(causal, f, whole_lengths)
-        whole_f = np.bincount(whole_rank, weights=fwd, minlength=ring)
-        whole_b = np.bincount(whole_rank, weights=bwd, minlength=ring)
-        whole_flops = np.bincount(whole_rank, weights=f, minlength=ring)
+        area = np.bincount(whole_rank, weights=whole_lengths * whole_lengths, minlength=ring)
+        whole_flops = (unit / (2.0 if causal else 1.0)) * area
+        whole_f, whole_b = rates.call_times(causal, whole_flops, area, held_tokens)
         longest = np.zeros(ring)
         np.maximum.at(longest, whole_rank, whole_lengths)
         g_f, g_b = grid(held, longest)
@@ -418,7 +440,7 @@ def batch_compute(lengths: np.ndarray, ulysses: int, ring: int, causal: bool, he
         f1, b1, fl1 = call(cf, cf, True)   # heads x heads, tails x tails
         f2, b2, fl2 = call(cf, cf, False)  # tails x heads; either half of a visiting block
         n_calls = (3 if C else 0) + (held > 0)
-        covers = 2 * C + W == T
+        covers = (2 * C + W == T) | (held > 0)  # padding rows are sequences of the whole documents' call
         single = (n_calls == 1) & covers
         cut_f, cut_b = np.full(ring, 2 * f1 + f2), np.full(ring, 2 * b1 + b2)
         # heads, tails copied, tails merged, the whole documents copied; calls: 3 query and key chunk sides
@@ -438,7 +460,7 @@ def batch_compute(lengths: np.ndarray, ulysses: int, ring: int, causal: bool, he
             keep = real > 0
             per_source.append(call(cf[keep], real[keep], False, extra_seqs=int(np.sum(real < cf))))
         n_calls = (1 if C else 0) + (held > 0)
-        covers = C + W == T
+        covers = (C + W == T) | (held > 0)
         single = (n_calls == 1) & covers
         cut_f = np.array([p[0] for p in per_source])
         cut_b = np.array([p[1] for p in per_source])

@@ -27,7 +27,9 @@ Notation: ``U`` Ulysses degree, ``R`` ring degree, ``P = U * R``, ``H`` query he
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
@@ -639,6 +641,20 @@ def varlen_placement(lengths, ring: int, causal: bool) -> Tuple[Tuple[int, ...],
     return tuple(cut), tuple(tuple(h) for h in held)
 
 
+@functools.lru_cache(maxsize=2)
+def _documents_by_length(lengths: Tuple[int, ...], causal: bool):
+    """What :func:`varlen_owners` needs of a batch whatever the ring: the documents longest first (stable: the lower
+    index first on ties), their lengths and whole work (``varlen_doc_work``) in that order, and the total work and
+    tokens. Kept for the last two batches: ``usp.choose`` places a batch on every ring degree it weighs and the
+    runtime then places it once more, and these per-document passes are most of a placement's cost. Tuples, so a
+    caller cannot change what later calls read."""
+    items = list(lengths)  # a list's item lookup is faster than a tuple's
+    order = sorted(range(len(items)), key=items.__getitem__, reverse=True)
+    length = [items[j] for j in order]
+    work = list(map(varlen_doc_work, length, itertools.repeat(causal)))
+    return tuple(order), tuple(length), tuple(work), sum(work), sum(length)
+
+
 def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
     """Note [document placement]: for each non-empty document of ``lengths``, ``-1`` if it is cut over a ring of
     ``ring``, else the ring rank that holds it whole (what the planner reads; :func:`varlen_placement` groups it).
@@ -658,10 +674,7 @@ def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
     if ring == 1 or n == 0:
         return [-1] * n
     chunks = varlen_chunks_per_doc(ring, causal)
-    order = sorted(range(n), key=lengths.__getitem__, reverse=True)  # longest first (stable: index on ties)
-    length = [lengths[j] for j in order]
-    work = [varlen_doc_work(x, causal) for x in length]
-    total_work, total_tokens = sum(work), sum(length)
+    order, length, work, total_work, total_tokens = _documents_by_length(tuple(lengths), causal)
     # ring x a rank's work with every document cut: the sum of varlen_cut_work (which exceeds varlen_doc_work by
     # (chunks - 1) * SMALL_BLOCK_SIDE / 2 a token, causal), to within one unit a document
     all_cut = total_work + (chunks - 1) * SMALL_BLOCK_SIDE * total_tokens // (2 if causal else 1)
@@ -686,8 +699,9 @@ def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
         loads = [base_work * ring + r for r in range(ring)]
         tokens = [base_tokens] * ring
         i = k
+        replace, spread = heapq.heapreplace, ring * ring  # local names: a step per large document
         while i < n and work[i] > large:
-            r = heapq.heapreplace(loads, loads[0] + work[i] * ring * ring) % ring
+            r = replace(loads, loads[0] + work[i] * spread) % ring
             owner[i] = r
             tokens[r] += ring * length[i]
             i += 1
@@ -696,13 +710,20 @@ def varlen_owners(lengths, ring: int, causal: bool) -> List[int]:
             load_of[key % ring] = key // ring
         # the small documents, longest first, each on the rank with the fewest tokens until the ranks are within
         # one document of each other; from there dealt in snake order (fewest tokens first, then back), which
-        # keeps them so and costs no per-document Python work
-        while i < n and max(tokens) - min(tokens) > ring * length[i]:
-            r = tokens.index(min(tokens))
+        # keeps them so and costs no per-document Python work. Tokens only grow, so the most is a running max.
+        fewest = [t * ring + r for r, t in enumerate(tokens)]
+        heapq.heapify(fewest)
+        most = max(tokens)
+        while i < n and most - fewest[0] // ring > ring * length[i]:
+            r = fewest[0] % ring
+            grown = fewest[0] // ring + ring * length[i]
+            heapq.heapreplace(fewest, grown * ring + r)
+            most = max(most, grown)
             owner[i] = r
-            tokens[r] += ring * length[i]
             load_of[r] += ring * work[i]
             i += 1
+        for key in fewest:
+            tokens[key % ring] = key // ring
         if i < n:
             ranks = sorted(range(ring), key=lambda x: (tokens[x], x))
             snake = ranks + ranks[::-1]

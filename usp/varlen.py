@@ -36,7 +36,9 @@ large share of a rank's, and places the others whole, balancing work and tokens 
 ``1/PLACEMENT_SLACK`` of the mean (else it cuts everything: the zigzag balances any batch). Only the cut section's
 K/V and dK/dV travel (``VarlenSchedule.traveling_rows``: a prefix of the sequence); a batch with no cut document
 does no ring transfer at all (``usp.spec.layer_collectives(documents_cut=False)``). Whole documents are laid out
-in order after the cut section; padding after them is covered by no call (out = 0, LSE = -inf).
+in order after the cut section; the padding after them is one more sequence of their call, with no keys and no
+queries (out = 0, LSE = -inf), so a rank holding whole documents computes its diagonal block in one call when
+nothing is cut (a rank with none leaves its padding rows to no call: the same zeros).
 
 Sliding windows (``window_size``, over positions inside each document) keep this layout: each block's calls are
 the window's trimmed pieces per document, one call per distinct mask (Note [varlen windows] at

@@ -4,14 +4,20 @@ its machine. Issue 16: mean error within 5%, no run outside 10%.
 
 Before the distributed overheads (``collectives.step_overhead_us``, ``collectives.compute_slowdown``) every run was
 predicted low: mean -6.1% on H200 and -9% to -13% at 32K (``test_without_the_overheads_the_model_is_low``).
+
+Packed documents (``test_packed_runs_are_predicted``): the recorded ``bench_varlen`` mixes on 2x H200 with
+flash-attn 2, the kernel alone on one GPU, Ulysses 2x1 and ring 1x2 (issue 14: within 15%).
 """
 import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from usp import planner
+from usp.planner import batch
+from usp.planner.cost import CostModel, Shape
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 H100 = DATA / "probe_h100x2_heads_20261125.yaml"
@@ -60,3 +66,71 @@ def test_without_the_overheads_the_model_is_low():
     assert all(e[-1] < 0.02 for e in errs)
     h200 = [e[-1] for e in errs if "h200" in e[0]]
     assert sum(h200) / len(h200) == pytest.approx(-0.061, abs=0.003)  # issue 16: "mean -6.1%"
+
+
+# ------------------------------------------------------------------------------------------- packed documents
+#: ``bench_varlen`` on 2x H200 with flash-attn 2, on the code the model prices (commit cc029f6: the document
+#: placement, padding rows as sequences of the whole documents' call), with the probe of the same GPUs
+PACKED = DATA / "gpu_20261130d" / "varlen_fa2.json"
+PACKED_PROBE = DATA / "gpu_20261130c" / "probe_fa2.yaml"
+
+
+def packed_errors() -> list:
+    """``[(mix, tokens, what, predicted / measured - 1)]`` for every recorded point of ``PACKED``: ``what`` is
+    ``1gpu`` (the varlen kernel alone over the whole batch, 32 heads), ``1gpu-half`` (every document halved),
+    ``2x1`` (Ulysses: every document on every rank, 16 heads a call) or ``1x2`` (ring, on today's placement,
+    checked to be the one the run recorded)."""
+    topo = planner.load_topology(str(PACKED_PROBE))
+    kernel, _ = topo.kernel("fa2", "bfloat16", 128)
+    out = []
+    for r in json.loads(PACKED.read_text())["records"]:
+        lengths = np.array(r["doc_lengths"])
+
+        def predict(docs, ulysses, ring):
+            shape = Shape(seqlen=int(docs.sum()), heads=r["heads"], kv_heads=r["kv_heads"], head_dim=r["head_dim"],
+                          causal=r["causal"])
+            sp = ulysses * ring
+            f, b, _, cost = batch.evaluate_batch(CostModel(topo, sp, sp), shape, batch.documents(lengths=docs),
+                                                 ulysses, ring, "ulysses_inner", kernel)
+            return (f.total + b.total) * 1e3, cost
+
+        for what, docs, ms in (("1gpu", lengths, r["t1_ms"]), ("1gpu-half", -(-lengths // 2),
+                                                               r["t_kernel_local_shard_ms"])):
+            out.append((r["mix"], r["total_tokens"], what, predict(docs, 1, 1)[0] / ms - 1))
+        out.append((r["mix"], r["total_tokens"], "2x1", predict(lengths, 2, 1)[0] / r["meshes"]["2x1"]["tp_ms"] - 1))
+        ran = r["meshes"]["1x2"]
+        total, cost = predict(lengths, 1, 2)
+        assert ((cost.cut_documents, cost.whole_documents, cost.cut_rows, cost.padding)
+                == (ran["placement"]["cut"], sum(ran["placement"]["whole"]), ran["placement"]["cut_rows"],
+                    ran["padding_tokens"])), r["mix"]  # the placement priced is the one that ran
+        out.append((r["mix"], r["total_tokens"], "1x2", total / ran["tp_ms"] - 1))
+    return out
+
+
+#: The points the model is known to miss, and why: fa2 on H200 runs 64-1024-token documents (many_tiny) slower
+#: than the per-query-tile fall-off ``n / (n + spec.SMALL_BLOCK_SIDE)`` says (fitted on H100 torch_flash; these
+#: points alone would want ~700-800 tokens), so they are predicted low; no probe point measures many short
+#: sequences in one call, which would give each kernel its own. The ring points add the layer's host time, which
+#: the model does not price: at 128K the GPU idled 1.6 of the 10.0 ms (``gpu_20261130d/profile_tiny_fa2.json``).
+PACKED_KNOWN_LOW = {("many_tiny", 1048576, "1gpu"), ("many_tiny", 131072, "1gpu-half"),
+                    ("many_tiny", 1048576, "1gpu-half"), ("many_tiny", 1048576, "2x1"), ("many_tiny", 131072, "1x2"),
+                    ("many_tiny", 1048576, "1x2")}
+
+
+def test_packed_runs_are_predicted():
+    """Issue 14's target, +-15%, on every recorded point but the known ones (``PACKED_KNOWN_LOW``, predicted low by
+    at most 30%). Before the per-call pricing the Ulysses points were +28% to +163% (every document priced as a
+    call of its own), and before padding was priced as part of the whole documents' call the many_tiny ring
+    points were +43% and +60%."""
+    errs = packed_errors()
+    for e in errs:
+        print(f"{e[0]:14s} {e[1]:8d} {e[2]:10s} {e[3]:+.1%}")
+    assert len(errs) == 7 * 4
+    for what in ("2x1", "1x2"):
+        split = [e[3] for e in errs if e[2] == what and e[:3] not in PACKED_KNOWN_LOW]
+        assert abs(sum(split) / len(split)) < 0.05, what
+    for mix, tokens, what, err in errs:
+        if (mix, tokens, what) in PACKED_KNOWN_LOW:
+            assert -0.30 <= err < 0, (mix, tokens, what, err)
+        else:
+            assert abs(err) <= 0.15, (mix, tokens, what, err)
