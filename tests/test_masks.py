@@ -165,3 +165,20 @@ def test_a_window_within_one_shard_does_not_rotate_round_the_ring():
     assert all(h is None or h.stop - h.start == 2 for h in halos)
     assert schedule.keep_halos(ring, local)
     assert WindowSchedule(False, 100, 100).active_steps(ring, local) == (1, 2, 3, 4, 5, 6, 7)
+
+
+def test_fa4_takes_mla_head_sizes_without_grouped_kv_heads(monkeypatch):
+    """flash-attn-4's dense kernel runs a v head size other than q/k's for MHA (DeepSeek V3's 192/128) and refuses
+    it with grouped K/V heads, naming why (its SM90 backward asserts equal sizes there); the varlen kernel refuses
+    it (not run on a GPU here)."""
+    from usp.kernels import flash_attn
+    from usp.kernels.base import MaskNeeds
+    from usp.kernels.varlen import VARLEN_BACKENDS
+
+    monkeypatch.setattr(flash_attn, "_capability_major", lambda: 9)
+    dense = flash_attn.FlashAttn4Kernel()
+    assert dense._needs_reason(MaskNeeds(v_head_dim=128), 192) is None
+    reason = dense._needs_reason(MaskNeeds(v_head_dim=128, grouped=True), 192)
+    assert "GQA" in reason and "reference" in reason
+    assert "[8, 256]" in dense._needs_reason(MaskNeeds(v_head_dim=264), 192)
+    assert "head_dim" in VARLEN_BACKENDS["fa4"]._needs_reason(MaskNeeds(v_head_dim=128), 192)

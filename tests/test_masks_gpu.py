@@ -33,9 +33,11 @@ def _cases(backend, u, r):
                 continue
             cases.append(MaskCase(u, r, causal, "bfloat16", seqlen, heads=8, kv_heads=2, head_dim=128, v_head_dim=128,
                                   window=window, softcap=softcap, sinks=sinks, backend=backend))
-    if kernel.different_v_head_dim:
-        cases.append(MaskCase(u, r, True, "bfloat16", required_multiple(u, r, True) * 128, heads=8, kv_heads=2,
-                              head_dim=192, v_head_dim=128, window=(64, 0), sinks=True, backend=backend))
+    if kernel.different_v_head_dim:  # MLA as DeepSeek V3 trains it: MHA, q/k 192, v 128
+        for causal, window in ((True, (64, 0)), (False, (-1, -1))):
+            cases.append(MaskCase(u, r, causal, "bfloat16", required_multiple(u, r, causal) * 128, heads=8,
+                                  kv_heads=8, head_dim=192, v_head_dim=128, window=window, sinks=True,
+                                  backend=backend))
     return cases
 
 

@@ -146,10 +146,11 @@ def check_mask_options(window_size, softcap, sinks, q: Tensor, causal: bool) -> 
     return (left, right), float(softcap)
 
 
-def mask_needs(schedule, softcap: float, q: Tensor, v: Tensor) -> MaskNeeds:
+def mask_needs(schedule, softcap: float, q: Tensor, k: Tensor, v: Tensor) -> MaskNeeds:
     """What the kernel must support for this call (``usp.kernels.base.MaskNeeds``)."""
     return MaskNeeds(window=isinstance(schedule, WindowSchedule), softcap=softcap > 0,
-                     v_head_dim=v.shape[-1] if v.shape[-1] != q.shape[-1] else None)
+                     v_head_dim=v.shape[-1] if v.shape[-1] != q.shape[-1] else None,
+                     grouped=q.shape[2] != k.shape[2])
 
 
 def mask_fields(window, softcap, sinks, v) -> Dict[str, Any]:
@@ -195,7 +196,7 @@ def _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks,
     check_deterministic(deterministic)
     window = normalize_window(window, causal, s * mesh.ulysses * mesh.ring)
     schedule = schedule_for(causal, window, softcap)
-    kernel = resolve_backend(backend, q.device, q.dtype, d, deterministic, mask_needs(schedule, softcap, q, v))
+    kernel = resolve_backend(backend, q.device, q.dtype, d, deterministic, mask_needs(schedule, softcap, q, k, v))
     check_device_matches_mesh(q, mesh)
     return kernel, scale, schedule, window, softcap
 

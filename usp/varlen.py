@@ -124,7 +124,8 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, back
     check_deterministic(deterministic)
     window = normalize_window(window, causal, longest)  # bounds no document reaches are no bounds
     binds = window != (-1, 0 if causal else -1)
-    needs = MaskNeeds(window=binds, softcap=softcap > 0, v_head_dim=v.shape[-1] if v.shape[-1] != d else None)
+    needs = MaskNeeds(window=binds, softcap=softcap > 0, v_head_dim=v.shape[-1] if v.shape[-1] != d else None,
+                      grouped=q.shape[1] != k.shape[1])
     kernel = resolve_varlen_backend(backend, q.device, q.dtype, d, deterministic, needs)
     check_device_matches_mesh(q, mesh)
     return layout, kernel, scale, window, softcap

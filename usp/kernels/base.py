@@ -127,6 +127,8 @@ class MaskNeeds:
     window: bool = False
     softcap: bool = False
     v_head_dim: Optional[int] = None  # set when it differs from head_dim
+    #: query heads share K/V heads (GQA/MQA): some kernels take a different v head size only without it
+    grouped: bool = False
 
     def describe(self) -> str:
         parts = [name for name, on in (("window_size", self.window), ("softcap", self.softcap)) if on]
@@ -184,10 +186,10 @@ class KernelCapabilities:
             if not self.different_v_head_dim:
                 return (f"{self.label} {self.name!r} needs v's head_dim equal to q/k's (got {head_dim} and "
                         f"{needs.v_head_dim}: multi-head latent attention)")
-            return self._v_head_dim_reason(head_dim, needs.v_head_dim)
+            return self._v_head_dim_reason(head_dim, needs.v_head_dim, needs.grouped)
         return None
 
-    def _v_head_dim_reason(self, head_dim: int, v_head_dim: int) -> Optional[str]:
+    def _v_head_dim_reason(self, head_dim: int, v_head_dim: int, grouped: bool = False) -> Optional[str]:
         return None
 
     def _input_reason(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:

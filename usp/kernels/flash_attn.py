@@ -43,12 +43,17 @@ class FlashAttn4Capabilities:
     device_types = ("cuda",)
     supports_window = True  # window_size_left/right (None = unbounded)
     supports_softcap = True
-    # A value head size other than q/k's: flash-attn-4 4.0.0b36's SM90 backward asserts "GQA backward requires
-    # head_dim == head_dim_v" (seen on 2x H200, 2026-11-30), and the MHA case has not run on a GPU here: refused
-    # until it has (the reference kernels do it).
+    # A value head size other than q/k's (MLA): the dense kernel takes it without grouped K/V heads (MHA, as
+    # DeepSeek V3 trains) -- flash-attn-4 4.0.0b36's SM90 backward asserts "GQA backward requires head_dim ==
+    # head_dim_v" (seen on 2x H200, 2026-11-30); the varlen kernel has not run it on a GPU here: refused until it
+    # has (the reference kernels do it)
     different_v_head_dim = False
 
-    def _v_head_dim_reason(self, head_dim: int, v_head_dim: int) -> Optional[str]:
+    def _v_head_dim_reason(self, head_dim: int, v_head_dim: int, grouped: bool = False) -> Optional[str]:
+        if grouped:  # asserted on SM90; not run on later GPUs here
+            return (f"{self.label} {self.name!r} needs v's head_dim equal to q/k's ({head_dim} and {v_head_dim}) "
+                    "when query heads share K/V heads (GQA/MQA): flash-attn-4's SM90 backward asserts it; "
+                    "MHA (as many K/V heads as query heads) or backend='reference' run it")
         if _capability_major() == 9 or (head_dim, v_head_dim) == (192, 128):
             return head_dim_range_reason(self.name, v_head_dim, 8, 256, 8)
         return head_dim_range_reason(self.name, v_head_dim, 8, 128, 8)
@@ -80,6 +85,7 @@ class FlashAttn4Capabilities:
 
 
 class FlashAttn4Kernel(FlashAttn4Capabilities, AttentionKernel):
+    different_v_head_dim = True  # without grouped K/V heads on SM90 (``_v_head_dim_reason``)
 
     # Note [kernel sinks]: ``learnable_sink`` adds the sink to the forward's denominator and LSE; the backward
     # forms dsinks from its own rowsum(dout * out) in the dQ post-processing kernel (one CTA per head, rows in a
