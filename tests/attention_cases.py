@@ -150,6 +150,25 @@ def _norm(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x.double())) if x.numel() else 0.0
 
 
+def sinks_condition(sinks: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
+                    dsinks: torch.Tensor) -> float:
+    """The condition number of the sinks gradient ``dsinks_h = -sum over rows of p_sink (dout . out)``, a sum that
+    can cancel: ``|sum |p_sink| |dout| |out|| / |dsinks|`` over the heads, from the fp64 truth (``lse [..., h,
+    rows]``, ``dout``/``out`` ``[..., rows, h, d]``). Its error is the output's error carried through that sum
+    (``dsinks_bound``)."""
+    p_sink = torch.exp(sinks.double().cpu()[:, None] - lse.double().cpu())  # [..., h, rows]
+    rows = (dout.double().cpu().norm(dim=-1) * out.double().cpu().norm(dim=-1)).transpose(-1, -2)
+    per_head = (p_sink * rows).reshape(-1, *p_sink.shape[-2:]).sum(dim=(0, 2))
+    return _norm(per_head) / _norm(dsinks)
+
+
+def dsinks_bound(out_single_error: float, condition: float) -> float:
+    """The bound a sinks gradient may also take (besides twice the single-device kernel's own error): the
+    single-device output's error, doubled as every tensor's, carried through the sum's condition number, plus one
+    float32 ulp of that magnitude."""
+    return (2 * out_single_error + FP32_ULP) * condition
+
+
 def run_distributed(full: Dict[str, torch.Tensor], mesh, causal: bool, **options) -> dict:
     """usp on this rank's shards of the full ``q, k, v, dout`` (forward with ``return_lse``, backward), counting the
     collectives of each pass; returns the local tensors and the gathered out, LSE and dq/dk/dv."""

@@ -14,8 +14,8 @@ from typing import List, Tuple
 
 import torch
 
-from attention_cases import (FP32_ULP, GENERIC_SINKS_PREFIX, Case, _norm, case_backend, expected_mask_collectives,
-                             run_distributed)
+from attention_cases import (FP32_ULP, GENERIC_SINKS_PREFIX, Case, _norm, case_backend, dsinks_bound,
+                             expected_mask_collectives, run_distributed, sinks_condition)
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,11 @@ def run_mask_case(case: MaskCase, mesh, seed: int = 0, device=None) -> dict:
         base = _norm(single[name].double().cpu() - ref) / ref_norm
         result["tensors"][name] = {"error": err, "bound": 2 * base + FP32_ULP, "single": base,
                                    "finite": bool(torch.isfinite(gathered[name]).all())}
+    if case.sinks:  # a sum that can cancel: it may also carry the output's bound through its condition number
+        condition = sinks_condition(sinks_full, truth["lse"], f64["dout"], truth["out"], truth["dsinks"])
+        bound = result["tensors"]["dsinks"]
+        bound["condition"] = condition
+        bound["bound"] = max(bound["bound"], dsinks_bound(result["tensors"]["out"]["single"], condition))
     return result
 
 

@@ -16,10 +16,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from usp.kernels.reference import ReferenceKernel
-from attention_cases import case_backend
+from attention_cases import FP32_ULP, _norm, case_backend, dsinks_bound, sinks_condition
 from usp.kernels.varlen import VarlenSeqs, resolve_varlen_backend
-
-FP32_ULP = torch.finfo(torch.float32).eps
 
 
 # ---------------------------------------------------------------------------------------------- scenarios
@@ -157,10 +155,6 @@ def masked_per_document_reference(q, k, v, dout, lengths, causal, window, softca
     return truth
 
 
-def _norm(x: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(x.double()))
-
-
 # ---------------------------------------------------------------------------------------------- world functions
 def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
     """Run one case on every rank of ``mesh``; return errors, baselines, checks and collective counts."""
@@ -260,9 +254,8 @@ def run_varlen_case(case: VarlenCase, mesh, device, seed: int = 0) -> dict:
         # dsinks_h = -sum over rows of p_sink * (dout . out): a sum that can cancel. Its error is the output's error
         # carried through that sum, so it is bounded by the output's (relative) error times the sum's condition
         # number sum |p_sink| |dout| |out| / |dsinks|, and its rounding floor is one ulp of that magnitude
-        p_sink = torch.exp(sinks_full.double().cpu()[:, None] - truth["lse"].double().cpu())  # [h, t]
-        magnitude = p_sink * (full["dout"].double().cpu().norm(dim=-1) * truth["out"].double().cpu().norm(dim=-1)).T
-        result["tensors"]["dsinks"]["condition"] = _norm(magnitude.sum(1)) / _norm(truth["dsinks"])
+        result["tensors"]["dsinks"]["condition"] = sinks_condition(sinks_full, truth["lse"], full["dout"],
+                                                                   truth["out"], truth["dsinks"])
         result["tensors"]["dsinks"]["out_single_device_error"] = result["tensors"]["out"]["single_device_error"]
     return result
 
@@ -294,7 +287,7 @@ def check_varlen_result(result: dict) -> List[str]:
         bound = 1e-12 if case.dtype == "float64" else \
             2 * t["single_device_error"] + FP32_ULP * max(1.0, t.get("condition", 1.0))
         if "out_single_device_error" in t and case.dtype != "float64":  # dsinks: the output's bound carried over
-            bound = max(bound, 2 * t["out_single_device_error"] * t["condition"] + FP32_ULP * t["condition"])
+            bound = max(bound, dsinks_bound(t["out_single_device_error"], t["condition"]))
         if not t["finite"]:
             problems.append(f"{name}: non-finite values")
         if not t["error"] <= bound:
