@@ -152,20 +152,22 @@ def _norm(x: torch.Tensor) -> float:
 
 def sinks_condition(sinks: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
                     dsinks: torch.Tensor) -> float:
-    """The condition number of the sinks gradient ``dsinks_h = -sum over rows of p_sink (dout . out)``, a sum that
-    can cancel: ``|sum |p_sink| |dout| |out|| / |dsinks|`` over the heads, from the fp64 truth (``lse [..., h,
-    rows]``, ``dout``/``out`` ``[..., rows, h, d]``). Its error is the output's error carried through that sum
-    (``dsinks_bound``)."""
+    """How much the sinks gradient ``dsinks_h = -sum over rows of p_sink (dout . out)`` amplifies the rows' errors:
+    ``|sqrt(sum over rows (p_sink |dout| |out|)^2)| / |dsinks|`` over the heads, from the fp64 truth (``lse [...,
+    h, rows]``, ``dout``/``out`` ``[..., rows, h, d]``). With a random ``dout`` the sum cancels (``|dsinks|`` is
+    far below the sum of its terms' sizes), so a rounding of ``out`` that the other tensors' 2x rule tolerates moves
+    it a lot; the rows' roundings are independent, so their effects add in quadrature (a worst-case sum of
+    absolute values would allow errors larger than ``dsinks`` itself, and catch nothing)."""
     p_sink = torch.exp(sinks.double().cpu()[:, None] - lse.double().cpu())  # [..., h, rows]
     rows = (dout.double().cpu().norm(dim=-1) * out.double().cpu().norm(dim=-1)).transpose(-1, -2)
-    per_head = (p_sink * rows).reshape(-1, *p_sink.shape[-2:]).sum(dim=(0, 2))
-    return _norm(per_head) / _norm(dsinks)
+    terms = (p_sink * rows).reshape(-1, *p_sink.shape[-2:]).transpose(0, 1).reshape(p_sink.shape[-2], -1)
+    return _norm(terms.norm(dim=1)) / _norm(dsinks)
 
 
 def dsinks_bound(out_single_error: float, condition: float) -> float:
     """The bound a sinks gradient may also take (besides twice the single-device kernel's own error): the
-    single-device output's error, doubled as every tensor's, carried through the sum's condition number, plus one
-    float32 ulp of that magnitude."""
+    single-device output's error, doubled as every tensor's, carried through ``sinks_condition``, plus one float32
+    ulp of that magnitude."""
     return (2 * out_single_error + FP32_ULP) * condition
 
 
