@@ -269,7 +269,7 @@ def long_context_attention(
             parallelism it must be summed over the sequence-parallel ranks. With ``return_lse`` the LSE includes
             the sink.
         ``v`` may have a head_dim different from q/k's (multi-head latent attention, e.g. 192/128) on kernels that
-        support it (the reference kernels; fa4 refuses it, see README); ``out`` then has v's head_dim.
+        support it (the reference kernels; fa4 without grouped K/V heads, see README); ``out`` then has v's head_dim.
 
     Returns:
         ``out [batch, seq_local, heads, v_head_dim]`` in the input dtype (and ``lse`` if asked), equal to slicing
