@@ -17,7 +17,8 @@ import torch
 
 from .comm.all_to_all import (pack_heads_to_seq, pack_seq_to_heads, start_all_to_all, unpack_heads_to_seq_into,
                               unpack_seq_to_heads)
-from .ring import _accumulator_dtype, kept_kv_shapes, refuse_double_backward, ring_backward, ring_forward, saved_argument
+from .ring import (_accumulator_dtype, kept_kv_shapes, refuse_double_backward, ring_backward, ring_forward,
+                   saved_argument)
 from .spec import head_groups  # noqa: F401 (the pipeline depth lives in usp.spec)
 
 
