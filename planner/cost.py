@@ -631,26 +631,27 @@ class CostModel:
             a_q, a_kv = (B if narrow_q else FP32), (B if narrow_kv else FP32)
             merge_q = 3 * B if narrow_q else 8 + B  # one merged/added element: read both, write one
             merge_kv = 3 * B if narrow_kv else 8 + B
+            own = window.own_pieces(r, ring, local)[0]
             steps_bytes = {}
             for j in steps:
                 fwd_bytes = bwd_bytes = 0.0
-                for q_span, k_span, _, _ in window.pieces(j, r, ring, local):
-                    if j == 0 and q_span == k_span:
+                for index, (q_span, k_span, _, _) in enumerate(window.pieces(j, r, ring, local)):
+                    if j == 0 and index in own:
                         continue  # an own piece: written, below
                     n_q, n_k = rows(q_span), rows(k_span)
                     fwd_bytes += merge_q * n_q * q_row
                     bwd_bytes += merge_q * n_q * q_row + (merge_kv if j == 0 else 12 + B) * n_k * kv2_row
                 steps_bytes[j] = (fwd_bytes, bwd_bytes)
-            own = [p for p in window.pieces(0, r, ring, local) if p[0] == p[1]]
 
             def written(a: int, single: bool) -> float:  # per element: the own pieces' results into the sums
                 return (0.0 if a == B else B + a) if single else B + a
 
             cast_q, cast_kv = (0.0 if narrow_q else 4 + B), (0.0 if narrow_kv else 4 + B)
             single = len(own) == 1
+            single_b = single and C == 1  # head chunks write their dQ into the gradient's slice: copied
             start_f = (written(a_q, single) + cast_q) * local * q_row
-            start_b = ((written(a_q, single and C == 1) + cast_q) * local * q_row
-                       + (written(a_kv, single) + cast_kv) * local * kv2_row)
+            start_b = ((written(a_q, single_b) + cast_q) * local * q_row
+                       + (written(a_kv, single_b) + cast_kv) * local * kv2_row)
             for j in steps[1:]:
                 mine = window.halo(j, (r + j) % ring, ring, local)
                 start_b += (4 + 2 * a_kv) * rows(mine) * kv2_row

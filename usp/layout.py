@@ -13,7 +13,7 @@ all-to-all (which concatenates the pieces in rank order) rebuilds exactly the ri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -223,6 +223,13 @@ class WindowSchedule(SlidingWindow):
             self._cache[key] = [BlockTask(q_rows, k_rows, False, Mask(l, r, self.softcap))
                                 for q_rows, k_rows, l, r in self.pieces(step, ring_rank, ring_size, local_len)]
         return self._cache[key]
+
+    def own_blocks(self, ring_rank: int, ring_size: int, local_len: int) -> Tuple[List[BlockTask], List[BlockTask]]:
+        """``blocks(0, ...)`` split as ``SlidingWindow.own_pieces`` says: each chunk's block against itself (they
+        partition the rows, in order), then the rest (Note [sparse sums] in ``usp/ring.py``)."""
+        blocks = self.blocks(0, ring_rank, ring_size, local_len)
+        own, others = self.own_pieces(ring_rank, ring_size, local_len)
+        return [blocks[i] for i in own], [blocks[i] for i in others]
 
 
 def schedule_for(causal: bool, window_size=(-1, -1), softcap: float = 0.0, seqlen: Optional[int] = None):

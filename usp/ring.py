@@ -480,7 +480,7 @@ def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks")
             merge_attention_(_rows(out, task.q_rows), _lse_rows(lse, task.q_rows), block_out, block_lse)
 
     pending = post(steps[0]) if steps else None
-    own, others = _own_pieces(schedule.blocks(0, ring_rank, ring_size, local_len), local_len)
+    own, others = schedule.own_blocks(ring_rank, ring_size, local_len)
     if len(own) == 1:
         out, lse = call(own[0], (k, v), None, **sink.forward_kwargs())
         out = out.to(acc)
@@ -504,15 +504,6 @@ def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks")
     if not schedule.keep_halos(ring_size, local_len):
         kept = []
     return out.to(q.dtype), lse, kept
-
-
-def _own_pieces(tasks, local_len: int):
-    """Note [sparse sums]: ``(own, others)``, the step-0 pieces of a chunk against itself (they partition the
-    rows, in order) and the rest."""
-    own = [t for t in tasks if t.q_rows == t.kv_rows]
-    assert [t.q_rows.start for t in own] == [0] + [t.q_rows.stop for t in own[:-1]] and own[-1].q_rows.stop == \
-        local_len, (own, local_len)
-    return own, [t for t in tasks if t.q_rows != t.kv_rows]
 
 
 def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule, scale, dq_out, wide_dkv,
@@ -560,7 +551,7 @@ def _sparse_backward_pass(dout, q, k, v, out, lse, halos, mesh, kernel, schedule
     pending = fetch(steps[0]) if steps else None
     if kept is not None and pending is not None and pending[2] is not None:
         kept = kept[2:]
-    own, others = _own_pieces(schedule.blocks(0, ring_rank, ring_size, local_len), local_len)
+    own, others = schedule.own_blocks(ring_rank, ring_size, local_len)
     if len(own) == 1 and dq_out is None:
         _, (dq, dk, dv) = call(own[0], (k, v), None, **sink.backward_kwargs())
         dq, dk, dv = dq.to(q_acc), dk.to(kv_acc), dv.to(kv_acc)

@@ -433,6 +433,20 @@ class SlidingWindow:
         return tuple(j for j in self.active_steps(ring_size, local_len)
                      if (ring_rank, j) in table or ((ring_rank + j) % ring_size, j) in table)
 
+    def own_pieces(self, ring_rank: int, ring_size: int, local_len: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """Note [sparse sums] in ``usp/ring.py``: the indices (into ``pieces(0, ...)``) of the step-0 pieces of a
+        chunk against itself, which partition the rank's rows in order (the window always holds the query's own
+        position), and of the other step-0 pieces."""
+        def split():
+            pieces = self.pieces(0, ring_rank, ring_size, local_len)
+            own = tuple(i for i, p in enumerate(pieces) if p[0] == p[1])
+            rows = [pieces[i][0] for i in own]
+            assert [x.start for x in rows] == [0] + [x.stop for x in rows[:-1]] and rows[-1].stop == local_len, (
+                pieces, local_len)
+            return own, tuple(i for i in range(len(pieces)) if i not in own)
+
+        return self._memo(("own", ring_rank), ring_size, local_len, split)
+
     def row_terms(self, ring_rank: int, ring_size: int, local_len: int) -> Tuple[int, int]:
         """Note [sparse sums] in ``usp/ring.py``: the most terms summed into one query row (pieces: out and dQ) and
         into one key row (dK/dV: this rank's step-0 pieces and the halo partial sums other ranks send back) of

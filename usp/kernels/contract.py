@@ -69,6 +69,11 @@ def _check_mask(kernel, mask, s_q: int, s_k: int, what: str = "block") -> Mask:
     return mask
 
 
+def _sinks_kwargs(sinks) -> dict:
+    """``sinks`` as a keyword only when given: kernels without sink support need not take the argument."""
+    return {} if sinks is None else {"sinks": sinks}
+
+
 class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
     """A dense kernel that checks Note [kernel contract] on every call and then runs ``kernel``."""
 
@@ -114,8 +119,7 @@ class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal, scale: float, sinks=None) -> Tuple[Tensor, Tensor]:
         b, s_q, h, d, _, _ = self._check_qkv(q, k, v, causal)
         self._check_sinks(sinks, q)
-        out, lse = (self.kernel.forward(q, k, v, causal, scale) if sinks is None
-                    else self.kernel.forward(q, k, v, causal, scale, sinks=sinks))
+        out, lse = self.kernel.forward(q, k, v, causal, scale, **_sinks_kwargs(sinks))
         name = self.kernel.name
         _check_tensor(name, "returned out", out, (b, s_q, h, d), q.dtype, q.device, contiguous=False)
         _check_tensor(name, "returned lse", lse, (b, h, s_q), _lse_dtype(q.dtype), q.device, contiguous=True)
@@ -130,11 +134,8 @@ class ContractCheckingKernel(WrappedKernelCapabilities, AttentionKernel):
         _check_tensor(name, "lse", lse, (b, h, s_q), _lse_dtype(q.dtype), q.device, contiguous=True)
         if deterministic and not self.kernel.deterministic_backward:
             _fail(name, "deterministic=True passed to a kernel without a deterministic backward")
-        if sinks is None:
-            grads = self.kernel.backward(dout, q, k, v, out, lse, causal, scale, deterministic=deterministic)
-        else:
-            grads = self.kernel.backward(dout, q, k, v, out, lse, causal, scale, deterministic=deterministic,
-                                         sinks=sinks)
+        grads = self.kernel.backward(dout, q, k, v, out, lse, causal, scale, deterministic=deterministic,
+                                     **_sinks_kwargs(sinks))
         if len(grads) != (3 if sinks is None else 4):
             _fail(name, f"backward returned {len(grads)} tensors, expected {3 if sinks is None else 4}")
         for arg, t, like in zip(("dq", "dk", "dv", "dsinks"), grads, (q, k, v, sinks)):
