@@ -174,7 +174,10 @@ def dense_kernel_step(kernel, seqlen, heads, kv_heads, head_dim, causal, device)
     return step
 
 
-def usp_varlen_step(lengths, mesh, heads, kv_heads, head_dim, causal, backend, device) -> Callable[[], None]:
+def usp_varlen_step(lengths, mesh, heads, kv_heads, head_dim, causal, backend, device,
+                    host_times: list = None) -> Callable[[], None]:
+    """usp's fwd+bwd on this rank's shards of the packed batch ``lengths``. ``host_times``: a list to which each call
+    appends the host seconds of its forward call and of its backward call (``time.perf_counter``, no sync)."""
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
@@ -191,8 +194,12 @@ def usp_varlen_step(lengths, mesh, heads, kv_heads, head_dim, causal, backend, d
     def step():
         for t in (q, k, v):
             t.grad = None
+        start = time.perf_counter()
         out = long_context_attention_varlen(q, k, v, cu_seqlens, max_seqlen, mesh, causal=causal, backend=backend)
+        forward = time.perf_counter()
         out.backward(local["dout"])
+        if host_times is not None:
+            host_times.append((forward - start, time.perf_counter() - forward))
 
     return step
 

@@ -13,12 +13,17 @@ For one packed batch (``--mix``, ``--total``; the mixes are ``bench_varlen.MIXES
 * the layout's facts: padding rows, documents cut over the ring and placed whole, kernel calls per ring block.
 
 ``gap_ms`` = tp - (GPU time outside NCCL): time the compute stream sat idle (waiting for a transfer or the host).
+Where the host's time goes (medians over the timed iterations, the slowest rank): ``host_forward_ms`` and
+``host_backward_ms``, the host's time in the forward call and in ``backward()`` (no sync inside; the GPU idles
+until the forward's first launch, and again whenever the host falls behind it), and ``tp_unchecked_ms``, the same
+step on a mesh with ``check_calls="off"`` (Note [call agreement]: what the per-call agreement adds).
 Without CUDA it runs on the CPU with gloo (a smoke test: no CUDA kernel times).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from collections import defaultdict
 
@@ -125,8 +130,15 @@ def main(argv=None) -> None:
     for spec in args.meshes.split(","):
         u, r = (int(x) for x in spec.lower().split("x"))
         mesh = usp.SequenceParallelMesh(ulysses=u, ring=r)
-        step = usp_varlen_step(lengths, mesh, heads, kv_heads, args.head_dim, True, args.backend, device)
+        host_times: list = []
+        step = usp_varlen_step(lengths, mesh, heads, kv_heads, args.head_dim, True, args.backend, device,
+                               host_times)
         timed = timer(step)
+        host = torch.tensor([statistics.median(t[i] for t in host_times[-args.iters:]) * 1e3 for i in (0, 1)],
+                            device=device)
+        dist.all_reduce(host, op=dist.ReduceOp.MAX)
+        unchecked = timer(usp_varlen_step(lengths, usp.SequenceParallelMesh(ulysses=u, ring=r, check_calls="off"),
+                                          heads, kv_heads, args.head_dim, True, args.backend, device))
         profiled = profile_step(step, args.iters, device)
         gathered = [None] * world
         dist.all_gather_object(gathered, profiled)
@@ -134,7 +146,8 @@ def main(argv=None) -> None:
         record["meshes"][spec] = {
             "tp_ms": timed["median_ms"], "peak_gib": timed["peak_gib"], "kernel_share_ms": t1["median_ms"] / world,
             "efficiency": t1["median_ms"] / (world * timed["median_ms"]),
-            "gap_ms": timed["median_ms"] - outside_nccl, "per_rank": gathered,
+            "gap_ms": timed["median_ms"] - outside_nccl, "host_forward_ms": float(host[0]),
+            "host_backward_ms": float(host[1]), "tp_unchecked_ms": unchecked["median_ms"], "per_rank": gathered,
             "layout": layout_facts(varlen_layout(cu, mesh, True)),
         }
         del step
@@ -143,7 +156,8 @@ def main(argv=None) -> None:
         if rank == 0:
             m = record["meshes"][spec]
             print(f"{spec}: {m['tp_ms']:.2f} ms (1 GPU {t1['median_ms']:.2f}, E {m['efficiency']:.3f}, "
-                  f"gap {m['gap_ms']:.2f} ms); rank 0 GPU ms {gathered[0]['gpu_ms']}, "
+                  f"gap {m['gap_ms']:.2f} ms, host {m['host_forward_ms']:.2f}+{m['host_backward_ms']:.2f} ms, "
+                  f"unchecked {m['tp_unchecked_ms']:.2f} ms); rank 0 GPU ms {gathered[0]['gpu_ms']}, "
                   f"launches {gathered[0]['launches_total']:.0f}; layout {m['layout']}", flush=True)
     finish(record, args.out, "benchmarks/profile_varlen.py")
 

@@ -71,7 +71,7 @@ from .cost import FP32, BACKWARD_FLOPS_FACTOR, CostModel, MemoryCost, PassCost, 
 from .units import PlannerError
 
 __all__ = ["Documents", "documents", "BatchCost", "batch_compute", "evaluate_batch", "Chooser", "choose",
-           "GRID_CELL_NS", "SMALL_SIDE"]
+           "GRID_CELL_NS", "SMALL_SIDE", "small_sides"]
 
 #: ns per grid cell (sequence x head x 128-row tile) of a varlen call, by kernel (module docstring); 0 if absent
 GRID_CELL_NS: Dict[str, float] = {"torch_flash": 1.9, "fa2": 1.9}
@@ -266,19 +266,18 @@ def forget_placements() -> None:
 
 # ------------------------------------------------------------------------------------------------ compute
 class _Rates:
-    """Vectorised ``KernelProfile.rate`` over block sides for one heads-per-call, with the small-side fall-off."""
+    """Vectorised ``KernelProfile.rate`` over block sides for one heads-per-call, with the small-side fall-off
+    (``small_side``: tokens, per ``(backward, causal)``; :func:`small_sides`)."""
 
     def __init__(self, kernel, heads_per_call: float):
-        smallest = kernel.points[0].block
+        self.smallest = float(kernel.points[0].block)
         self._log = np.arange(0.0, 23.01, 0.125)  # log2(side): 1 .. 8M tokens
         sides = 2.0 ** self._log
-        self._table = {}
-        for backward in (False, True):
-            for causal in (False, True):
-                at = np.array([kernel.rate(backward, causal, max(s, smallest), heads_per_call) for s in sides])
-                fall = np.where(sides < smallest, (sides / (sides + SMALL_SIDE)) / (smallest / (smallest + SMALL_SIDE)),
-                                1.0)
-                self._table[(backward, causal)] = at * fall
+        #: rates at max(side, smallest block); the fall-off below the smallest block is applied per call
+        self._table = {(backward, causal): np.array([kernel.rate(backward, causal, max(x, self.smallest),
+                                                                 heads_per_call) for x in sides])
+                       for backward in (False, True) for causal in (False, True)}
+        self.small_side = small_sides(kernel, heads_per_call)
 
     def call_times(self, causal: bool, flops: Any, area: Any, sides: Any) -> Tuple[Any, Any]:
         """Forward and backward seconds of varlen calls (numbers, or arrays of one per call): ``flops`` forward
@@ -287,15 +286,75 @@ class _Rates:
         A probe point times one call, so its rate carries the costs a call pays once (the launch, a last partial
         wave, the causal critical path); a varlen call pays them once for all its sequences, at the rate of one
         block of its whole work (side ``sqrt(area)``). The fixed cost per query tile is every sequence's own: one
-        of side ``n`` runs at that rate times ``fall(n) / fall(sqrt(area))``, ``fall(n) = n / (n + SMALL_SIDE)``.
-        Summed over the call's sequences: ``flops * (1 + SMALL_SIDE * sides / area) * fall(sqrt(area)) /
-        rate(sqrt(area))``. A call of one sequence runs at the profile's rate for its side."""
-        area = np.maximum(area, 1.0)
-        side = np.sqrt(area)
-        per = flops * (1.0 + SMALL_SIDE * sides / area) * side / (side + SMALL_SIDE)
-        at = np.log2(side)
-        return (per / np.interp(at, self._log, self._table[(False, causal)]),
-                BACKWARD_FLOPS_FACTOR * per / np.interp(at, self._log, self._table[(True, causal)]))
+        of side ``n`` runs at that rate times ``fall(n) / fall(sqrt(area))``, ``fall(n) = n / (n + S)``, ``S`` the
+        kernel's ``small_side``. Summed over the call's sequences: ``flops * (1 + S * sides / area) *
+        fall(sqrt(area)) / rate(sqrt(area))``. A call of one sequence runs at the profile's rate for its side."""
+        return tuple(_call_seconds(flops, area, sides, self.small_side[(backward, causal)], self.smallest,
+                                   lambda at, b=backward: np.interp(at, self._log, self._table[(b, causal)]),
+                                   backward) for backward in (False, True))
+
+
+def _call_seconds(flops: Any, area: Any, sides: Any, small: Any, smallest: float, rate_at_log2, backward: bool):
+    """Seconds of varlen calls at the small-side fall-off ``small`` (``_Rates.call_times``): ``rate_at_log2`` gives
+    the profile's rate at log2(side) for sides >= its smallest block; below it the rate falls as ``fall``."""
+    area = np.maximum(area, 1.0)
+    side = np.sqrt(area)
+    per = flops * (1.0 + small * sides / area) * side / (side + small)
+    rate = rate_at_log2(np.log2(np.maximum(side, smallest)))
+    rate = rate * np.where(side < smallest, (side / (side + small)) / (smallest / (smallest + small)), 1.0)
+    return (BACKWARD_FLOPS_FACTOR if backward else 1.0) * per / rate
+
+
+#: candidate values of a kernel's small-side fall-off (tokens) that :func:`small_sides` fits over
+_SMALL_SIDE_GRID = np.concatenate([[0.0], 2.0 ** np.arange(0.0, 14.001, 1 / 32)])
+
+
+def small_sides(kernel, heads_per_call: float) -> Dict[Tuple[bool, bool], float]:
+    """The kernel's small-side fall-off ``S`` (tokens; ``_Rates.call_times``) per ``(backward, causal)``: fitted to
+    the profile's varlen points (``usp-plan probe``: one call over many sequences of 128-4096 tokens), the value
+    that prices those calls best (least squares of log(predicted / measured)); several head counts measured: linear
+    in log2(heads) between the two nearest (clamped). A profile without varlen points gets ``SMALL_SIDE``, the
+    placement's constant (``usp.spec.SMALL_BLOCK_SIDE``)."""
+    fitted = sorted(((p.heads or 0, _fit_small_sides(p)) for p in (kernel,) + tuple(kernel.variants) if p.varlen),
+                    key=lambda hf: hf[0])
+    if not fitted:
+        return {(b, c): SMALL_SIDE for b in (False, True) for c in (False, True)}
+    if len(fitted) == 1 or heads_per_call <= fitted[0][0]:
+        return dict(fitted[0][1])
+    if heads_per_call >= fitted[-1][0]:
+        return dict(fitted[-1][1])
+    for (h0, lo), (h1, hi) in zip(fitted, fitted[1:]):
+        if h0 <= heads_per_call <= h1:
+            t = (math.log2(heads_per_call) - math.log2(h0)) / (math.log2(h1) - math.log2(h0))
+            return {key: lo[key] + t * (hi[key] - lo[key]) for key in lo}
+    raise AssertionError("unreachable: heads_per_call lies between the fitted head counts")
+
+
+@functools.lru_cache(maxsize=32)
+def _fit_small_sides(profile) -> Dict[Tuple[bool, bool], float]:
+    """``small_sides`` of one profile (its own head count) from its varlen points: every point is priced as
+    ``batch_compute`` prices a call of equal sequences (``_call_seconds`` plus the grid cost) at every candidate of
+    ``_SMALL_SIDE_GRID``."""
+    heads = profile.heads or 1
+    cell = GRID_CELL_NS.get(profile.name, 0.0) * 1e-9
+    smallest = float(profile.points[0].block)
+    out = {}
+    for backward in (False, True):
+        for causal in (False, True):
+            errors = np.zeros_like(_SMALL_SIDE_GRID)
+            for p in profile.varlen:
+                n, count = float(p.length), float(p.sequences)
+                flops = 4.0 * heads * profile.head_dim * count * n * n / (2.0 if causal else 1.0)
+                measured_rate = {(False, False): p.forward, (True, False): p.backward,
+                                 (False, True): p.causal_forward, (True, True): p.causal_backward}[(backward, causal)]
+                measured = (BACKWARD_FLOPS_FACTOR if backward else 1.0) * flops / (measured_rate * 1e12)
+                rate = profile.rate(backward, causal, max(n * math.sqrt(count), smallest))  # its own heads
+                grid = (BACKWARD_GRIDS if backward else 1) * cell * count * heads * math.ceil(n / CTA_ROWS)
+                predicted = _call_seconds(flops, count * n * n, count * n, _SMALL_SIDE_GRID, smallest,
+                                          lambda at, r=rate: r, backward) + grid
+                errors += np.log(predicted / measured) ** 2
+            out[(backward, causal)] = float(_SMALL_SIDE_GRID[int(np.argmin(errors))])
+    return out
 
 
 @dataclass

@@ -15,7 +15,10 @@ What it does, in order (the cost model's inputs, ``planner.cost``):
      the world size), contiguous groups, all groups at once. Fits the same form in buffer bytes.
   4. Device-memory copy bandwidth (the ring's fp32 merges and the all-to-all staging copies run at it).
   5. The attention kernel's forward and backward TFLOP/s (``usp.kernels.resolve_backend``) for the given
-     head_dim/dtype at several block sizes, causal and not.
+     head_dim/dtype at several block sizes, causal and not; where the kernel has a varlen form
+     (``usp.kernels.varlen``: fa4, fa2, torch_flash, reference), one call over many equal short sequences
+     (128-4096 tokens, 32K tokens a call), causal and not: the packed-document pricing fits its per-tile cost to
+     these (``planner.batch.small_sides``).
 On CPU/gloo every step runs (small sizes) so the structure is right and CI can test it; the numbers mean nothing.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from .topology import DEFAULT_PRESET, Fit, Topology, fit_latency_bandwidth, load_topology
 from .units import PlannerError, canonical_dtype
 
-__all__ = ["probe", "measure_kernel", "parse_nvidia_smi_topo", "classify_host_fabric", "read_infiniband",
+__all__ = ["probe", "measure_kernel", "measure_varlen_kernel", "parse_nvidia_smi_topo", "classify_host_fabric", "read_infiniband",
            "kernel_flops"]
 
 MiB = 1024**2
@@ -193,6 +196,46 @@ def measure_kernel(kernel: Any, blocks: Sequence[int], heads: int, head_dim: int
             prefix = "causal_" if causal else ""
             point[prefix + "forward"] = flops / t_fwd / 1e12
             point[prefix + "backward"] = 2.5 * flops / t_bwd / 1e12
+        points.append(point)
+    return points
+
+
+def measure_varlen_kernel(kernel: Any, lengths: Sequence[int], tokens: int, heads: int, head_dim: int, dtype: Any,
+                          device: Any, iters: int = 3, warmup: int = 1,
+                          synchronize: Optional[Callable[[], None]] = None,
+                          clock: Callable[[], float] = time.perf_counter) -> List[Dict[str, float]]:
+    """Time one varlen call (``usp.kernels.varlen``'s interface) over ``tokens // length`` packed sequences of
+    ``length`` tokens each, for every ``length``: the kernel's rate on short documents, which ``planner.batch`` fits
+    its per-tile cost to. Returns varlen points ``{length, sequences, forward, backward, causal_forward,
+    causal_backward}`` in TFLOP/s (4·h·d·sequences·length², halved causal; backward FLOPs = 2.5 x forward)."""
+    import torch
+
+    from usp.kernels.varlen import VarlenSeqs  # lazy: usp imports planner
+
+    sync = synchronize or (lambda: None)
+    points = []
+    for length in lengths:
+        sequences = max(1, tokens // length)
+        total = sequences * length
+        seqs = VarlenSeqs([length] * sequences, [length] * sequences)
+        gen = torch.Generator(device="cpu").manual_seed(length)
+        q, k, v, dout = (torch.randn((total, heads, head_dim), generator=gen, dtype=torch.float32)
+                         .to(device=device, dtype=dtype) for _ in range(4))
+        scale = head_dim ** -0.5
+        point: Dict[str, float] = {"length": int(length), "sequences": int(sequences)}
+        for causal in (False, True):
+            out, lse = kernel.forward(q, k, v, seqs, causal, scale)
+
+            def fwd() -> None:
+                kernel.forward(q, k, v, seqs, causal, scale)
+
+            def bwd() -> None:
+                kernel.backward(dout, q, k, v, out, lse, seqs, causal, scale)
+
+            flops = sequences * kernel_flops(length, heads, head_dim, causal)
+            prefix = "causal_" if causal else ""
+            point[prefix + "forward"] = flops / _time_local(fwd, iters, warmup, sync, clock) / 1e12
+            point[prefix + "backward"] = 2.5 * flops / _time_local(bwd, iters, warmup, sync, clock) / 1e12
         points.append(point)
     return points
 
@@ -470,14 +513,45 @@ def _kernel_profile(torch, dist, kernel, device, on_gpu, heads, head_dim, dtype,
     blocks = list(blocks or ([4096, 8192, 16384, 32768] if on_gpu else [128, 256]))
     points = measure_kernel(impl, blocks, heads, head_dim, torch_dtype, device, iters=iters, warmup=warmup,
                             synchronize=sync)
-    # every rank measured its own device; keep the slowest rank's rates (the ring waits for it)
+    varlen_impl = _varlen_counterpart(impl.name, device, torch_dtype, head_dim)
+    varlen = [] if varlen_impl is None else measure_varlen_kernel(
+        varlen_impl, VARLEN_LENGTHS_GPU if on_gpu else VARLEN_LENGTHS_CPU,
+        VARLEN_TOKENS_GPU if on_gpu else VARLEN_TOKENS_CPU, heads, head_dim, torch_dtype, device, iters=iters,
+        warmup=warmup, synchronize=sync)
+    profile = {"name": impl.name, "dtype": dtype_name, "head_dim": head_dim, "heads": heads,
+               "source": f"usp-plan probe, {heads} heads, slowest of {dist.get_world_size()} ranks",
+               "points": _slowest(dist, points, "block")}
+    if varlen:
+        profile["varlen"] = _slowest(dist, varlen, "length", "sequences")
+    return profile
+
+
+#: varlen points (``measure_varlen_kernel``): document lengths, and the tokens of each call
+VARLEN_LENGTHS_GPU = (128, 256, 512, 1024, 2048, 4096)
+VARLEN_TOKENS_GPU = 32768
+VARLEN_LENGTHS_CPU = (16, 64)
+VARLEN_TOKENS_CPU = 128
+
+
+def _varlen_counterpart(name: str, device, dtype, head_dim: int):
+    """The varlen kernel of the dense backend ``name`` (same implementation, packed sequences), or None where it
+    has none or it cannot run here (cuDNN has no varlen kernel: its profile gets no varlen points)."""
+    from usp.kernels.varlen import VARLEN_BACKENDS, resolve_varlen_backend  # lazy: usp imports planner
+
+    if name not in VARLEN_BACKENDS:
+        return None
+    try:
+        return resolve_varlen_backend(name, device, dtype, head_dim)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+
+
+def _slowest(dist, points: List[Dict[str, float]], *keys: str) -> List[Dict[str, float]]:
+    """Every rank measured its own device: keep the slowest rank's rates (the ring waits for it), 4 digits."""
     gathered: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, points)
-    slowest = [{key: (min(p[i][key] for p in gathered) if key != "block" else points[i]["block"])
-                for key in points[i]} for i in range(len(points))]
-    return {"name": impl.name, "dtype": dtype_name, "head_dim": head_dim, "heads": heads,
-            "source": f"usp-plan probe, {heads} heads, slowest of {dist.get_world_size()} ranks",
-            "points": [{k: (float(f"{v:.4g}") if k != "block" else v) for k, v in p.items()} for p in slowest]}
+    return [{key: (points[i][key] if key in keys else float(f"{min(p[i][key] for p in gathered):.4g}"))
+             for key in points[i]} for i in range(len(points))]
 
 
 def _topology_dict(name, everyone, hosts, gph, host_of, p2p, a2a, memory_bandwidth, kernel_profile, detected,

@@ -84,6 +84,7 @@ from .units import PlannerError, canonical_dtype
 __all__ = [
     "TopologyError",
     "KernelPoint",
+    "VarlenPoint",
     "KernelProfile",
     "Fit",
     "Topology",
@@ -223,6 +224,26 @@ class KernelPoint:
                 "causal_forward": _r(self.causal_forward), "causal_backward": _r(self.causal_backward)}
 
 
+@dataclass(frozen=True)
+class VarlenPoint:
+    """One varlen kernel call over ``sequences`` packed sequences of ``length`` tokens each (every query attends the
+    keys of its own sequence), TFLOP/s over the call (4·h·d·sequences·length², halved causal): how the kernel's
+    rate falls on short documents (``planner.batch``'s fit of its per-tile cost; ``usp-plan probe`` measures it
+    for kernels with a varlen form)."""
+
+    length: int
+    sequences: int
+    forward: float
+    backward: float
+    causal_forward: float
+    causal_backward: float
+
+    def to_dict(self) -> dict:
+        return {"length": self.length, "sequences": self.sequences, "forward": _r(self.forward),
+                "backward": _r(self.backward), "causal_forward": _r(self.causal_forward),
+                "causal_backward": _r(self.causal_backward)}
+
+
 def _backward_from_total(forward: float, total: float, key: str, reader: _Reader) -> float:
     # benchmarks/RESULTS.md FLOP convention: fwd+bwd FLOPs = 3.5 x forward, i.e. backward = 2.5 x forward.
     # 3.5 F / r_total = F / r_fwd + 2.5 F / r_bwd  =>  r_bwd = 2.5 / (3.5 / r_total - 1 / r_fwd)
@@ -246,6 +267,8 @@ class KernelProfile:
     heads: Optional[int] = None
     #: the same kernel measured at other head counts (``Topology.kernel`` gathers them; see ``rate``)
     variants: Tuple["KernelProfile", ...] = ()
+    #: varlen calls over many short sequences, ascending by length (optional; ``VarlenPoint``)
+    varlen: Tuple[VarlenPoint, ...] = ()
 
     def rate(self, backward: bool, causal: bool, block: float, heads: Optional[float] = None) -> float:
         """FLOP/s for one kernel call on a ``block``-token square block with ``heads`` query heads.
@@ -345,14 +368,27 @@ class KernelProfile:
         points.sort(key=lambda q: q.block)
         if len({q.block for q in points}) != len(points):
             reader.fail(reader.key("points"), "two points have the same block size")
+        varlen = []
+        for i, item in enumerate(reader.listing("varlen", [])):
+            p = _Reader(item, f"{reader.key('varlen')}[{i}]", source)
+            length, sequences = p.integer("length"), p.integer("sequences")
+            rates = [p.number(key) for key in ("forward", "backward", "causal_forward", "causal_backward")]
+            p.done()
+            varlen.append(VarlenPoint(length, sequences, *rates))
+        varlen.sort(key=lambda q: q.length)
+        if len({q.length for q in varlen}) != len(varlen):
+            reader.fail(reader.key("varlen"), "two points have the same length")
         src = reader.string("source", "")
         heads = reader.integer("heads") if reader.has("heads") else None
         reader.done()
-        return cls(name=name, dtype=dtype, head_dim=head_dim, points=tuple(points), source=src, heads=heads)
+        return cls(name=name, dtype=dtype, head_dim=head_dim, points=tuple(points), source=src, heads=heads,
+                   varlen=tuple(varlen))
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "dtype": self.dtype, "head_dim": self.head_dim,
                "points": [p.to_dict() for p in self.points]}
+        if self.varlen:
+            out["varlen"] = [p.to_dict() for p in self.varlen]
         if self.heads is not None:
             out["heads"] = self.heads
         if self.source:

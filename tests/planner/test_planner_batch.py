@@ -262,6 +262,64 @@ def test_whole_documents_price_the_slowest_rank():
     assert cost.calls_per_pass == 2 * (3 + 1 + 2 * 3)
 
 
+def _varlen_points(kernel, heads, small, lengths=(128, 256, 512, 1024, 2048, 4096), tokens=32768):
+    """Varlen points of calls of equal sequences as the model prices them at the small-side fall-off ``small``
+    (``{(backward, causal): S}``), written out: ``flops * (1 + S / n) * fall(side) / rate(side)`` plus the grid,
+    ``rate`` falling by ``fall`` too below the profile's smallest block."""
+    from usp.planner.topology import VarlenPoint
+
+    cell = batch.GRID_CELL_NS.get(kernel.name, 0.0) * 1e-9
+    points = []
+    for n in lengths:
+        count = tokens // n
+        side = n * count ** 0.5
+        rates = {}
+        for backward in (False, True):
+            for causal in (False, True):
+                S = small[(backward, causal)]
+                flops = 4.0 * heads * kernel.head_dim * count * n * n / (2 if causal else 1) * (2.5 if backward else 1)
+                smallest = kernel.points[0].block
+                rate = kernel.rate(backward, causal, max(side, smallest))
+                if side < smallest:
+                    rate *= (side / (side + S)) / (smallest / (smallest + S))
+                seconds = (flops * (1 + S / n) * side / (side + S) / rate
+                           + (3 if backward else 1) * cell * count * heads * -(-n // 128))
+                rates[(backward, causal)] = flops / seconds / 1e12
+        points.append(VarlenPoint(n, count, rates[(False, False)], rates[(True, False)], rates[(False, True)],
+                                  rates[(True, True)]))
+    return tuple(points)
+
+
+def test_small_side_is_fitted_to_the_varlen_points():
+    """``usp-plan probe``'s varlen points (one call over many equal short sequences) give each kernel its own
+    small-side fall-off: the fit recovers the value the points were made with (to the grid's 2.2% steps), two
+    head counts interpolate in log2(heads), and a profile without points keeps the placement's constant."""
+    import dataclasses
+
+    base = planner.load_topology("dgx-h100").kernel("torch_flash", "bfloat16", 128)[0]
+    assert not base.varlen and batch.small_sides(base, 32) == {(b, c): batch.SMALL_SIDE for b in (False, True)
+                                                                 for c in (False, True)}
+    small32 = {(False, False): 300.0, (False, True): 450.0, (True, False): 1200.0, (True, True): 1600.0}
+    small8 = {key: 2 * value for key, value in small32.items()}
+    k32 = dataclasses.replace(base, heads=32, variants=(), varlen=_varlen_points(base, 32, small32))
+    k8 = dataclasses.replace(base, heads=8, variants=(), varlen=_varlen_points(base, 8, small8))
+    for kernel, want in ((k32, small32), (k8, small8)):
+        got = batch.small_sides(kernel, kernel.heads)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=0.012), key
+    family = dataclasses.replace(k32, variants=(k8,))
+    mid = batch.small_sides(family, 16)
+    for key in small32:
+        assert mid[key] == pytest.approx(1.5 * small32[key], rel=0.012)  # halfway in log2(heads)
+    assert batch.small_sides(family, 64) == batch.small_sides(k32, 32)  # clamped
+    # the price of many tiny documents follows the fitted value; one long document hardly moves
+    tiny, long_doc = np.full(512, 256), np.array([131072])
+    for lengths, ratio in ((tiny, 1.3), (long_doc, 1.01)):
+        prices = [sum(batch.batch_compute(lengths, 1, 1, True, 32, 8, 128, 2, 1, batch._Rates(k, 32.0),
+                                          "torch_flash", None).step0) for k in (k32, base)]
+        assert (prices[0] / prices[1] > ratio) == (ratio > 1.1), (prices, ratio)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(cu_seqlens=[0, 5, 3]), "non-decreasing"),
     (dict(cu_seqlens=[1, 5]), "start at 0"),

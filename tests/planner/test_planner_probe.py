@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from usp import planner
-from usp.planner.probing import classify_host_fabric, kernel_flops, measure_kernel, parse_nvidia_smi_topo, read_infiniband
+from usp.planner.probing import (classify_host_fabric, kernel_flops, measure_kernel, measure_varlen_kernel,
+                                 parse_nvidia_smi_topo, read_infiniband)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the spawned ranks import the helpers by this path
 from _world import probe_worker, run_world  # noqa: E402
@@ -94,6 +95,42 @@ def test_measure_kernel_with_a_fake_kernel():
         assert p["causal_forward"] == pytest.approx(50) and p["causal_backward"] == pytest.approx(25)
 
 
+class FakeVarlenKernel:
+    """Varlen interface: FLOPs / rate seconds plus 1 us per sequence (forward), 3 us (backward)."""
+
+    name = "fake"
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def forward(self, q, k, v, seqs, causal, scale):
+        n = len(seqs.q_lengths)
+        flops = sum(kernel_flops(x, q.shape[1], q.shape[2], causal) for x in seqs.q_lengths)
+        self.clock.now += flops / 100e12 + n * 1e-6
+        return q.clone(), q.new_zeros(q.shape[1], q.shape[0])
+
+    def backward(self, dout, q, k, v, out, lse, seqs, causal, scale):
+        n = len(seqs.q_lengths)
+        flops = sum(kernel_flops(x, q.shape[1], q.shape[2], causal) for x in seqs.q_lengths)
+        self.clock.now += 2.5 * flops / 50e12 + n * 3e-6
+        return q, k, v
+
+
+def test_measure_varlen_kernel_with_a_fake_kernel():
+    clock = FakeClock()
+    points = measure_varlen_kernel(FakeVarlenKernel(clock), [16, 64], tokens=256, heads=2, head_dim=16,
+                                   dtype=torch.float32, device="cpu", iters=2, warmup=1, clock=clock)
+    assert [(p["length"], p["sequences"]) for p in points] == [(16, 16), (64, 4)]
+    for p in points:
+        for causal in (False, True):
+            flops = p["sequences"] * kernel_flops(p["length"], 2, 16, causal)
+            prefix = "causal_" if causal else ""
+            assert p[prefix + "forward"] == pytest.approx(flops / (flops / 100e12 + p["sequences"] * 1e-6) / 1e12)
+            assert p[prefix + "backward"] == pytest.approx(
+                2.5 * flops / (2.5 * flops / 50e12 + p["sequences"] * 3e-6) / 1e12)
+    assert points[0]["forward"] < points[1]["forward"] < 100  # shorter sequences: more per-sequence cost
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world, gpus_per_host", [(2, None), (4, 2)])
 def test_probe_on_gloo(tmp_path, world, gpus_per_host):
@@ -118,6 +155,9 @@ def test_probe_on_gloo(tmp_path, world, gpus_per_host):
     for kernel, heads in ((one_head, 1), (two_heads, 2)):
         assert kernel.name == "reference" and kernel.dtype == "float32" and kernel.heads == heads
         assert [p.block for p in kernel.points] == [64, 128]
+        # the reference kernel's varlen form, timed over many short sequences in one call
+        assert [(p.length, p.sequences) for p in kernel.varlen] == [(16, 8), (64, 2)]
+        assert all(p.forward > 0 and p.causal_backward > 0 for p in kernel.varlen)
     chosen, _ = topo.kernel("reference", "float32", 32)
     assert {chosen.heads} | {v.heads for v in chosen.variants} == {1, 2}
     if hosts > 1:
