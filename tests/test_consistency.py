@@ -186,9 +186,9 @@ def _policy_world(rank, world_size):
     gathers = []
     real = consistency._gather_signatures
 
-    def counted(signature, group):
+    def counted(signature, group, wait=True):
         gathers.append(1)
-        return real(signature, group)
+        return real(signature, group, wait)
 
     consistency._gather_signatures = counted
     results = {}
@@ -233,3 +233,86 @@ def test_call_check_policy():
     for bad in ("sometimes", 0, -1, True, 2.0):
         with pytest.raises(ValueError, match=r"check_calls=.* valid values: 'always' \(default\), 'off'"):
             CallCheck.parse(bad)
+
+
+def _deferred_world(rank, world_size):
+    """The order of kernel calls, the settling of the agreement and the first collective on each path."""
+    import torch
+    import torch.distributed as dist
+
+    import usp
+    import usp.consistency as consistency
+    from usp.kernels.reference import ReferenceKernel
+    from usp.kernels.varlen import VARLEN_BACKENDS
+
+    events = []
+
+    class Recording(ReferenceKernel):
+        def forward(self, *args, **kwargs):
+            events.append("kernel")
+            return super().forward(*args, **kwargs)
+
+    settle = consistency._Pending.__call__
+
+    def settled(self):
+        if self.work is not None:
+            events.append("agreed")
+        return settle(self)
+
+    consistency._Pending.__call__ = settled
+    real_p2p, real_a2a = dist.batch_isend_irecv, dist.all_to_all_single
+
+    def p2p(*args, **kwargs):
+        events.append("p2p")
+        return real_p2p(*args, **kwargs)
+
+    def a2a(*args, **kwargs):
+        events.append("all_to_all")
+        return real_a2a(*args, **kwargs)
+
+    dist.batch_isend_irecv, dist.all_to_all_single = p2p, a2a
+    varlen_kernel = VARLEN_BACKENDS["reference"]
+    real_varlen = type(varlen_kernel).forward
+
+    def varlen_forward(self, *args, **kwargs):
+        events.append("kernel")
+        return real_varlen(self, *args, **kwargs)
+
+    type(varlen_kernel).forward = varlen_forward
+    results = {}
+    t = torch.randn
+    try:
+        for u, r in ((1, 2), (2, 1)):
+            mesh = usp.SequenceParallelMesh(ulysses=u, ring=r)
+            del events[:]
+            usp.long_context_attention(t(1, 8, 4, 16), t(1, 8, 2, 16), t(1, 8, 2, 16), mesh, causal=True,
+                                       backend=Recording())
+            results[f"dense {u}x{r}"] = list(events)
+        mesh = usp.SequenceParallelMesh(ulysses=1, ring=2)
+        for name, lengths in (("varlen, none cut", [4] * 8), ("varlen, one cut", [40, 2, 2])):
+            cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+            x = usp.shard_varlen(t(sum(lengths), 4, 16), cu, mesh, causal=True)
+            del events[:]
+            usp.long_context_attention_varlen(x, x, x, cu, None, mesh, causal=True, backend="reference")
+            results[name] = list(events)
+    finally:
+        consistency._Pending.__call__ = settle
+        dist.batch_isend_irecv, dist.all_to_all_single = real_p2p, real_a2a
+        type(varlen_kernel).forward = real_varlen
+    return results
+
+
+@pytest.mark.timeout(120)
+def test_agreement_settles_after_local_work_and_before_any_collective():
+    """Note [deferred agreement]: the ring launches its step 0 (its own blocks) while the signatures are gathered,
+    and settles the call before its first P2P; Ulysses settles it before its first all-to-all; a packed batch
+    with no document cut runs whole before settling (it makes no collective)."""
+    for results in run_world(2, _deferred_world, timeout=100):
+        ring = results["dense 1x2"]
+        assert ring.index("agreed") == 1 and ring[0] == "kernel" and ring[2] == "p2p", ring
+        ulysses = results["dense 2x1"]
+        assert ulysses[0] == "agreed" and ulysses[1] == "all_to_all" and "kernel" in ulysses, ulysses
+        assert results["varlen, none cut"][-1] == "agreed" and "p2p" not in results["varlen, none cut"], results
+        one_cut = results["varlen, one cut"]
+        first = one_cut.index("p2p")
+        assert one_cut[first - 1] == "agreed" and set(one_cut[:first - 1]) == {"kernel"}, one_cut

@@ -281,26 +281,32 @@ def long_context_attention(
         return compiled_attention(q, k, v, mesh, None, dict(
             causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
             head_chunks=head_chunks, deterministic=deterministic, window_size=window_size, softcap=softcap), sinks)
-    kernel, scale, schedule = agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend, head_chunks,
-                                          deterministic, window_size, softcap, sinks, with_schedule=True)
+    (kernel, scale, schedule), ready = agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend,
+                                                   head_chunks, deterministic, window_size, softcap, sinks,
+                                                   with_schedule=True, defer=True)
     out, lse = sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse,
-                                           head_chunks, deterministic, sinks)
+                                           head_chunks, deterministic, sinks, ready)
     return (out, lse) if return_lse else out
 
 
 def agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend, head_chunks,
-                deterministic, window_size=(-1, -1), softcap=0.0, sinks=None, with_schedule=False):
+                deterministic, window_size=(-1, -1), softcap=0.0, sinks=None, with_schedule=False, defer=False):
     """Validate a dense call and agree on it across the ranks (Note [call agreement]): ``(kernel, scale)``
-    (and the ring schedule of its mask when ``with_schedule``)."""
-    kernel, scale, schedule, _, _ = agree(  # every rank validated and made the same call
+    (and the ring schedule of its mask when ``with_schedule``); ``defer``: ``(that, ready)``, the agreement
+    settled by ``ready`` (Note [deferred agreement])."""
+    checked, ready = agree(  # every rank validated and made the same call
         mesh, "long_context_attention",
         lambda: _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks, deterministic, window_size,
                           softcap, sinks),
         lambda checked: dict(call_fields(q, k, v, mesh, _DENSE_DIMS, causal, checked[1], return_lse, checked[0]),
                              head_chunks=head_chunks, deterministic=deterministic,
                              **mask_fields(checked[3], checked[4], sinks, v)),
+        defer=True,
     )
-    return (kernel, scale, schedule) if with_schedule else (kernel, scale)
+    if not defer and ready is not None:
+        ready()
+    result = checked[:3] if with_schedule else checked[:2]
+    return (result, ready) if defer else result
 
 
 def autograd_function(mesh: SequenceParallelMesh, kernel, schedule, scale, heads: int, kv_heads: int,
@@ -317,16 +323,21 @@ def autograd_function(mesh: SequenceParallelMesh, kernel, schedule, scale, heads
 
 
 def sequence_parallel_attention(q, k, v, mesh, kernel, schedule, scale, return_lse, head_chunks=1,
-                                deterministic=False, sinks=None):
+                                deterministic=False, sinks=None, ready=None):
     """Steps 1-3 of the module docstring on validated ``[b, s_local, h, d]`` shards, for any kernel and schedule
-    (the dense path and the packed-document path share it). Returns ``(out, lse [b, h, s_local] or None)``."""
+    (the dense path and the packed-document path share it). Returns ``(out, lse [b, h, s_local] or None)``.
+    ``ready``: the call's pending agreement (Note [deferred agreement] in ``usp.consistency``), settled before the
+    first collective: by the ring after its step 0 is launched, before the all-to-all with Ulysses."""
     ulysses = mesh.ulysses
     function, args, repeat = autograd_function(mesh, kernel, schedule, scale, q.shape[2], k.shape[2], head_chunks,
                                                deterministic)
     if repeat > 1:
         k = _ReplicateKVHeads.apply(k, repeat)
         v = _ReplicateKVHeads.apply(v, repeat)
-    out, lse = function.apply(q, k, v, *args, sinks)
+    if ready is not None and ulysses > 1:
+        ready()  # the first all-to-all comes before any local work
+        ready = None
+    out, lse = function.apply(q, k, v, *args, sinks, *(() if ready is None else (ready,)))
     if not return_lse:
         return out, None
     if ulysses > 1:

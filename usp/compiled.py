@@ -310,7 +310,7 @@ def _attention_backward(dout: Tensor, inputs: List[Tensor], sinks: Optional[Tens
     replicated = [lead + s[:-2] + (s[-2] * call.repeat, s[-1]) for s in (k_shape, v_shape)]
     ctx = call.context(*(like.expand(s) for s in [lead + q_shape] + replicated), tensors, sinks)
     grads = call.function.backward(ctx, dout4, None)
-    (dq, dk, dv), dsinks = grads[:3], grads[-1]
+    (dq, dk, dv), dsinks = grads[:3], grads[3 + len(call.args)]  # apply(q, k, v, *args, sinks[, ready])
     if call.repeat > 1:
         replicas = _Context()
         replicas.repeat = call.repeat

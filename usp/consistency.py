@@ -24,6 +24,16 @@ Note [call agreement]. Before the first all-to-all or P2P of a call, ``agree`` r
    ``RankMismatchError`` naming each field that differs and each rank's value ("causal differs: rank 0 True,
    rank 1 False").
 
+Note [deferred agreement]. The gather of step 3 takes a few hundred microseconds on the host (more when the ranks
+reach the call at different times), during which the GPU would sit idle. The eager entry points therefore agree
+with ``defer=True``: a rank whose own call validated starts the gather and goes on to launch the work that needs
+no other rank (the ring's step 0: its own diagonal block; a ring of one step, such as a packed batch with no
+document cut, all of it), then waits for the gather and settles the call before its first P2P (the ring) or
+all-to-all (Ulysses waits before it starts). Nothing moves between ranks before every rank has agreed, so the
+guarantees above hold; the only difference is that a rank whose call was valid may have computed its own step 0
+before raising (results it throws away). A rank whose validation failed launches nothing: it gathers and raises
+at once. ``usp.compiled``'s op agrees without deferring.
+
 A check that some ranks run and others skip is itself a hang, so *whether* a call is checked never depends on
 the call's arguments: it depends only on the mesh's policy and on how many calls the mesh has made, which is the
 same on every rank (each call runs collectives on all of them). The policy is ``mesh.check_calls``
@@ -47,7 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -113,25 +123,58 @@ def _policy(mesh) -> CallCheck:
 _ALWAYS = CallCheck(None)  # limit None never counts: immutable in effect, safe to share
 
 
-def agree(mesh, entry: str, validate: Callable[[], T], describe: Callable[[T], Dict[str, Any]]) -> T:
+def agree(mesh, entry: str, validate: Callable[[], T], describe: Callable[[T], Dict[str, Any]],
+          defer: bool = False):
     """Run ``validate()`` on every rank of ``mesh``'s sequence-parallel group and make sure every rank made the
     same call (Note [call agreement]); return ``validate()``'s result, or raise on every rank.
 
     ``entry`` names the public function in errors. ``describe(result)`` gives the call's fields in a fixed order,
     ``name -> value`` (ints, bools, floats, strings, dtypes...): every argument that changes the collectives or
     the math. No collective on the data groups, none on the GPU.
+
+    ``defer``: return ``(result, ready)`` as soon as this rank's own validation passed, the gather of signatures
+    left running; ``ready`` (None when no check is due) completes the check, raising as above, and must be
+    called on every rank before the call's first collective on the data groups (Note [deferred agreement]). A
+    rank whose own validation failed still gathers and raises here, before returning.
     """
     from .mesh import SequenceParallelMesh  # lazy: usp.mesh imports this module (CallCheck)
 
     if not isinstance(mesh, SequenceParallelMesh) or mesh.sequence_parallel_size == 1 or not _policy(mesh).due():
-        return validate()
+        result = validate()
+        return (result, None) if defer else result
     try:
         result = validate()
         failure, fields = None, describe(result)
     except Exception as error:  # noqa: BLE001 - every rank must learn of it before anyone raises
         failure, fields = error, {}
     group = mesh.consistency_group
-    signatures = _gather_signatures(_encode(entry, failure is None, fields), group)
+    signature = _encode(entry, failure is None, fields)
+    if defer and failure is None:
+        return result, _Pending(entry, fields, signature, group)
+    _settle(entry, failure, fields, _gather_signatures(signature, group)[0], group)
+    return (result, None) if defer else result
+
+
+class _Pending:
+    """A gather of signatures in flight (``agree(defer=True)``); calling it waits for it and settles the call
+    (returns, or raises on every rank). Later calls do nothing."""
+
+    def __init__(self, entry: str, fields: Dict[str, Any], signature: torch.Tensor, group):
+        self.entry, self.fields, self.group = entry, fields, group
+        self.gathered, self.work = _gather_signatures(signature, group, wait=False)
+
+    def __call__(self) -> None:
+        if self.work is None:
+            return
+        work, self.work = self.work, None
+        work.wait()
+        _settle(self.entry, None, self.fields, self.gathered, self.group)
+
+
+def _settle(entry: str, failure: Optional[Exception], fields: Dict[str, Any], signatures: torch.Tensor,
+            group) -> None:
+    """Step 4 of Note [call agreement] on the gathered ``signatures``: return if every rank made this call, else
+    raise (this rank's own ``failure``, or the error naming the ranks that failed or the fields that differ)."""
     statuses = signatures[:, 1].tolist()
     if any(s != _OK for s in statuses):
         if all(s != _OK for s in statuses):
@@ -143,7 +186,6 @@ def agree(mesh, entry: str, validate: Callable[[], T], describe: Callable[[T], D
     if bool((signatures != signatures[0]).any()):
         readable = _gather_objects((entry, {name: str(value) for name, value in fields.items()}), group)
         raise RankMismatchError(_mismatch_message(readable, dist.get_process_group_ranks(group)))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -168,11 +210,13 @@ def _encode(entry: str, ok: bool, fields: Dict[str, Any]) -> torch.Tensor:
     return torch.tensor(row + [0] * (SLOTS - len(row)), dtype=torch.int64)
 
 
-def _gather_signatures(signature: torch.Tensor, group) -> torch.Tensor:
-    """``[group size, SLOTS]``: every rank's signature, in group rank order."""
+def _gather_signatures(signature: torch.Tensor, group, wait: bool = True):
+    """``([group size, SLOTS], work)``: every rank's signature, in group rank order, once ``work`` (None when
+    ``wait``, the gather then done) is waited for."""
     gathered = torch.empty(dist.get_world_size(group), SLOTS, dtype=torch.int64)
-    dist.all_gather(list(gathered.unbind(0)), signature, group=group)  # rows of one buffer: no copy back
-    return gathered
+    # rows of one buffer: no copy back
+    work = dist.all_gather(list(gathered.unbind(0)), signature, group=group, async_op=not wait)
+    return gathered, work
 
 
 def _gather_objects(obj: Any, group) -> List[Any]:
@@ -208,7 +252,8 @@ def _mismatch_message(readable: Sequence[Tuple[str, Dict[str, str]]], ranks: Seq
     return (
         f"usp.{entries[0]}: the ranks of this sequence-parallel group made different calls; "
         + "; ".join(parts or ["signatures differ (no readable field differs)"])
-        + ". Every rank must pass the same options and shapes of the same shard layout; no rank ran the call"
+        + ". Every rank must pass the same options and shapes of the same shard layout; no data moved between "
+        "the ranks and no rank returned a result"
     )
 
 

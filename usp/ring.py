@@ -21,7 +21,7 @@ rounding. Each chunk writes its dQ straight into the slice of the gradient it ow
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -77,21 +77,24 @@ def _rotation(mesh: SequenceParallelMesh, tag: int, forward: bool = True) -> Rin
 
 def ring_forward(
     q: Tensor, k: Tensor, v: Tensor, mesh: SequenceParallelMesh, kernel: AttentionKernel, schedule, scale: float,
-    head_chunks: int = 1, sinks: Optional[Tensor] = None,
+    head_chunks: int = 1, sinks: Optional[Tensor] = None, ready: Optional[Callable[[], None]] = None,
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """Local ``q [b, s, h, d]``, ``k, v [b, s, h_kv, d]`` (this ring rank's sequence) -> ``(out, lse, last_kv)``.
 
     ``last_kv`` is the K/V block held at the last step (ring rank ``r + 1``'s); the backward starts from it.
     ``head_chunks > 1`` runs the ring once per group of heads (Note [head chunks]); ``last_kv`` is then empty.
     ``sinks [h]`` (or None): Note [attention sinks]; ``out`` and ``lse`` include them.
+    ``ready`` (or None): called once step 0's blocks are launched, before the first P2P (Note [deferred
+    agreement] in ``usp.consistency``).
     """
     if head_chunks == 1:
-        return _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale, sinks)
+        return _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale, sinks, ready)
     out = torch.empty(q.shape[:3] + v.shape[3:], dtype=q.dtype, device=q.device)
     lse: Optional[Tensor] = None
     for heads, kv_heads in _chunk_slices(q.shape[2], k.shape[2], head_chunks):
         out_c, lse_c, _ = _ring_forward_pass(q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], mesh, kernel,
-                                             schedule, scale, None if sinks is None else sinks[heads])
+                                             schedule, scale, None if sinks is None else sinks[heads], ready)
+        ready = None  # the first pass settled the call
         out[:, :, heads] = out_c
         if lse is None:
             lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=lse_c.dtype, device=q.device)
@@ -179,18 +182,18 @@ def _chunk_slices(heads: int, kv_heads: int, chunks: int):
     return [(slice(c * hq, (c + 1) * hq), slice(c * hq // group, c * hq // group + 1)) for c in range(chunks)]
 
 
-def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale, sinks=None):
+def _ring_forward_pass(q, k, v, mesh, kernel, schedule, scale, sinks=None, ready=None):
     """One pass round the ring over all of ``q``'s heads (Note [narrow sums] for the accumulator dtype), with
-    ``sinks`` (Note [attention sinks]) for those heads."""
+    ``sinks`` (Note [attention sinks]) for those heads; ``ready`` as ``ring_forward``'s."""
     sink = _Sinks(sinks, kernel, q)
     if schedule.sparse:
-        out, lse, kept = _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink)
+        out, lse, kept = _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink, ready)
     else:
-        out, lse, kept = _dense_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink)
+        out, lse, kept = _dense_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink, ready)
     return sink.finish_forward(out, lse) + (kept,)
 
 
-def _dense_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks"):
+def _dense_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks", ready=None):
     ring_size, ring_rank, local_len = mesh.ring, mesh.ring_rank, q.shape[1]
     steps = schedule.steps(ring_size)
     kv = [k, v] if steps == 1 else [k.contiguous(), v.contiguous()]
@@ -199,7 +202,9 @@ def _dense_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks"):
     out: Optional[Tensor] = None
     lse: Optional[Tensor] = None
     for step in range(steps):
-        if step + 1 < steps:
+        # the first transfer starts under step 0's block, or (Note [deferred agreement]) once it is launched
+        # and the ranks have agreed on the call
+        if step + 1 < steps and (step or ready is None):
             rotation.start(traveling if step == 0 else kv)
         task = schedule.block(step, ring_rank, ring_size, local_len)
         if task is not None:
@@ -216,6 +221,10 @@ def _dense_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks"):
                 if not _narrow_sums(ring_size) and out.dtype != _accumulator_dtype(q.dtype):
                     out = out.to(_accumulator_dtype(q.dtype))
                 merge_attention_(_rows(out, task.q_rows), _lse_rows(lse, task.q_rows), block_out, block_lse)
+        if step == 0 and ready is not None:
+            ready()
+            if steps > 1:
+                rotation.start(traveling)
         if step + 1 < steps:
             received = rotation.wait()
             if step > 0:
@@ -446,7 +455,7 @@ def _shifted(rows: slice, halo: slice) -> slice:
     return slice(rows.start - halo.start, rows.stop - halo.start)
 
 
-def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks"):
+def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks", ready=None):
     """Note [sparse ring]. A window leaves most blocks empty (``usp.layout.WindowSchedule``): instead of rotating
     K/V round the whole ring, ring rank ``r`` exchanges directly with the rank ``j`` away for each *active* step
     ``j`` only, and only the halo rows the receiver's window reaches (one batched isend/irecv per step, the next
@@ -479,7 +488,9 @@ def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks")
             block_out, block_lse = call(task, blocks, halo)
             merge_attention_(_rows(out, task.q_rows), _lse_rows(lse, task.q_rows), block_out, block_lse)
 
-    pending = post(steps[0]) if steps else None
+    # the first exchange is posted before the local blocks, or (Note [deferred agreement]) after them, once the
+    # ranks have agreed on the call
+    pending = post(steps[0]) if steps and ready is None else None
     own, others = schedule.own_blocks(ring_rank, ring_size, local_len)
     if len(own) == 1:
         out, lse = call(own[0], (k, v), None, **sink.forward_kwargs())
@@ -493,6 +504,9 @@ def _sparse_forward_pass(q, k, v, mesh, kernel, schedule, scale, sink: "_Sinks")
             out[:, task.q_rows].copy_(block_out)
             lse[:, :, task.q_rows].copy_(block_lse)
     merge(others, (k, v), None)
+    if ready is not None:
+        ready()
+        pending = post(steps[0]) if steps else None
     kept = []
     for index, step in enumerate(steps):
         requests, received, halo = pending
@@ -674,13 +688,15 @@ def refuse_double_backward() -> None:
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic, sinks) ->
-    (out, lse)``; lse not differentiable (it includes the sinks); no double backward (``refuse_double_backward``).
-    ``sinks``: ``[h]`` or None (Note [attention sinks]); its gradient is this rank's partial sum."""
+    """Autograd wrapper: ``apply(q, k, v, mesh, kernel, schedule, scale, head_chunks, deterministic, sinks[,
+    ready]) -> (out, lse)``; lse not differentiable (it includes the sinks); no double backward
+    (``refuse_double_backward``). ``sinks``: ``[h]`` or None (Note [attention sinks]); its gradient is this rank's
+    partial sum. ``ready``: ``ring_forward``'s."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, head_chunks=1, deterministic=False, sinks=None):
-        out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale, head_chunks, sinks)
+    def forward(ctx, q, k, v, mesh, kernel, schedule, scale, head_chunks=1, deterministic=False, sinks=None,
+                ready=None):
+        out, lse, last_kv = ring_forward(q, k, v, mesh, kernel, schedule, scale, head_chunks, sinks, ready)
         saved_kv = last_kv if mesh.ring > 1 else []
         ctx.save_for_backward(q, k, v, out, lse, sinks, *saved_kv)
         ctx.mesh, ctx.kernel, ctx.schedule, ctx.scale, ctx.head_chunks = mesh, kernel, schedule, scale, head_chunks
@@ -707,4 +723,4 @@ class RingAttentionFunction(torch.autograd.Function):
         dq, dk, dv, dsinks = ring_backward(dout, q, k, v, out, lse, last_kv, ctx.mesh, ctx.kernel, ctx.schedule,
                                            ctx.scale, ctx.head_chunks, ctx.deterministic, sinks,
                                            sinks_grad=ctx.needs_input_grad[9])
-        return dq, dk, dv, None, None, None, None, None, None, dsinks
+        return dq, dk, dv, None, None, None, None, None, None, dsinks, None

@@ -132,17 +132,23 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, back
 
 
 def agreed_call(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, return_lse, backend,
-                deterministic, window_size=(-1, -1), softcap=0.0, sinks=None, with_softcap=False):
+                deterministic, window_size=(-1, -1), softcap=0.0, sinks=None, with_softcap=False, defer=False):
     """Validate a packed call and agree on it across the ranks (Note [call agreement]): ``(layout, kernel,
-    scale)``."""
-    return agree(  # every rank validated and made the same call
+    scale)`` (and the window and softcap when ``with_softcap``); ``defer``: ``(that, ready)``, the agreement
+    settled by ``ready`` (Note [deferred agreement] in ``usp.consistency``)."""
+    checked, ready = agree(  # every rank validated and made the same call
         mesh, "long_context_attention_varlen",
         lambda: _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend, deterministic,
                           window_size, softcap, sinks),
         lambda checked: dict(call_fields(q, k, v, mesh, _VARLEN_DIMS, causal, checked[2], return_lse, checked[1]),
                              documents=_documents(checked[0]), deterministic=deterministic,
                              **mask_fields(checked[3], checked[4], sinks, v)),
-    )[:5 if with_softcap else 3]
+        defer=True,
+    )
+    if not defer and ready is not None:
+        ready()
+    result = checked[:5 if with_softcap else 3]
+    return (result, ready) if defer else result
 
 
 def long_context_attention_varlen(
@@ -195,12 +201,13 @@ def long_context_attention_varlen(
         return compiled_attention(q, k, v, mesh, (cu_seqlens, max_seqlen), dict(
             causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
             deterministic=deterministic, window_size=window_size, softcap=softcap), sinks)
-    layout, kernel, scale, window, softcap = agreed_call(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale,
-                                                    return_lse, backend, deterministic, window_size, softcap, sinks,
-                                                    with_softcap=True)
+    (layout, kernel, scale, window, softcap), ready = agreed_call(
+        q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, return_lse, backend, deterministic,
+        window_size, softcap, sinks, with_softcap=True, defer=True)
     out, lse = sequence_parallel_attention(  # one packed row: [1, t, h, d]
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mesh, VarlenBlockKernel(kernel),
         _schedule_for_layout(layout, softcap, window), scale, return_lse, deterministic=deterministic, sinks=sinks,
+        ready=ready,
     )
     out = out[0]  # zero at padding rows already: no call gives them a key (Note [varlen zigzag layout])
     if not return_lse:
