@@ -23,15 +23,22 @@ The model (Note [varlen zigzag layout] and Note [document placement] in ``usp/va
 * compute: each ring block of the cut section is ``spec.varlen_block_calls`` kernel calls, each one piece of every
   cut document (``c_j x c_j``, causal or full; ``R == 1``: the whole document); step 0 (the diagonal) adds one call
   for the rank's whole documents (each one ``L_j x L_j`` sequence, causal or full), so step 0 takes the slowest
-  rank's (``max_r`` of the cut calls + its whole call + its sums). Padding rows are in no call. A call's pieces
-  run at the kernel's rate for one block of the call's whole work (side ``sqrt(sum q * k)``; the topology's
-  profile, whose points each time one call: launch, last wave and causal critical path are paid once per call,
-  not per sequence), each piece scaled by ``fall(sqrt(q * k)) / fall(call side)``, ``fall(n) = n / (n +
-  SMALL_SIDE)``: a fixed cost per query tile that short documents cannot amortise (below the profile's smallest
-  block the rate falls by ``fall`` too). A call of one sequence runs at the profile's rate for its side. (Pricing
-  each sequence as a call of its own charged a many-document call the small blocks' per-call costs once per
-  document, worst with Ulysses's few heads per call: 2x1 on 2x H200 with fa2 was predicted +28% to +163% on
-  64-8K-token documents, ``tests/planner/test_planner_accuracy.py``.) A varlen call of flash-attn 2's family
+  rank's (``max_r`` of the cut calls + its whole call + its sums). Padding rows are in no call. A call's time
+  (``_Rates.call_times``), with the profile's *varlen points* (``usp-plan probe``: one call over many equal
+  sequences of 128-4096 tokens, 32K tokens a call, at each probed head count): every sequence rounded up to whole
+  128-row tiles (a 600-token document costs what a 640-token one does), each at the rate measured for calls of
+  many sequences of its (rounded) side, summed, and the call no faster than one dense block of its whole work
+  (so a call of one sequence runs at the profile's dense rate for its side); heads per call between two probed
+  counts: linear in log2(heads). (The tile rounding is what short documents of arbitrary lengths cost beyond
+  the probe's whole-tile lengths: without it the 64-1022-token documents of ``many_tiny`` were predicted 12% to
+  21% low on one GPU.) *Without* varlen points (older probes, the presets): the fall-off form, a call's pieces
+  at the kernel's rate for one block of the call's whole work (side ``sqrt(sum q * k)``), each scaled by
+  ``fall(sqrt(q * k)) / fall(call side)``, ``fall(n) = n / (n + SMALL_SIDE)`` (below the profile's smallest
+  block the rate falls by ``fall`` too); on 2x H200 with fa2 it predicts the ``many_tiny`` points 11% to 23% low
+  (``benchmarks/RESULTS.md``, fifth GPU session; ``tests/planner/test_planner_accuracy.py`` has the measured
+  form's errors). (Pricing each sequence as a
+  call of its own at the dense rate of its side charged a many-document call the small blocks' per-call costs
+  once per document: 2x1 on 2x H200 with fa2 was predicted +28% to +163% on 64-8K-token documents.) A varlen call of flash-attn 2's family
   (``torch_flash``, ``fa2``) also launches a grid of ``ceil(longest / 128)`` tiles per sequence and head
   (forward; three such grids in the backward), empty for all but the longest sequence: ``GRID_CELL_NS`` per cell.
   Padding rows are sequences with no keys of the whole documents' call (Note [document placement]), so only a
@@ -53,7 +60,7 @@ The model (Note [varlen zigzag layout] and Note [document placement] in ``usp/va
 
 Fitted (``tests/planner/test_planner_batch.py``, ``benchmarks/data/varlen_torch_flash_20261125.json``: the varlen
 kernel alone on 1 H100, whole documents and half documents, 128K and 256K tokens): ``GRID_CELL_NS`` and
-``SMALL_SIDE``. Other kernels (fa4, cudnn) have no varlen measurement here: their grid cost is taken as 0.
+``SMALL_SIDE``. Other kernels (fa4, cudnn) have no grid measurement here: their grid cost is taken as 0.
 """
 from __future__ import annotations
 
@@ -71,13 +78,15 @@ from .cost import FP32, BACKWARD_FLOPS_FACTOR, CostModel, MemoryCost, PassCost, 
 from .units import PlannerError
 
 __all__ = ["Documents", "documents", "BatchCost", "batch_compute", "evaluate_batch", "Chooser", "choose",
-           "GRID_CELL_NS", "SMALL_SIDE", "small_sides"]
+           "GRID_CELL_NS", "SMALL_SIDE"]
 
 #: ns per grid cell (sequence x head x 128-row tile) of a varlen call, by kernel (module docstring); 0 if absent
 GRID_CELL_NS: Dict[str, float] = {"torch_flash": 1.9, "fa2": 1.9}
-#: tokens: below the profile's smallest block the rate falls as side / (side + SMALL_SIDE) (module docstring; the
-#: spec's constant, which the document placement weighs cut documents with)
+#: tokens: the fall-off form's per-tile cost (module docstring; profiles without varlen points), the spec's
+#: constant, which the document placement weighs cut documents with
 SMALL_SIDE = float(spec.SMALL_BLOCK_SIDE)
+#: rows of a query tile (one thread block) of the flash-attention kernels: a grid cell, and the unit short
+#: sequences are rounded up to
 CTA_ROWS = 128
 BACKWARD_GRIDS = 3
 #: ``Chooser``: the travelling fraction of the ring rows is rounded to 1/TRAVEL_STEPS for the rest of the layer
@@ -266,95 +275,92 @@ def forget_placements() -> None:
 
 # ------------------------------------------------------------------------------------------------ compute
 class _Rates:
-    """Vectorised ``KernelProfile.rate`` over block sides for one heads-per-call, with the small-side fall-off
-    (``small_side``: tokens, per ``(backward, causal)``; :func:`small_sides`)."""
+    """Varlen call times for one kernel profile and one heads-per-call (module docstring, "compute"): from the
+    profile's varlen points when it has them (``usp-plan probe``), else from its dense points with the small-side
+    fall-off."""
 
     def __init__(self, kernel, heads_per_call: float):
         self.smallest = float(kernel.points[0].block)
         self._log = np.arange(0.0, 23.01, 0.125)  # log2(side): 1 .. 8M tokens
         sides = 2.0 ** self._log
-        #: rates at max(side, smallest block); the fall-off below the smallest block is applied per call
+        #: dense rates at max(side, smallest block)
         self._table = {(backward, causal): np.array([kernel.rate(backward, causal, max(x, self.smallest),
                                                                  heads_per_call) for x in sides])
                        for backward in (False, True) for causal in (False, True)}
-        self.small_side = small_sides(kernel, heads_per_call)
+        self._sequence = _sequence_rates(kernel, heads_per_call, sides)
 
-    def call_times(self, causal: bool, flops: Any, area: Any, sides: Any) -> Tuple[Any, Any]:
-        """Forward and backward seconds of varlen calls (numbers, or arrays of one per call): ``flops`` forward
-        FLOPs over ``area`` (query, key) pairs, in sequences whose sides (``sqrt(q * k)`` each) sum to ``sides``.
+    def call_times(self, causal: bool, unit: float, q: Any, k: Any, group: Any = None,
+                   calls: int = 1) -> Tuple[Any, Any]:
+        """Forward and backward seconds of varlen calls: sequence ``i`` (``q[i]`` query rows against ``k[i]`` keys,
+        causal or full) belongs to call ``group[i]`` (arrays of ``calls`` times), or every one to one call
+        (``group`` None: numbers); ``unit`` FLOPs per (query, key) pair (``4 * heads * head_dim``, halved here
+        when causal)."""
+        q, k = np.asarray(q, dtype=np.float64), np.asarray(k, dtype=np.float64)
 
-        A probe point times one call, so its rate carries the costs a call pays once (the launch, a last partial
-        wave, the causal critical path); a varlen call pays them once for all its sequences, at the rate of one
-        block of its whole work (side ``sqrt(area)``). The fixed cost per query tile is every sequence's own: one
-        of side ``n`` runs at that rate times ``fall(n) / fall(sqrt(area))``, ``fall(n) = n / (n + S)``, ``S`` the
-        kernel's ``small_side``. Summed over the call's sequences: ``flops * (1 + S * sides / area) *
-        fall(sqrt(area)) / rate(sqrt(area))``. A call of one sequence runs at the profile's rate for its side."""
-        return tuple(_call_seconds(flops, area, sides, self.small_side[(backward, causal)], self.smallest,
-                                   lambda at, b=backward: np.interp(at, self._log, self._table[(b, causal)]),
-                                   backward) for backward in (False, True))
+        def total(values):
+            return values.sum() if group is None else np.bincount(group, values, minlength=calls)
 
-
-def _call_seconds(flops: Any, area: Any, sides: Any, small: Any, smallest: float, rate_at_log2, backward: bool):
-    """Seconds of varlen calls at the small-side fall-off ``small`` (``_Rates.call_times``): ``rate_at_log2`` gives
-    the profile's rate at log2(side) for sides >= its smallest block; below it the rate falls as ``fall``."""
-    area = np.maximum(area, 1.0)
-    side = np.sqrt(area)
-    per = flops * (1.0 + small * sides / area) * side / (side + small)
-    rate = rate_at_log2(np.log2(np.maximum(side, smallest)))
-    rate = rate * np.where(side < smallest, (side / (side + small)) / (smallest / (smallest + small)), 1.0)
-    return (BACKWARD_FLOPS_FACTOR if backward else 1.0) * per / rate
-
-
-#: candidate values of a kernel's small-side fall-off (tokens) that :func:`small_sides` fits over
-_SMALL_SIDE_GRID = np.concatenate([[0.0], 2.0 ** np.arange(0.0, 14.001, 1 / 32)])
-
-
-def small_sides(kernel, heads_per_call: float) -> Dict[Tuple[bool, bool], float]:
-    """The kernel's small-side fall-off ``S`` (tokens; ``_Rates.call_times``) per ``(backward, causal)``: fitted to
-    the profile's varlen points (``usp-plan probe``: one call over many sequences of 128-4096 tokens), the value
-    that prices those calls best (least squares of log(predicted / measured)); several head counts measured: linear
-    in log2(heads) between the two nearest (clamped). A profile without varlen points gets ``SMALL_SIDE``, the
-    placement's constant (``usp.spec.SMALL_BLOCK_SIDE``)."""
-    fitted = sorted(((p.heads or 0, _fit_small_sides(p)) for p in (kernel,) + tuple(kernel.variants) if p.varlen),
-                    key=lambda hf: hf[0])
-    if not fitted:
-        return {(b, c): SMALL_SIDE for b in (False, True) for c in (False, True)}
-    if len(fitted) == 1 or heads_per_call <= fitted[0][0]:
-        return dict(fitted[0][1])
-    if heads_per_call >= fitted[-1][0]:
-        return dict(fitted[-1][1])
-    for (h0, lo), (h1, hi) in zip(fitted, fitted[1:]):
-        if h0 <= heads_per_call <= h1:
-            t = (math.log2(heads_per_call) - math.log2(h0)) / (math.log2(h1) - math.log2(h0))
-            return {key: lo[key] + t * (hi[key] - lo[key]) for key in lo}
-    raise AssertionError("unreachable: heads_per_call lies between the fitted head counts")
+        flops_per_pair = unit / (2.0 if causal else 1.0)
+        if self._sequence is None:  # the fall-off form
+            S = SMALL_SIDE
+            area = np.maximum(total(q * k), 1.0)
+            side = np.sqrt(area)
+            work = flops_per_pair * (area + S * total(q if k is q else np.sqrt(q * k))) * side / (side + S)
+            at = np.log2(np.maximum(side, self.smallest))
+            below = np.where(side < self.smallest,
+                             (side / (side + S)) / (self.smallest / (self.smallest + S)), 1.0)
+            return (work / (np.interp(at, self._log, self._table[(False, causal)]) * below),
+                    BACKWARD_FLOPS_FACTOR * work / (np.interp(at, self._log, self._table[(True, causal)]) * below))
+        # measured: every sequence rounded up to whole tiles, at the rate of calls of many such sequences; a
+        # call no faster than one block of its whole work
+        q_up = np.ceil(q / CTA_ROWS) * CTA_ROWS
+        area_i = q_up * q_up if k is q else q_up * (np.ceil(k / CTA_ROWS) * CTA_ROWS)
+        at_i = np.log2(np.maximum(np.sqrt(area_i), 1.0))
+        area = total(area_i)
+        at = np.log2(np.maximum(np.sqrt(area), self.smallest))
+        times = []
+        for backward in (False, True):
+            sequences = total(area_i / np.interp(at_i, self._log, self._sequence[(backward, causal)]))
+            whole = area / np.interp(at, self._log, self._table[(backward, causal)])
+            times.append((BACKWARD_FLOPS_FACTOR if backward else 1.0) * flops_per_pair
+                         * np.maximum(sequences, whole))
+        return times[0], times[1]
 
 
-@functools.lru_cache(maxsize=32)
-def _fit_small_sides(profile) -> Dict[Tuple[bool, bool], float]:
-    """``small_sides`` of one profile (its own head count) from its varlen points: every point is priced as
-    ``batch_compute`` prices a call of equal sequences (``_call_seconds`` plus the grid cost) at every candidate of
-    ``_SMALL_SIDE_GRID``."""
-    heads = profile.heads or 1
-    cell = GRID_CELL_NS.get(profile.name, 0.0) * 1e-9
-    smallest = float(profile.points[0].block)
-    out = {}
-    for backward in (False, True):
-        for causal in (False, True):
-            errors = np.zeros_like(_SMALL_SIDE_GRID)
-            for p in profile.varlen:
-                n, count = float(p.length), float(p.sequences)
-                flops = 4.0 * heads * profile.head_dim * count * n * n / (2.0 if causal else 1.0)
-                measured_rate = {(False, False): p.forward, (True, False): p.backward,
-                                 (False, True): p.causal_forward, (True, True): p.causal_backward}[(backward, causal)]
-                measured = (BACKWARD_FLOPS_FACTOR if backward else 1.0) * flops / (measured_rate * 1e12)
-                rate = profile.rate(backward, causal, max(n * math.sqrt(count), smallest))  # its own heads
-                grid = (BACKWARD_GRIDS if backward else 1) * cell * count * heads * math.ceil(n / CTA_ROWS)
-                predicted = _call_seconds(flops, count * n * n, count * n, _SMALL_SIDE_GRID, smallest,
-                                          lambda at, r=rate: r, backward) + grid
-                errors += np.log(predicted / measured) ** 2
-            out[(backward, causal)] = float(_SMALL_SIDE_GRID[int(np.argmin(errors))])
-    return out
+def _sequence_rates(kernel, heads_per_call: float, sides: np.ndarray) -> Optional[Dict[Tuple[bool, bool], Any]]:
+    """FLOP/s of one sequence of side ``sides`` inside a call of many (arrays over ``sides``), per ``(backward,
+    causal)``, from the varlen points of the profile and its head-count variants (None when none has any): linear in
+    log2(length) between the points (the smallest point's rate below them; above them the larger of the longest
+    point's and the dense rate of one block of that side), and linear in log2(heads) between the two nearest
+    measured head counts (clamped)."""
+    family = sorted((p for p in (kernel,) + tuple(kernel.variants) if p.varlen), key=lambda p: p.heads or 0)
+    if not family:
+        return None
+    at = np.log2(sides)
+
+    def own(p) -> Dict[Tuple[bool, bool], Any]:
+        lengths = np.log2([v.length for v in p.varlen])
+        out = {}
+        for backward in (False, True):
+            for causal in (False, True):
+                key = ("causal_" if causal else "") + ("backward" if backward else "forward")
+                measured = np.array([getattr(v, key) for v in p.varlen]) * 1e12
+                rate = np.interp(at, lengths, measured)
+                longer = sides > p.varlen[-1].length
+                dense = np.array([p.rate(backward, causal, x) if x > p.varlen[-1].length else 0.0 for x in sides])
+                out[(backward, causal)] = np.where(longer, np.maximum(measured[-1], dense), rate)
+        return out
+
+    if len(family) == 1 or heads_per_call <= (family[0].heads or 0):
+        return own(family[0])
+    if heads_per_call >= family[-1].heads:
+        return own(family[-1])
+    for lo, hi in zip(family, family[1:]):
+        if lo.heads <= heads_per_call <= hi.heads:
+            t = (math.log2(heads_per_call) - math.log2(lo.heads)) / (math.log2(hi.heads) - math.log2(lo.heads))
+            a, b = own(lo), own(hi)
+            return {key: a[key] + t * (b[key] - a[key]) for key in a}
+    raise AssertionError("unreachable: heads_per_call lies between the measured head counts")
 
 
 @dataclass
@@ -448,10 +454,8 @@ def batch_compute(lengths: np.ndarray, ulysses: int, ring: int, causal: bool, he
         """One varlen call over the cut documents' pieces (``q x k`` per document)."""
         if q.size == 0:
             return 0.0, 0.0, 0.0
-        qk = q * k
-        area = float(qk.sum())
-        flops = (unit / (2.0 if causal_piece else 1.0)) * area
-        fwd, bwd = rates.call_times(causal_piece, flops, area, float((q if k is q else np.sqrt(qk)).sum()))
+        flops = (unit / (2.0 if causal_piece else 1.0)) * float((q * k).sum())
+        fwd, bwd = rates.call_times(causal_piece, unit, q, k)
         g_f, g_b = grid(q.size + extra_seqs + pad_seq, float(max(q.max(), k.max())))
         return float(fwd) + float(g_f), float(bwd) + float(g_b), flops
 
@@ -461,7 +465,7 @@ def batch_compute(lengths: np.ndarray, ulysses: int, ring: int, causal: bool, he
     if whole_lengths.size:
         area = np.bincount(whole_rank, weights=whole_lengths * whole_lengths, minlength=ring)
         whole_flops = (unit / (2.0 if causal else 1.0)) * area
-        whole_f, whole_b = rates.call_times(causal, whole_flops, area, held_tokens)
+        whole_f, whole_b = rates.call_times(causal, unit, whole_lengths, whole_lengths, whole_rank, ring)
         longest = np.zeros(ring)
         np.maximum.at(longest, whole_rank, whole_lengths)
         g_f, g_b = grid(held, longest)

@@ -486,7 +486,8 @@ class CostModel:
         # ring step of the layer (stream waits, launches) on the compute stream
         communicating = ulysses > 1 or rotating  # a dense layer: P > 1
         slow = 1.0 + self.topology.collectives.compute_slowdown if communicating else 1.0
-        per_step = self.topology.collectives.step_overhead if communicating else 0.0
+        # a ring of one step (packed documents, none cut) moves nothing but is still a distributed call
+        per_step = self.topology.collectives.step_overhead if ulysses * ring > 1 else 0.0
         c_fwd = {i: slow * kernel_time(i, False) for i, _ in steps}
         c_bwd = {i: slow * kernel_time(i, True) for i, _ in steps}
         fwd.compute = sum(w * c_fwd[i] for i, w in steps)

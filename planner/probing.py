@@ -17,8 +17,8 @@ What it does, in order (the cost model's inputs, ``planner.cost``):
   5. The attention kernel's forward and backward TFLOP/s (``usp.kernels.resolve_backend``) for the given
      head_dim/dtype at several block sizes, causal and not; where the kernel has a varlen form
      (``usp.kernels.varlen``: fa4, fa2, torch_flash, reference), one call over many equal short sequences
-     (128-4096 tokens, 32K tokens a call), causal and not: the packed-document pricing fits its per-tile cost to
-     these (``planner.batch.small_sides``).
+     (128-4096 tokens, 32K tokens a call), causal and not: the packed-document pricing's per-sequence rates
+     (``planner.batch``).
 On CPU/gloo every step runs (small sizes) so the structure is right and CI can test it; the numbers mean nothing.
 """
 from __future__ import annotations
@@ -205,8 +205,8 @@ def measure_varlen_kernel(kernel: Any, lengths: Sequence[int], tokens: int, head
                           synchronize: Optional[Callable[[], None]] = None,
                           clock: Callable[[], float] = time.perf_counter) -> List[Dict[str, float]]:
     """Time one varlen call (``usp.kernels.varlen``'s interface) over ``tokens // length`` packed sequences of
-    ``length`` tokens each, for every ``length``: the kernel's rate on short documents, which ``planner.batch`` fits
-    its per-tile cost to. Returns varlen points ``{length, sequences, forward, backward, causal_forward,
+    ``length`` tokens each, for every ``length``: the kernel's rate on short documents, which ``planner.batch``
+    prices packed documents with. Returns varlen points ``{length, sequences, forward, backward, causal_forward,
     causal_backward}`` in TFLOP/s (4·h·d·sequences·length², halved causal; backward FLOPs = 2.5 x forward)."""
     import torch
 

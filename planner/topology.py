@@ -227,9 +227,9 @@ class KernelPoint:
 @dataclass(frozen=True)
 class VarlenPoint:
     """One varlen kernel call over ``sequences`` packed sequences of ``length`` tokens each (every query attends the
-    keys of its own sequence), TFLOP/s over the call (4·h·d·sequences·length², halved causal): how the kernel's
-    rate falls on short documents (``planner.batch``'s fit of its per-tile cost; ``usp-plan probe`` measures it
-    for kernels with a varlen form)."""
+    keys of its own sequence), TFLOP/s over the call (4·h·d·sequences·length², halved causal): the kernel's rate on
+    short documents, which ``planner.batch`` prices packed documents with (``usp-plan probe`` measures it for
+    kernels with a varlen form)."""
 
     length: int
     sequences: int

@@ -622,8 +622,9 @@ PLACEMENT_SLACK = 16
 #: ... and its busiest rank's work within 1/WORK_SLACK of the mean rank's
 WORK_SLACK = 32
 #: tokens: a kernel call's rate on a block of side ``n`` falls as ``n / (n + SMALL_BLOCK_SIDE)`` (a fixed cost per
-#: query tile that short sequences cannot amortise; the planner's fit on measured varlen runs, see
-#: ``planner/batch.py``), so a document cut into chunks costs more than the same document whole
+#: query tile that short sequences cannot amortise; fitted on measured varlen runs on 1 H100, see
+#: ``planner/batch.py``), so a document cut into chunks costs more than the same document whole: the placement's
+#: weight, one rule for every machine (the planner prices a probed kernel from its own varlen points)
 SMALL_BLOCK_SIDE = 512
 #: the shares of a rank's work above which a document is cut, tried in order (Note [document placement])
 PLACEMENT_SHARES = (4, 8, 16, 32, 64)

@@ -262,62 +262,45 @@ def test_whole_documents_price_the_slowest_rank():
     assert cost.calls_per_pass == 2 * (3 + 1 + 2 * 3)
 
 
-def _varlen_points(kernel, heads, small, lengths=(128, 256, 512, 1024, 2048, 4096), tokens=32768):
-    """Varlen points of calls of equal sequences as the model prices them at the small-side fall-off ``small``
-    (``{(backward, causal): S}``), written out: ``flops * (1 + S / n) * fall(side) / rate(side)`` plus the grid,
-    ``rate`` falling by ``fall`` too below the profile's smallest block."""
-    from usp.planner.topology import VarlenPoint
-
-    cell = batch.GRID_CELL_NS.get(kernel.name, 0.0) * 1e-9
-    points = []
-    for n in lengths:
-        count = tokens // n
-        side = n * count ** 0.5
-        rates = {}
-        for backward in (False, True):
-            for causal in (False, True):
-                S = small[(backward, causal)]
-                flops = 4.0 * heads * kernel.head_dim * count * n * n / (2 if causal else 1) * (2.5 if backward else 1)
-                smallest = kernel.points[0].block
-                rate = kernel.rate(backward, causal, max(side, smallest))
-                if side < smallest:
-                    rate *= (side / (side + S)) / (smallest / (smallest + S))
-                seconds = (flops * (1 + S / n) * side / (side + S) / rate
-                           + (3 if backward else 1) * cell * count * heads * -(-n // 128))
-                rates[(backward, causal)] = flops / seconds / 1e12
-        points.append(VarlenPoint(n, count, rates[(False, False)], rates[(True, False)], rates[(False, True)],
-                                  rates[(True, True)]))
-    return tuple(points)
-
-
-def test_small_side_is_fitted_to_the_varlen_points():
-    """``usp-plan probe``'s varlen points (one call over many equal short sequences) give each kernel its own
-    small-side fall-off: the fit recovers the value the points were made with (to the grid's 2.2% steps), two
-    head counts interpolate in log2(heads), and a profile without points keeps the placement's constant."""
+def test_varlen_points_price_the_calls():
+    """With varlen points (``usp-plan probe``: one call over many equal sequences of 128-4096 tokens) a call is
+    priced per sequence, each rounded up to whole 128-row tiles, at the measured rate of calls of many such
+    sequences, and no faster than one dense block of the call's whole work; two head counts interpolate in
+    log2(heads). A profile without them keeps the fall-off form."""
     import dataclasses
 
+    from usp.planner.topology import VarlenPoint
+
     base = planner.load_topology("dgx-h100").kernel("torch_flash", "bfloat16", 128)[0]
-    assert not base.varlen and batch.small_sides(base, 32) == {(b, c): batch.SMALL_SIDE for b in (False, True)
-                                                                 for c in (False, True)}
-    small32 = {(False, False): 300.0, (False, True): 450.0, (True, False): 1200.0, (True, True): 1600.0}
-    small8 = {key: 2 * value for key, value in small32.items()}
-    k32 = dataclasses.replace(base, heads=32, variants=(), varlen=_varlen_points(base, 32, small32))
-    k8 = dataclasses.replace(base, heads=8, variants=(), varlen=_varlen_points(base, 8, small8))
-    for kernel, want in ((k32, small32), (k8, small8)):
-        got = batch.small_sides(kernel, kernel.heads)
-        for key in want:
-            assert got[key] == pytest.approx(want[key], rel=0.012), key
-    family = dataclasses.replace(k32, variants=(k8,))
-    mid = batch.small_sides(family, 16)
-    for key in small32:
-        assert mid[key] == pytest.approx(1.5 * small32[key], rel=0.012)  # halfway in log2(heads)
-    assert batch.small_sides(family, 64) == batch.small_sides(k32, 32)  # clamped
-    # the price of many tiny documents follows the fitted value; one long document hardly moves
-    tiny, long_doc = np.full(512, 256), np.array([131072])
-    for lengths, ratio in ((tiny, 1.3), (long_doc, 1.01)):
-        prices = [sum(batch.batch_compute(lengths, 1, 1, True, 32, 8, 128, 2, 1, batch._Rates(k, 32.0),
-                                          "torch_flash", None).step0) for k in (k32, base)]
-        assert (prices[0] / prices[1] > ratio) == (ratio > 1.1), (prices, ratio)
+    assert not base.varlen and batch._Rates(base, 32.0)._sequence is None
+    lengths = (128, 512, 4096)
+    measured = {128: 50.0, 512: 150.0, 4096: 300.0}  # TFLOP/s, every direction and mask
+    k32 = dataclasses.replace(base, heads=32, variants=(), varlen=tuple(
+        VarlenPoint(n, 32768 // n, *[measured[n]] * 4) for n in lengths))
+    k8 = dataclasses.replace(base, heads=8, variants=(), varlen=tuple(
+        VarlenPoint(n, 32768 // n, *[measured[n] / 2] * 4) for n in lengths))
+    rates = batch._Rates(k32, 32.0)
+    unit = 4.0 * 32 * 128
+    many = np.full(64, 512.0)
+    fwd, bwd = rates.call_times(True, unit, many, many)
+    flops = unit * 64 * 512 * 512 / 2
+    assert fwd == pytest.approx(flops / 150e12) and bwd == pytest.approx(2.5 * flops / 150e12)
+    # 500 tokens run as 512 (whole tiles); 200 as 256, between the points in log2(length): 100 TFLOP/s
+    assert rates.call_times(True, unit, np.full(64, 500.0), np.full(64, 500.0))[0] == pytest.approx(fwd)
+    assert rates.call_times(False, unit, [200.0], [200.0])[0] == pytest.approx(
+        max(unit * 256 ** 2 / 100e12, unit * 256 ** 2 / base.rate(False, False, base.points[0].block, 32)))
+    # one long sequence: no faster than the dense block of its side (the probe's 300 beats the dense rate here)
+    one = rates.call_times(True, unit, [4096.0], [4096.0])[0]
+    assert one == pytest.approx(unit * 4096 ** 2 / 2 / base.rate(False, True, 4096, 32))
+    # calls grouped: two calls of different sequences in one go
+    two = rates.call_times(True, unit, np.array([512.0, 512.0, 128.0]), np.array([512.0, 512.0, 128.0]),
+                           np.array([0, 0, 1]), 2)[0]
+    assert two[0] == pytest.approx(2 * unit * 512 ** 2 / 2 / 150e12)
+    assert two[1] == pytest.approx(max(unit * 128 ** 2 / 2 / 50e12,
+                                       unit * 128 ** 2 / 2 / base.rate(False, True, base.points[0].block, 32)))
+    # heads: 16 per call lies halfway between 8 and 32 in log2(heads): 0.75 of the 32-head rate
+    mixed = batch._Rates(dataclasses.replace(k32, variants=(k8,)), 16.0)
+    assert mixed._sequence[(False, True)][np.searchsorted(mixed._log, np.log2(512))] == pytest.approx(0.75 * 150e12)
 
 
 @pytest.mark.parametrize("kwargs,match", [
