@@ -6,11 +6,11 @@
 
 A long-tailed batch of ``--documents`` documents (seeded), three meshes of 8 GPUs (8x1, 2x4, 1x8) on the
 ``dgx-h100`` preset (a profile without varlen points: the fall-off form of ``planner.batch``), or ``--meshes`` on
-``--topology`` (a probe's, with varlen points: the measured form), GQA 32/8; the chooser is built and warmed once (as a training loop would), then the median
-wall time of ``--calls`` calls of ``usp.choose(cu_seqlens, meshes, ...)`` with a list ``cu_seqlens``. Every call
-is timed as for a new batch (a training loop's case): the caches of document placements
-(``planner.batch.forget_placements``) are emptied before each one; ``--same-batch`` keeps them (the same batch
-again: the placements are looked up).
+``--topology`` (a probe's, with varlen points: the measured form), GQA 32/8; the chooser is built and warmed once
+(as a training loop would), then the median wall time of ``--calls`` calls of ``usp.choose(cu_seqlens, meshes,
+...)`` with a list ``cu_seqlens``. Every call is timed as for a new batch (a training loop's case): the caches of
+document placements (``planner.batch.forget_placements``) are emptied before each one; ``--same-batch`` keeps them
+(the same batch again: the placements are looked up).
 """
 import argparse
 import statistics

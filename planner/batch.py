@@ -24,28 +24,26 @@ The model (Note [varlen zigzag layout] and Note [document placement] in ``usp/va
   cut document (``c_j x c_j``, causal or full; ``R == 1``: the whole document); step 0 (the diagonal) adds one call
   for the rank's whole documents (each one ``L_j x L_j`` sequence, causal or full), so step 0 takes the slowest
   rank's (``max_r`` of the cut calls + its whole call + its sums). Padding rows are in no call. A call's time
-  (``_Rates.call_times``), with the profile's *varlen points* (``usp-plan probe``: one call over many equal
-  sequences of 128-4096 tokens, 32K tokens a call, at each probed head count): every sequence rounded up to whole
-  128-row tiles (a 600-token document costs what a 640-token one does), each at the rate measured for calls of
-  many sequences of its (rounded) side, summed, and the call no faster than one dense block of its whole work
-  (so a call of one sequence runs at the profile's dense rate for its side); heads per call between two probed
-  counts: linear in log2(heads). (The tile rounding is what short documents of arbitrary lengths cost beyond
-  the probe's whole-tile lengths: without it the 64-1022-token documents of ``many_tiny`` were predicted 12% to
-  21% low on one GPU.) *Without* varlen points (older probes, the presets): the fall-off form, a call's pieces
-  at the kernel's rate for one block of the call's whole work (side ``sqrt(sum q * k)``), each scaled by
-  ``fall(sqrt(q * k)) / fall(call side)``, ``fall(n) = n / (n + SMALL_SIDE)`` (below the profile's smallest
-  block the rate falls by ``fall`` too); on 2x H200 with fa2 it predicts the ``many_tiny`` points 11% to 23% low
-  (``benchmarks/RESULTS.md``, fifth GPU session; ``tests/planner/test_planner_accuracy.py`` has the measured
-  form's errors). (Pricing each sequence as a
-  call of its own at the dense rate of its side charged a many-document call the small blocks' per-call costs
-  once per document: 2x1 on 2x H200 with fa2 was predicted +28% to +163% on 64-8K-token documents.) A varlen call of flash-attn 2's family
-  (``torch_flash``, ``fa2``) also launches a grid of ``ceil(longest / 128)`` tiles per sequence and head
+  (``_Rates.call_times``), with the profile's *varlen points* (``usp-plan probe``: one call over many equal sequences
+  of 128-4096 tokens, 32K tokens a call, at each probed head count): every sequence rounded up to whole 128-row tiles
+  (a 600-token document costs what a 640-token one does), each at the rate measured for calls of many sequences of
+  its (rounded) side, summed, and the call no faster than one dense block of its whole work (so a call of one
+  sequence runs at the profile's dense rate for its side); heads per call between two probed counts: linear in
+  log2(heads). (The tile rounding is what short documents of arbitrary lengths cost beyond the probe's whole-tile
+  lengths: without it the 64-1022-token documents of ``many_tiny`` were predicted 12% to 21% low on one GPU.)
+  *Without* varlen points (older probes, the presets): the fall-off form, a call's pieces at the kernel's rate for
+  one block of the call's whole work (side ``sqrt(sum q * k)``), each scaled by ``fall(sqrt(q * k)) / fall(call
+  side)``, ``fall(n) = n / (n + SMALL_SIDE)`` (below the profile's smallest block the rate falls by ``fall`` too); on
+  2x H200 with fa2 it predicts the ``many_tiny`` points 11% to 23% low (``benchmarks/RESULTS.md``, fifth GPU session;
+  ``tests/planner/test_planner_accuracy.py`` has the measured form's errors). (Pricing each sequence as a call of its
+  own at the dense rate of its side charged a many-document call the small blocks' per-call costs once per document:
+  2x1 on 2x H200 with fa2 was predicted +28% to +163% on 64-8K-token documents.) A varlen call of flash-attn 2's
+  family (``torch_flash``, ``fa2``) also launches a grid of ``ceil(longest / 128)`` tiles per sequence and head
   (forward; three such grids in the backward), empty for all but the longest sequence: ``GRID_CELL_NS`` per cell.
-  Padding rows are sequences with no keys of the whole documents' call (Note [document placement]), so only a
-  rank that holds no whole document leaves them uncovered. A block of several calls, or one call that leaves
-  padding rows uncovered, sums in float32 (output copies and
-  merges, the zero-filled output where rows are uncovered, gradient zero-fill and ``add_``, and the casts of a
-  block that is its rows' only one), at the topology's memory bandwidth.
+  Padding rows are sequences with no keys of the whole documents' call (Note [document placement]), so only a rank
+  that holds no whole document leaves them uncovered. A block of several calls, or one call that leaves padding rows
+  uncovered, sums in float32 (output copies and merges, the zero-filled output where rows are uncovered, gradient
+  zero-fill and ``add_``, and the casts of a block that is its rows' only one), at the topology's memory bandwidth.
 * imbalance: causal zigzag blocks of the cut section are identical on every rank; non-causal ones (``R > 1``) see
   the visiting chunk's real keys only, so a ring step takes the slowest rank's block (the largest over the
   visiting chunks); the whole documents differ by rank (step 0 above). ``imbalance`` is the pass as priced over

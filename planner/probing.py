@@ -37,8 +37,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from .topology import DEFAULT_PRESET, Fit, Topology, fit_latency_bandwidth, load_topology
 from .units import PlannerError, canonical_dtype
 
-__all__ = ["probe", "measure_kernel", "measure_varlen_kernel", "parse_nvidia_smi_topo", "classify_host_fabric", "read_infiniband",
-           "kernel_flops"]
+__all__ = ["probe", "measure_kernel", "measure_varlen_kernel", "parse_nvidia_smi_topo", "classify_host_fabric",
+           "read_infiniband", "kernel_flops"]
 
 MiB = 1024**2
 

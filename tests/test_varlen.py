@@ -305,3 +305,38 @@ def test_row_sums_copy_add_and_zero_the_rest():
         sums.add(rows, grad)
         want[rows[0]:rows[1]] += grad
     assert torch.equal(sums.finish(), want)
+
+
+def test_calls_split_where_row_offsets_would_overflow(monkeypatch):
+    """Note [varlen row offsets]: where a sequence would start 2**31 elements or more into a tensor, torch_flash's
+    calls run as several over consecutive runs of sequences; the runs' results equal one call's. Checked with the
+    reference kernel and the limit lowered to a few rows (the real one needs 2**31-element tensors: GPU only)."""
+    import usp.kernels.varlen as varlen_kernels
+
+    torch.manual_seed(5)
+    # GQA 4/2, one query sequence without keys and one key sequence without queries in the middle
+    q_len, k_len = [3, 5, 2, 0, 4, 1, 6], [3, 5, 0, 2, 4, 1, 6]
+    seqs = VarlenSeqs(q_len, k_len)
+    q, dout = (torch.randn(sum(q_len), 4, 8, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(sum(k_len), 2, 8, dtype=torch.float64) for _ in range(2))
+    kernel = ReferenceVarlenKernel()
+    out, lse = kernel.forward(q, k, v, seqs, True, 0.5)
+    grads = kernel.backward(dout, q, k, v, out, lse, seqs, True, 0.5)
+    assert len(seqs.runs(*(varlen_kernels._OFFSET_LIMIT,) * 2)) == 1
+    runs = {}
+    for rows in (4, 7, 9):  # the limit: a run spans at most `rows` query rows (or is one sequence)
+        monkeypatch.setattr(varlen_kernels, "_OFFSET_LIMIT", rows * 4 * 8 + 1)
+        runs[rows] = seqs.runs(rows, 2 * rows)
+        assert runs[rows] == seqs.runs(varlen_kernels._row_limit(q), varlen_kernels._row_limit(k, v))
+        assert len(runs[rows]) > 1 and runs[rows][0][1] == 0 and runs[rows][-1][2] == sum(q_len)
+        assert all(a[2] == b[1] and a[4] == b[3] for a, b in zip(runs[rows], runs[rows][1:]))  # they tile the rows
+        for part, qa, qb, ka, kb in runs[rows]:
+            assert (qb - qa <= rows and kb - ka <= 2 * rows) or len(part.q_lengths) == 1
+        got_out, got_lse = varlen_kernels.forward_in_runs(
+            lambda *a: kernel.forward(*a, True, 0.5), q, k, v, seqs)
+        torch.testing.assert_close(got_out, out, rtol=1e-12, atol=1e-12)  # fp64: other matmul sizes round apart
+        torch.testing.assert_close(got_lse, lse, rtol=1e-12, atol=1e-12)
+        got = varlen_kernels.backward_in_runs(
+            lambda *a: kernel.backward(*a, True, 0.5), dout, q, k, v, out, lse, seqs)
+        for g, want in zip(got, grads):
+            torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12)

@@ -82,7 +82,7 @@ class VarlenSeqs:
     def __repr__(self) -> str:
         return f"VarlenSeqs(q={self.q_lengths}, k={self.k_lengths})"
 
-    def _cached(self, what: str, device: torch.device, build):
+    def _cached(self, what, device: Optional[torch.device], build):
         key = (what, device)
         if key not in self._device_cache:
             self._device_cache[key] = build()
@@ -131,6 +131,24 @@ class VarlenSeqs:
             return seqs, rows(self.cu_q, self._q_without_keys), rows(self.cu_k, self._k_without_queries)
 
         return self._cached("nonempty", device, build)
+
+    def runs(self, q_rows: int, k_rows: int) -> Tuple[Tuple["VarlenSeqs", int, int, int, int], ...]:
+        """Consecutive runs of the sequences, each ``(seqs, q_begin, q_end, k_begin, k_end)`` (its sequences and
+        its rows), each spanning at most ``q_rows`` query and ``k_rows`` key rows unless it is one sequence
+        (Note [varlen row offsets]). One run (``self``, all rows) when the limits allow it."""
+
+        def build():
+            n, firsts = len(self.q_lengths), [0]
+            for i in range(1, n):
+                first = firsts[-1]
+                if self.cu_q[i + 1] - self.cu_q[first] > q_rows or self.cu_k[i + 1] - self.cu_k[first] > k_rows:
+                    firsts.append(i)
+            bounds = list(zip(firsts, firsts[1:] + [n]))
+            return tuple(
+                (self if (a, b) == (0, n) else VarlenSeqs(self.q_lengths[a:b], self.k_lengths[a:b]),
+                 self.cu_q[a], self.cu_q[b], self.cu_k[a], self.cu_k[b]) for a, b in bounds)
+
+        return self._cached(("runs", q_rows, k_rows), None, build)
 
     def row_structure(self, device: torch.device) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """For the reference kernel: ``(q_seq, q_pos, k_seq, k_pos, q_shift)``: sequence id and position of every
@@ -258,22 +276,85 @@ class TorchFlashVarlenKernel(VarlenKernel):
 
     def forward(self, q, k, v, seqs, causal, scale):
         causal = plain_causal(causal, self.name)  # no window/softcap: resolve_kernel refuses them
-        cu_q, cu_k = seqs.cu_tensors(q.device)
-        result = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, 0.0, causal, False, scale=scale
-        )
-        return result[0], result[1]
+
+        def call(q, k, v, seqs):
+            cu_q, cu_k = seqs.cu_tensors(q.device)
+            result = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, 0.0, causal, False, scale=scale
+            )
+            return result[0], result[1]
+
+        return forward_in_runs(call, q, k, v, seqs)
 
     def backward(self, dout, q, k, v, out, lse, seqs, causal, scale, deterministic=False):
         causal = plain_causal(causal, self.name)
-        cu_q, cu_k = seqs.cu_tensors(q.device)
         philox = torch.zeros(2, dtype=torch.int64, device=q.device)  # unused: dropout is 0
-        with torch_deterministic_algorithms(deterministic):
-            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+
+        def call(dout, q, k, v, out, lse, seqs):
+            cu_q, cu_k = seqs.cu_tensors(q.device)
+            return torch.ops.aten._flash_attention_backward(
                 dout, q, k, v, out, lse, cu_q, cu_k, _fa2_max_q(seqs), seqs.max_k, 0.0, causal,
                 philox, philox, scale=scale,
             )
-        return dq, dk, dv
+
+        with torch_deterministic_algorithms(deterministic):
+            return backward_in_runs(call, dout, q, k, v, out, lse, seqs)
+
+
+# Note [varlen row offsets]. PyTorch's copy of FlashAttention-2 (``torch_flash``, torch 2.11) faults with an
+# illegal memory access on some varlen calls whose tensors pass 2**31 elements, as if an offset were computed in 32
+# bits (measured on H200, ``benchmarks/RESULTS.md``): 600,000 rows in 1,111 sequences with 32 query and 32 K/V
+# heads of 128 faults, and so did the 1M-row many_tiny batch with 32/8 heads; one sequence of 1M rows does not,
+# nor does any call whose tensors stay under 2**31 elements; flash-attn 2.8.3 ran the 1M-row many_tiny call. A rank
+# can hold that many rows (a packed batch of 1M tokens on a ring of 2), so such calls run as several: consecutive
+# runs of sequences, each spanning fewer than 2**31 elements of every tensor (or one sequence alone), the tensors
+# sliced at the run (a view: the base pointer moves, in 64 bits).
+_OFFSET_LIMIT = 2 ** 31
+
+
+def _row_limit(*tensors: Tensor) -> int:
+    """Rows that stay under ``_OFFSET_LIMIT`` elements in each of ``tensors`` (by its row stride)."""
+    return (_OFFSET_LIMIT - 1) // max(max(t.stride(0), t.shape[1] * t.shape[2]) for t in tensors)
+
+
+def forward_in_runs(call, q, k, v, seqs: VarlenSeqs):
+    """``call(q, k, v, seqs) -> (out, lse)`` over the runs of Note [varlen row offsets]: one call when the offsets
+    fit, else one per run, written into one ``out``/``lse``. A run without keys gets out = 0, lse = -inf."""
+    runs = seqs.runs(_row_limit(q), _row_limit(k, v))
+    if len(runs) == 1:
+        return call(q, k, v, seqs)
+    out = lse = None
+    for part, qa, qb, ka, kb in runs:
+        if qa == qb:
+            continue
+        if ka == kb:  # queries without keys (Note [varlen zigzag layout]'s padding)
+            part_out = q.new_zeros((qb - qa, q.shape[1], v.shape[2]))
+            part_lse = torch.full((q.shape[1], qb - qa), float("-inf"), device=q.device,
+                                  dtype=torch.float32 if lse is None else lse.dtype)
+        else:
+            part_out, part_lse = call(q[qa:qb], k[ka:kb], v[ka:kb], part)
+        if out is None:
+            out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]), dtype=part_out.dtype)
+            lse = torch.empty((q.shape[1], q.shape[0]), dtype=part_lse.dtype, device=q.device)
+        out[qa:qb] = part_out
+        lse[:, qa:qb] = part_lse
+    return out, lse
+
+
+def backward_in_runs(call, dout, q, k, v, out, lse, seqs: VarlenSeqs):
+    """``call(dout, q, k, v, out, lse, seqs) -> (dq, dk, dv)`` over the runs of Note [varlen row offsets]: one call
+    when the offsets fit, else one per run (its LSE columns made contiguous), written into one ``dq``/``dk``/``dv``;
+    rows of a run without keys or without queries get zero gradients."""
+    runs = seqs.runs(_row_limit(dout, q, out), _row_limit(k, v))
+    if len(runs) == 1:
+        return call(dout, q, k, v, out, lse, seqs)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for part, qa, qb, ka, kb in runs:
+        if qa == qb or ka == kb:
+            continue
+        dq[qa:qb], dk[ka:kb], dv[ka:kb] = call(dout[qa:qb], q[qa:qb], k[ka:kb], v[ka:kb], out[qa:qb],
+                                               lse[:, qa:qb].contiguous(), part)
+    return dq, dk, dv
 
 
 def _fa2_max_q(seqs: VarlenSeqs) -> int:
