@@ -73,6 +73,7 @@ import numpy as np
 from usp import spec
 
 from .cost import FP32, BACKWARD_FLOPS_FACTOR, CostModel, MemoryCost, PassCost, Shape
+from .topology import heads_neighbours
 from .units import PlannerError
 
 __all__ = ["Documents", "documents", "BatchCost", "batch_compute", "evaluate_batch", "Chooser", "choose",
@@ -349,16 +350,14 @@ def _sequence_rates(kernel, heads_per_call: float, sides: np.ndarray) -> Optiona
                 out[(backward, causal)] = np.where(longer, np.maximum(measured[-1], dense), rate)
         return out
 
-    if len(family) == 1 or heads_per_call <= (family[0].heads or 0):
+    if len(family) == 1 or any(p.heads is None for p in family):
         return own(family[0])
-    if heads_per_call >= family[-1].heads:
-        return own(family[-1])
-    for lo, hi in zip(family, family[1:]):
-        if lo.heads <= heads_per_call <= hi.heads:
-            t = (math.log2(heads_per_call) - math.log2(lo.heads)) / (math.log2(hi.heads) - math.log2(lo.heads))
-            a, b = own(lo), own(hi)
-            return {key: a[key] + t * (b[key] - a[key]) for key in a}
-    raise AssertionError("unreachable: heads_per_call lies between the measured head counts")
+    lo, hi, t = heads_neighbours(family, heads_per_call)
+    a = own(lo)
+    if hi is lo:
+        return a
+    b = own(hi)
+    return {key: a[key] + t * (b[key] - a[key]) for key in a}
 
 
 @dataclass

@@ -254,6 +254,21 @@ def _backward_from_total(forward: float, total: float, key: str, reader: _Reader
     return 2.5 / denominator
 
 
+def heads_neighbours(family: Sequence["KernelProfile"],
+                     heads: float) -> Tuple["KernelProfile", "KernelProfile", float]:
+    """``(lo, hi, t)``: a quantity measured on each profile of ``family`` (ascending by ``heads``, every one
+    recorded), taken at ``heads`` query heads per call, is ``value(lo) + t * (value(hi) - value(lo))``: linear in
+    log2(heads) between the two nearest measured counts, clamped outside them (``hi is lo``, ``t = 0``)."""
+    if heads <= family[0].heads:
+        return family[0], family[0], 0.0
+    if heads >= family[-1].heads:
+        return family[-1], family[-1], 0.0
+    for lo, hi in zip(family, family[1:]):
+        if lo.heads <= heads <= hi.heads:
+            return lo, hi, (math.log2(heads) - math.log2(lo.heads)) / (math.log2(hi.heads) - math.log2(lo.heads))
+    raise AssertionError("unreachable: heads lies between the first and last measured counts")
+
+
 @dataclass(frozen=True)
 class KernelProfile:
     """Measured or published rates of one attention kernel for one (dtype, head_dim)."""
@@ -288,15 +303,9 @@ class KernelProfile:
         """
         family = sorted((p for p in (self,) + self.variants if p.heads is not None), key=lambda p: p.heads)
         if heads is not None and len(family) > 1:
-            if heads <= family[0].heads:
-                return family[0]._rate_at(backward, causal, block)
-            if heads >= family[-1].heads:
-                return family[-1]._rate_at(backward, causal, block)
-            for lo, hi in zip(family, family[1:]):
-                if lo.heads <= heads <= hi.heads:
-                    t = (math.log2(heads) - math.log2(lo.heads)) / (math.log2(hi.heads) - math.log2(lo.heads))
-                    a, b = lo._rate_at(backward, causal, block), hi._rate_at(backward, causal, block)
-                    return a + t * (b - a)
+            lo, hi, t = heads_neighbours(family, heads)
+            a = lo._rate_at(backward, causal, block)
+            return a if hi is lo else a + t * (hi._rate_at(backward, causal, block) - a)
         return self._rate_at(backward, causal, block)
 
     def _rate_at(self, backward: bool, causal: bool, block: float) -> float:

@@ -294,17 +294,16 @@ def agreed_call(q, k, v, mesh, causal, softmax_scale, return_lse, backend, head_
     """Validate a dense call and agree on it across the ranks (Note [call agreement]): ``(kernel, scale)``
     (and the ring schedule of its mask when ``with_schedule``); ``defer``: ``(that, ready)``, the agreement
     settled by ``ready`` (Note [deferred agreement])."""
-    checked, ready = agree(  # every rank validated and made the same call
+    outcome = agree(  # every rank validated and made the same call
         mesh, "long_context_attention",
         lambda: _validate(q, k, v, mesh, causal, softmax_scale, backend, head_chunks, deterministic, window_size,
                           softcap, sinks),
         lambda checked: dict(call_fields(q, k, v, mesh, _DENSE_DIMS, causal, checked[1], return_lse, checked[0]),
                              head_chunks=head_chunks, deterministic=deterministic,
                              **mask_fields(checked[3], checked[4], sinks, v)),
-        defer=True,
+        defer=defer,
     )
-    if not defer and ready is not None:
-        ready()
+    checked, ready = outcome if defer else (outcome, None)
     result = checked[:3] if with_schedule else checked[:2]
     return (result, ready) if defer else result
 

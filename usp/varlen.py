@@ -136,17 +136,16 @@ def agreed_call(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, re
     """Validate a packed call and agree on it across the ranks (Note [call agreement]): ``(layout, kernel,
     scale)`` (and the window and softcap when ``with_softcap``); ``defer``: ``(that, ready)``, the agreement
     settled by ``ready`` (Note [deferred agreement] in ``usp.consistency``)."""
-    checked, ready = agree(  # every rank validated and made the same call
+    outcome = agree(  # every rank validated and made the same call
         mesh, "long_context_attention_varlen",
         lambda: _validate(q, k, v, cu_seqlens, max_seqlen, mesh, causal, softmax_scale, backend, deterministic,
                           window_size, softcap, sinks),
         lambda checked: dict(call_fields(q, k, v, mesh, _VARLEN_DIMS, causal, checked[2], return_lse, checked[1]),
                              documents=_documents(checked[0]), deterministic=deterministic,
                              **mask_fields(checked[3], checked[4], sinks, v)),
-        defer=True,
+        defer=defer,
     )
-    if not defer and ready is not None:
-        ready()
+    checked, ready = outcome if defer else (outcome, None)
     result = checked[:5 if with_softcap else 3]
     return (result, ready) if defer else result
 

@@ -330,7 +330,7 @@ def forward_in_runs(call, q, k, v, seqs: VarlenSeqs):
         if ka == kb:  # queries without keys (Note [varlen zigzag layout]'s padding)
             part_out = q.new_zeros((qb - qa, q.shape[1], v.shape[2]))
             part_lse = torch.full((q.shape[1], qb - qa), float("-inf"), device=q.device,
-                                  dtype=torch.float32 if lse is None else lse.dtype)
+                                  dtype=torch.promote_types(q.dtype, torch.float32))  # the contract's LSE dtype
         else:
             part_out, part_lse = call(q[qa:qb], k[ka:kb], v[ka:kb], part)
         if out is None:
